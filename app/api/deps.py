@@ -1,0 +1,42 @@
+"""Dependencies shared by the routes, as Annotated aliases."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from app.errors import ApiError
+from app.state import ServiceState
+from pipeline.searcher import Searcher
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def get_searcher(state: StateDep) -> Searcher:
+    if state.searcher is None:
+        raise ApiError(503, "not_ready", f"index not loaded: {state.not_ready_reason}")
+    return state.searcher
+
+
+SearcherDep = Annotated[Searcher, Depends(get_searcher)]
+
+
+def require_admin(state: StateDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
+    key = state.settings.admin_key
+    if key is None:
+        return
+    if x_api_key is None:
+        raise ApiError(401, "unauthorized", "this endpoint needs the X-API-Key header")
+    # Constant-time compare: the answer time must not leak how much of the key matched.
+    if not hmac.compare_digest(x_api_key.encode(), key.get_secret_value().encode()):
+        raise ApiError(403, "forbidden", "wrong X-API-Key")
+
+
+AdminDep = Depends(require_admin)

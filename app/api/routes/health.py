@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app.api.deps import StateDep
+from app.schemas import Health, Ready
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """The process is up."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
+def readyz(state: StateDep) -> Ready | JSONResponse:
+    """An index is loaded and searchable; 503 with the reason otherwise."""
+    s = state.searcher
+    if s is None:
+        body = Ready(status="not_ready", reason=state.not_ready_reason, preset=state.settings.preset)
+        return JSONResponse(body.model_dump(), status_code=503)
+    return Ready(status="ready", preset=s.conf["preset"], index_version=s.loaded.version, size=s.size)

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Query, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import SearcherDep, StateDep
+from app.errors import ApiError
+from app.schemas import ErrorResponse, Location, SearchResponse, SearchResult
+from features.decode import ImageDecodeError
+from features.orb import NoKeypointsError
+
+router = APIRouter(tags=["search"])
+
+_ERRORS = {
+    400: {"model": ErrorResponse, "description": "The upload is not a decodable image"},
+    413: {"model": ErrorResponse, "description": "The upload is too large"},
+    422: {"model": ErrorResponse, "description": "Bad parameters, or no keypoints in the image"},
+    503: {"model": ErrorResponse, "description": "No index loaded"},
+}
+
+
+async def _read_capped(file: UploadFile, limit: int) -> bytes:
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "too_large", f"upload exceeds {limit} bytes")
+    return data
+
+
+@router.post("/search", response_model=SearchResponse, responses=_ERRORS)
+async def search(
+    searcher: SearcherDep,
+    state: StateDep,
+    file: Annotated[UploadFile, File(description="A street-level photo (JPEG, PNG, WebP, ...)")],
+    k: Annotated[int, Query(ge=1, le=100, description="How many map images to return")] = 10,
+) -> SearchResponse:
+    """Rank the map images by predicted relevance to the uploaded photo."""
+    t0 = time.perf_counter()
+    data = await _read_capped(file, state.settings.max_upload_bytes)
+    try:
+        # OpenCV and numpy release the GIL: run the pipeline off the event loop.
+        hits = await run_in_threadpool(searcher.search, data, k)
+    except ImageDecodeError as e:
+        raise ApiError(400, "invalid_image", str(e)) from e
+    except NoKeypointsError as e:
+        raise ApiError(422, "no_keypoints", str(e)) from e
+    results = [
+        SearchResult(
+            rank=h.rank,
+            id=h.id,
+            path=h.path,
+            score=h.score,
+            distance=h.distance,
+            location=Location(easting=h.loc[0], northing=h.loc[1], heading=h.loc[2]),
+        )
+        for h in hits
+    ]
+    return SearchResponse(
+        results=results,
+        k=k,
+        preset=searcher.conf["preset"],
+        index_version=searcher.loaded.version,
+        took_ms=round((time.perf_counter() - t0) * 1000, 2),
+    )

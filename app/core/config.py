@@ -1,0 +1,53 @@
+"""Service and pipeline settings from IMGSEARCH_* environment variables, validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.presets import DEFAULT_PRESET, confs
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMGSEARCH_", extra="ignore")
+
+    data: Path | None = Field(
+        default=None, description="Data folder in the course layout; unset: the generated demo data."
+    )
+    artifacts: Path = Field(default=Path("artifacts"), description="Where models and indexes are written.")
+    preset: str = Field(default=DEFAULT_PRESET, description="Pipeline preset.")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    admin_key: SecretStr | None = Field(default=None, description="When set, admin endpoints need X-API-Key.")
+    max_upload_mb: float = Field(default=10.0, gt=0, le=100)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _empty_data_is_demo(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in confs:
+            raise ValueError(f"unknown preset {v!r}; choose one of: {', '.join(sorted(confs))}")
+        return v
+
+    @field_validator("admin_key")
+    @classmethod
+    def _empty_key_is_none(cls, v: SecretStr | None) -> SecretStr | None:
+        return v if v is not None and v.get_secret_value() else None
+
+    @property
+    def demo_data(self) -> Path:
+        return self.artifacts / "demo-data"
+
+    @property
+    def data_root(self) -> Path:
+        return self.data if self.data is not None else self.demo_data
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)

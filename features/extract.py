@@ -1,0 +1,103 @@
+"""Features stage: every image of a data folder -> its fixed-length vector, cached on disk.
+
+`image_to_vector` is the one function that turns image bytes into a vector; the service calls it for
+uploads and this stage calls it for the data folder, so both sides see the same features.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from dataset.layout import Dataset
+from features.decode import ImageDecodeError, decode_image
+from features.orb import NoKeypointsError, OrbFeatures, extract_orb
+from features.vectorize import vector_dim, vectorize
+from pipeline.presets import conf_hash
+
+log = logging.getLogger(__name__)
+
+
+def image_to_features(data: bytes, conf: dict[str, Any]) -> OrbFeatures:
+    gray = decode_image(data, conf["image"]["max_side"])
+    return extract_orb(gray, conf["features"])
+
+
+def image_to_vector(data: bytes, conf: dict[str, Any]) -> np.ndarray:
+    """Image bytes -> (dim,) float32. Raises ImageDecodeError or NoKeypointsError."""
+    return vectorize(image_to_features(data, conf), conf["vector"])
+
+
+def _vector_of_file(args: tuple[str, dict[str, Any]]) -> np.ndarray | None:
+    path, conf = args
+    try:
+        return image_to_vector(Path(path).read_bytes(), conf)
+    except (ImageDecodeError, NoKeypointsError):
+        return None
+
+
+def vectors_of_files(
+    paths: Iterable[Path], conf: dict[str, Any], workers: int | None = None, desc: str = "features"
+) -> Iterator[np.ndarray | None]:
+    """Vectors of image files in order, computed on every core; None where an image has no features.
+
+    Files are read inside the workers one at a time, so no more than a few images are in memory.
+    """
+    paths = [str(p) for p in paths]
+    workers = workers or os.cpu_count() or 1
+    jobs = [(p, conf) for p in paths]
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None)
+    if workers == 1:
+        for job in jobs:
+            yield _vector_of_file(job)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for vec in pool.map(_vector_of_file, jobs, chunksize=16):
+                yield vec
+                bar.update()
+    bar.close()
+
+
+def features_name(conf: dict[str, Any]) -> str:
+    return f"vectors-{conf['vector']['name']}-{conf_hash(conf, 'image', 'features', 'vector')}.npz"
+
+
+def main(conf: dict[str, Any], dataset: Dataset, out_dir: Path, workers: int | None = None) -> Path:
+    """Vectors of all map and query images of `dataset`, keyed by image path; returns the file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / features_name(conf)
+    if out.exists():
+        return out
+    names = dataset.database.paths + dataset.queries.paths
+    dim = vector_dim(conf["vector"])
+    vectors = np.zeros((len(names), dim), dtype=np.float32)
+    ok = np.zeros(len(names), dtype=bool)
+    files = [dataset.image_path(n) for n in names]
+    for i, vec in enumerate(vectors_of_files(files, conf, workers)):
+        if vec is not None:
+            vectors[i], ok[i] = vec, True
+    if not ok.all():
+        log.warning("%d of %d images have no ORB features; they get a zero vector", (~ok).sum(), len(ok))
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez(tmp, names=np.array(names), vectors=vectors, ok=ok)
+    os.replace(tmp, out)  # never leave a half-written cache under the final name
+    return out
+
+
+def load_vectors(path: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors and ok-mask for `names`, in that order, from a cache written by `main`."""
+    with np.load(path, allow_pickle=False) as z:
+        row = {str(n): i for i, n in enumerate(z["names"])}
+        missing = [n for n in names if n not in row]
+        if missing:
+            raise KeyError(f"{path}: no vectors for {len(missing)} images, e.g. {missing[0]!r}")
+        idx = np.array([row[n] for n in names], dtype=np.int64)
+        return z["vectors"][idx], z["ok"][idx]

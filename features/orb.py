@@ -1,0 +1,34 @@
+"""Stage 2: grayscale pixels -> ORB keypoints and binary descriptors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+class NoKeypointsError(ValueError):
+    """ORB found no keypoints: a blank or featureless image cannot be searched."""
+
+
+@dataclass(frozen=True)
+class OrbFeatures:
+    xy: np.ndarray  # (n, 2) float32 pixel positions, in detection order
+    descriptors: np.ndarray  # (n, 32) uint8, 256 bits each
+
+
+def extract_orb(gray: np.ndarray, conf: dict[str, Any]) -> OrbFeatures:
+    """Detect ORB keypoints and compute descriptors; raises NoKeypointsError when there are none."""
+    orb = cv2.ORB_create(
+        nfeatures=int(conf["nfeatures"]),
+        scaleFactor=float(conf["scale_factor"]),
+        nlevels=int(conf["nlevels"]),
+        fastThreshold=int(conf["fast_threshold"]),
+    )
+    keypoints, descriptors = orb.detectAndCompute(gray, None)
+    if descriptors is None or len(keypoints) == 0:
+        raise NoKeypointsError("no ORB keypoints found in the image (blank or featureless?)")
+    xy = np.array([kp.pt for kp in keypoints], dtype=np.float32).reshape(-1, 2)
+    return OrbFeatures(xy=xy, descriptors=descriptors)

@@ -1,0 +1,156 @@
+"""Index persistence: versioned folders with a manifest and checksums, published by atomic rename.
+
+Layout of one index family (one data folder, one preset):
+    index-<preset>/CURRENT            name of the served version (replaced atomically)
+    index-<preset>/v<time>/index.faiss
+                          /images.json   FAISS id -> map image (path, location): the saved id map
+                          /encoder.npz   the encoder the embeddings came from (queries use the same)
+                          /split.json    the model's train/val/test queries (metrics use the test ones)
+                          /manifest.json preset, conf, model hash, count, dim, checksums, metrics
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from datetime import UTC, datetime
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from pipeline.encoder import NumpyEncoder
+
+KEEP_VERSIONS = 2  # the served one and the previous one, for rollback
+
+
+class IndexLoadError(RuntimeError):
+    """The index on disk is missing, corrupt, or does not match its manifest."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    path: str
+    loc: tuple[float, float, float]  # easting, northing, heading
+
+
+@dataclass
+class LoadedIndex:
+    version: str
+    directory: Path
+    manifest: dict[str, Any]
+    index: faiss.Index
+    images: dict[int, ImageRecord]
+    encoder: NumpyEncoder
+
+
+def new_flat_index(dim: int) -> faiss.Index:
+    # IndexIDMap2 keeps our ids in the index; the id map file gives each id its image.
+    return faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
+
+
+def publish(
+    family: Path,
+    index: faiss.Index,
+    images: list[ImageRecord],
+    files: dict[str, Path],
+    manifest: dict[str, Any],
+) -> Path:
+    """Write a new version into a temporary folder, then rename it in and point CURRENT at it."""
+    family.mkdir(parents=True, exist_ok=True)
+    # Names sort by creation time, so pruning and rollback can go by name.
+    version = "v" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+    while (family / version).exists():
+        version += "x"
+    tmp = family / f".{version}.tmp"
+    tmp.mkdir()
+    faiss.write_index(index, str(tmp / "index.faiss"))
+    (tmp / "images.json").write_text(
+        json.dumps([{"id": r.id, "path": r.path, "loc": list(r.loc)} for r in images]), encoding="utf-8"
+    )
+    for name, src in files.items():
+        shutil.copyfile(src, tmp / name)
+    manifest = dict(manifest, version=version, count=int(index.ntotal), dim=int(index.d))
+    manifest["checksums"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    _fsync_dir(tmp)
+    final = family / version
+    os.replace(tmp, final)
+    _write_atomic(family / "CURRENT", version)
+    _prune(family, keep=KEEP_VERSIONS)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(family: Path, keep: int) -> None:
+    versions = sorted(p for p in family.iterdir() if p.is_dir() and p.name.startswith("v"))
+    for old in versions[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def current_version(family: Path) -> Path:
+    pointer = family / "CURRENT"
+    if not pointer.is_file():
+        raise IndexLoadError(f"no index built yet in {family} (run `imgsearch build`)")
+    version = pointer.read_text(encoding="utf-8").strip()
+    path = family / version
+    if not version.startswith("v") or "/" in version or not path.is_dir():
+        raise IndexLoadError(f"{pointer} names {version!r}, which is not an index version here")
+    return path
+
+
+def load(directory: Path) -> LoadedIndex:
+    """Load one version, checking checksums, count and dimension against its manifest."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise IndexLoadError(f"{directory}: unreadable manifest ({e})") from e
+    checksums = manifest.get("checksums") or {}
+    for name in ("index.faiss", "images.json", "encoder.npz"):
+        if name not in checksums:
+            raise IndexLoadError(f"{directory}: manifest has no checksum for {name}")
+    for name, digest in checksums.items():
+        f = directory / name
+        if not f.is_file() or sha256_file(f) != digest:
+            raise IndexLoadError(f"{f}: missing or checksum mismatch; refusing to serve it")
+    index = faiss.read_index(str(directory / "index.faiss"))
+    raw = json.loads((directory / "images.json").read_text(encoding="utf-8"))
+    images = {int(r["id"]): ImageRecord(int(r["id"]), r["path"], tuple(r["loc"])) for r in raw}
+    encoder = NumpyEncoder.load(directory / "encoder.npz")
+    if index.ntotal != manifest.get("count") or len(images) != index.ntotal:
+        raise IndexLoadError(
+            f"{directory}: index holds {index.ntotal} vectors, id map {len(images)}, manifest {manifest.get('count')}"
+        )
+    if index.d != manifest.get("dim") or encoder.dim != index.d:
+        raise IndexLoadError(f"{directory}: dimension mismatch (index {index.d}, encoder {encoder.dim})")
+    ids = faiss.vector_to_array(faiss.downcast_index(index).id_map) if index.ntotal else np.array([])
+    if set(int(i) for i in ids) != set(images):
+        raise IndexLoadError(f"{directory}: ids in the index and the id map differ")
+    return LoadedIndex(directory.name, directory, manifest, index, images, encoder)

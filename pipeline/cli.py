@@ -1,0 +1,155 @@
+"""One command line for every stage: imgsearch {data,train,index,build,evaluate,serve}.
+
+Settings come from IMGSEARCH_* variables (see the README); flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from app.core.config import Settings
+from dataset.layout import DatasetError, load_dataset
+from indexer.store import IndexLoadError
+from model.train import TrainingError
+from pipeline.presets import UnknownPresetError, confs
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    over = {k: v for k, v in {"data": args.data, "artifacts": args.artifacts, "preset": args.preset}.items() if v}
+    return Settings(**over)
+
+
+def _dataset(s: Settings):
+    from pipeline.build import ensure_data
+
+    return load_dataset(ensure_data(s.data, s.demo_data))
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from dataset import synthetic
+
+    out = args.out or _settings(args).demo_data
+    print(synthetic.main(Path(out), synthetic.confs[args.size], overwrite=args.overwrite))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.build import run_train
+
+    s = _settings(args)
+    print(run_train(s.preset, _dataset(s), s.artifacts, args.workers))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from pipeline.build import run_index
+
+    s = _settings(args)
+    print(run_index(s.preset, _dataset(s), s.artifacts, args.workers, force=args.force))
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pipeline.build import build_all
+
+    s = _settings(args)
+    print(build_all(s.data, s.artifacts, s.preset, args.workers))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from app.main import load_searcher
+    from dataset.split import load_split
+    from evaluation.run import evaluate_searcher
+
+    s = _settings(args)
+    dataset = _dataset(s)
+    searcher = load_searcher(s)
+    split = load_split(searcher.loaded.directory / "split.json", dataset.queries.paths)
+    result = evaluate_searcher(searcher, dataset, split[args.split], split_name=args.split)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    s = _settings(args)
+    uvicorn.run(create_app(s), host=s.host, port=s.port, workers=1, log_level="info")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgsearch", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data", type=Path, help="data folder in the course layout (env IMGSEARCH_DATA)")
+        sp.add_argument("--artifacts", type=Path, help="artifacts folder (env IMGSEARCH_ARTIFACTS)")
+        sp.add_argument("--preset", choices=sorted(confs), help="pipeline preset (env IMGSEARCH_PRESET)")
+
+    def workers(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--workers", type=int, default=None, help="processes for feature extraction (default: all cores)"
+        )
+
+    sp = sub.add_parser("data", help="generate the synthetic demo data set")
+    common(sp)
+    sp.add_argument("--out", type=Path, help="output folder (default: <artifacts>/demo-data)")
+    sp.add_argument("--size", choices=["demo", "tiny"], default="demo")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_data)
+
+    sp = sub.add_parser("train", help="extract features and train the preset's Siamese model")
+    common(sp)
+    workers(sp)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("index", help="embed every map image and publish a new index version")
+    common(sp)
+    workers(sp)
+    sp.add_argument("--force", action="store_true", help="build a new version even if one is current")
+    sp.set_defaults(func=cmd_index)
+
+    sp = sub.add_parser("build", help="build whatever is missing: data, features, model, index")
+    common(sp)
+    workers(sp)
+    sp.set_defaults(func=cmd_build)
+
+    sp = sub.add_parser("evaluate", help="evaluate the current index on held-out queries")
+    common(sp)
+    sp.add_argument("--split", choices=["train", "val", "test"], default="test")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("serve", help="serve the HTTP API")
+    common(sp)
+    sp.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "workers", None) is not None and args.workers < 1:
+        print("imgsearch: error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except ValidationError as e:
+        msgs = "; ".join(f"IMGSEARCH_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
+        print(f"imgsearch: invalid settings: {msgs}", file=sys.stderr)
+    except (DatasetError, IndexLoadError, TrainingError, UnknownPresetError) as e:
+        print(f"imgsearch: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

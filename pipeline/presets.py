@@ -1,0 +1,78 @@
+"""Named pipeline presets (hloc style): each preset is merged over DEFAULTS.
+
+A preset fixes everything that must agree between the map images in the index and a query:
+image decoding, ORB settings, the fixed-length vector and the encoder that was trained on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "image": {
+        # Longer side in pixels; larger uploads are shrunk to the scale of the map images.
+        "max_side": 341,
+    },
+    "features": {"name": "orb", "nfeatures": 500, "scale_factor": 1.2, "nlevels": 8, "fast_threshold": 20},
+    "vector": {"name": "concat", "n_descriptors": 10},
+    "model": {
+        "name": "siamese-mlp",
+        "hidden": [100, 50],
+        "embed_dim": 10,
+        "activation": "sigmoid",
+        "l2": 1e-3,
+        "dropout": 0.2,
+        "loss": "mse",
+        "target": "fov",
+        "lr": 1e-3,
+        "batch_size": 32,
+        "epochs": 30,
+        "patience": 5,
+        "negatives_per_positive": 1,
+        "seed": 0,
+    },
+    "split": {"train": 0.8, "val": 0.1, "test": 0.1, "seed": 0},
+    "index": {"type": "flat-l2"},
+}
+
+confs: dict[str, dict[str, Any]] = {
+    # The published design: the first 10 ORB descriptors in detection order, concatenated as 0/1 bits,
+    # into a sigmoid MLP Siamese trained with MSE on the graded fov target.
+    "paper": {},
+    # The same with the binary sim target.
+    "paper-sim": {"model": {"target": "sim"}},
+}
+
+DEFAULT_PRESET = "paper"
+
+
+class UnknownPresetError(ValueError):
+    pass
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def get_conf(preset: str) -> dict[str, Any]:
+    """The full configuration of a named preset (a fresh copy)."""
+    if preset not in confs:
+        raise UnknownPresetError(f"unknown preset {preset!r}; choose one of: {', '.join(sorted(confs))}")
+    conf = _merge(DEFAULTS, confs[preset])
+    conf["preset"] = preset
+    return conf
+
+
+def conf_hash(conf: dict[str, Any], *sections: str) -> str:
+    """Short stable hash of some sections of a conf, for artifact names that encode the settings."""
+    part = {s: conf[s] for s in sections} if sections else conf
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:8]

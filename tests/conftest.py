@@ -1,0 +1,119 @@
+"""Shared fixtures: real data folders, real artifacts, a real server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LONDON = ROOT.parent / "shared" / "datasets" / "london"
+
+
+def london_or_fail() -> Path:
+    """The shared London data; in CI its absence is a failure, elsewhere a visible skip."""
+    if (LONDON / "database" / "database.json").is_file():
+        return LONDON
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but the London data is missing at {LONDON}")
+    pytest.skip(f"London data not found at {LONDON}")
+
+
+@pytest.fixture(scope="session")
+def london() -> Path:
+    return london_or_fail()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dataset import synthetic
+
+    return synthetic.main(tmp_path_factory.mktemp("data") / "tiny", synthetic.confs["tiny"])
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Artifacts (features, model, index) of the paper preset built on the tiny synthetic data."""
+    from pipeline.build import build_all
+
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    build_all(tiny_data, artifacts, "paper", workers=1)
+    return artifacts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = os.environ | env | {"IMGSEARCH_HOST": "127.0.0.1", "IMGSEARCH_PORT": str(self.port)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "serve"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait(self, path: str = "/healthz", timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{out}")
+            try:
+                if httpx.get(self.url + path, timeout=1).status_code < 500:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not up on {self.url} after {timeout}s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Iterator:
+    servers: list[Server] = []
+
+    def start(env: dict[str, str], wait_path: str = "/healthz") -> Server:
+        srv = Server(env)
+        servers.append(srv)
+        srv.wait(wait_path)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.stop()
+
+
+ADMIN_KEY = "test-admin-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def server(tiny_data: Path, tiny_artifacts: Path, start_server) -> Server:  # noqa: ANN001
+    return start_server(
+        {
+            "IMGSEARCH_DATA": str(tiny_data),
+            "IMGSEARCH_ARTIFACTS": str(tiny_artifacts),
+            "IMGSEARCH_PRESET": "paper",
+            "IMGSEARCH_ADMIN_KEY": ADMIN_KEY,
+        }
+    )

@@ -1,0 +1,63 @@
+"""The imgsearch command line: help for each stage, clear exit codes for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+SUBCOMMANDS = ["data", "train", "index", "build", "evaluate", "serve"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=ROOT,
+        env=os.environ | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_help(sub: str) -> None:
+    out = run(sub, "--help")
+    assert out.returncode == 0 and f"imgsearch {sub}" in out.stdout
+
+
+def test_console_script_installed() -> None:
+    exe = Path(sys.executable).parent / "imgsearch"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and all(s in out.stdout for s in SUBCOMMANDS)
+
+
+def test_missing_data_folder_exits_2_with_message(tmp_path: Path) -> None:
+    out = run("train", "--data", str(tmp_path / "nowhere"), "--artifacts", str(tmp_path))
+    assert out.returncode == 2
+    assert "data folder not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_env_setting_exits_2(tmp_path: Path) -> None:
+    out = run("index", env={"IMGSEARCH_PRESET": "nonsense", "IMGSEARCH_ARTIFACTS": str(tmp_path)})
+    assert out.returncode == 2
+    assert "IMGSEARCH_PRESET" in out.stderr and "unknown preset" in out.stderr and "Traceback" not in out.stderr
+    out = run("serve", env={"IMGSEARCH_PORT": "99999"})
+    assert out.returncode == 2 and "IMGSEARCH_PORT" in out.stderr
+
+
+def test_bad_workers_flag(tmp_path: Path) -> None:
+    out = run("build", "--workers", "0", "--artifacts", str(tmp_path))
+    assert out.returncode == 2 and "--workers" in out.stderr
+    out = run("build", "--preset", "nope")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_evaluate_without_index_exits_2(tiny_data: Path, tmp_path: Path) -> None:
+    out = run("evaluate", "--data", str(tiny_data), "--artifacts", str(tmp_path))
+    assert out.returncode == 2 and "no index built yet" in out.stderr

@@ -1,0 +1,62 @@
+"""Decoding, ORB and the published fixed-length vector."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from features.decode import ImageDecodeError, decode_image
+from features.extract import image_to_vector
+from features.orb import NoKeypointsError, OrbFeatures, extract_orb
+from features.vectorize import concat_bits, vector_dim
+from pipeline.presets import get_conf
+
+
+def textured(h: int = 256, w: int = 341, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 128, np.uint8)
+    for _ in range(60):
+        x, y = rng.integers(0, w - 20), rng.integers(0, h - 20)
+        cv2.rectangle(img, (int(x), int(y)), (int(x) + 15, int(y) + 12), rng.integers(0, 255, 3).tolist(), -1)
+    return img
+
+
+def jpeg(img: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", img)[1].tobytes()
+
+
+def test_blank_image_has_no_keypoints() -> None:
+    conf = get_conf("paper")
+    blank = np.full((256, 341, 3), 200, np.uint8)
+    with pytest.raises(NoKeypointsError, match="no ORB keypoints"):
+        image_to_vector(jpeg(blank), conf)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", b"\xff\xd8\xff" + b"\x00" * 20])
+def test_undecodable_bytes(data: bytes) -> None:
+    with pytest.raises(ImageDecodeError):
+        decode_image(data, 341)
+
+
+def test_large_images_are_shrunk_to_max_side() -> None:
+    gray = decode_image(jpeg(textured(1024, 1364)), 341)
+    assert max(gray.shape) == 341 and gray.dtype == np.uint8
+
+
+def test_paper_vector_is_ten_descriptors_as_bits() -> None:
+    conf = get_conf("paper")
+    img = textured()
+    vec = image_to_vector(jpeg(img), conf)
+    assert vec.shape == (vector_dim(conf["vector"]),) == (2560,)
+    assert set(np.unique(vec)) <= {0.0, 1.0}
+    feats = extract_orb(decode_image(jpeg(img), 341), conf["features"])
+    # First descriptor's bits, in detection order.
+    assert np.array_equal(vec[:256], np.unpackbits(feats.descriptors[0]).astype(np.float32))
+
+
+def test_concat_pads_with_zeros() -> None:
+    desc = np.full((3, 32), 255, np.uint8)
+    vec = concat_bits(OrbFeatures(xy=np.zeros((3, 2), np.float32), descriptors=desc), 10)
+    assert vec.shape == (2560,)
+    assert vec[: 3 * 256].all() and not vec[3 * 256 :].any()
