@@ -1,4 +1,9 @@
-"""Train/validation/test split of the queries (by query, never by pair), seeded and saved."""
+"""Train/validation/test split of the queries (by query, never by pair), seeded and saved.
+
+Queries are grouped into square cells of the map (`cell_m` metres) and whole cells go to one split:
+neighbouring frames of a sequence look alike, so a random split by query would leak test places
+into training.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +17,36 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 
 
-def split_queries(n_queries: int, conf: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Query row indices per split, from a seeded permutation; fractions from conf."""
+def split_queries(loc: np.ndarray, conf: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Query row indices per split. Cells of `cell_m` metres are shuffled (seeded) and filled into
+    train, then val, then test, until each holds its fraction of the queries. On a small map where
+    whole cells leave a split with under half its share, the cells are halved until none does."""
     fracs = [float(conf[s]) for s in SPLITS]
-    if n_queries < 3 or any(f <= 0 for f in fracs) or abs(sum(fracs) - 1) > 1e-6:
+    if len(loc) < 3 or any(f <= 0 for f in fracs) or abs(sum(fracs) - 1) > 1e-6:
         raise ValueError("need >= 3 queries and positive split fractions that sum to 1")
-    perm = np.random.default_rng(int(conf["seed"])).permutation(n_queries)
-    n_val = max(1, round(fracs[1] * n_queries))
-    n_test = max(1, round(fracs[2] * n_queries))
-    n_train = n_queries - n_val - n_test
-    return {
-        "train": np.sort(perm[:n_train]),
-        "val": np.sort(perm[n_train : n_train + n_val]),
-        "test": np.sort(perm[n_train + n_val :]),
-    }
+    cell_m = float(conf["cell_m"])
+    while True:
+        split = _split_cells(np.asarray(loc), fracs, cell_m, int(conf["seed"]))
+        if all(len(split[s]) >= max(1.0, f * len(loc) / 2) for s, f in zip(SPLITS, fracs)) or cell_m < 1.0:
+            return split
+        cell_m /= 2
+
+
+def _split_cells(loc: np.ndarray, fracs: list[float], cell_m: float, seed: int) -> dict[str, np.ndarray]:
+    n = len(loc)
+    cells = np.floor(loc[:, :2] / cell_m).astype(np.int64)
+    _, cell_of = np.unique(cells, axis=0, return_inverse=True)
+    cell_of = cell_of.ravel()
+    order = np.random.default_rng(seed).permutation(cell_of.max() + 1)
+    bounds = (fracs[0] * n, (fracs[0] + fracs[1]) * n)
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    filled = 0
+    for c in order:
+        members = np.flatnonzero(cell_of == c)
+        name = "train" if filled < bounds[0] else "val" if filled < bounds[1] else "test"
+        out[name].extend(members.tolist())
+        filled += len(members)
+    return {s: np.array(sorted(v), dtype=np.int64) for s, v in out.items()}
 
 
 def data_tag(root: Path) -> str:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +23,7 @@ from features.vectorize import vector_dim, vectorize
 from pipeline.presets import conf_hash
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def image_to_features(data: bytes, conf: dict[str, Any]) -> OrbFeatures:
@@ -35,35 +36,45 @@ def image_to_vector(data: bytes, conf: dict[str, Any]) -> np.ndarray:
     return vectorize(image_to_features(data, conf), conf["vector"])
 
 
-def _vector_of_file(args: tuple[str, dict[str, Any]]) -> np.ndarray | None:
-    path, conf = args
+def _vector_of_file(path: str, conf: dict[str, Any]) -> np.ndarray | None:
     try:
         return image_to_vector(Path(path).read_bytes(), conf)
     except (ImageDecodeError, NoKeypointsError):
         return None
 
 
-def vectors_of_files(
-    paths: Iterable[Path], conf: dict[str, Any], workers: int | None = None, desc: str = "features"
-) -> Iterator[np.ndarray | None]:
-    """Vectors of image files in order, computed on every core; None where an image has no features.
+def _apply(job: tuple[Callable[[str, dict[str, Any]], T], str, dict[str, Any]]) -> T:
+    fn, path, conf = job
+    return fn(path, conf)
+
+
+def map_files(
+    fn: Callable[[str, dict[str, Any]], T],
+    paths: Iterable[Path],
+    conf: dict[str, Any],
+    workers: int | None = None,
+    desc: str = "features",
+) -> Iterator[T]:
+    """fn(path, conf) for every file, in order, on every core, with a progress bar.
 
     Files are read inside the workers one at a time, so no more than a few images are in memory.
     """
-    paths = [str(p) for p in paths]
+    jobs = [(fn, str(p), conf) for p in paths]
     workers = workers or os.cpu_count() or 1
-    jobs = [(p, conf) for p in paths]
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None)
+    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=None)
     if workers == 1:
-        for job in jobs:
-            yield _vector_of_file(job)
-            bar.update()
+        results: Iterator[T] = map(_apply, jobs)
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for vec in pool.map(_vector_of_file, jobs, chunksize=16):
-                yield vec
-                bar.update()
-    bar.close()
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(_apply, jobs, chunksize=16)
+    try:
+        for result in results:
+            yield result
+            bar.update()
+    finally:
+        bar.close()
+        if workers != 1:
+            pool.shutdown(cancel_futures=True)
 
 
 def features_name(conf: dict[str, Any]) -> str:
@@ -81,7 +92,7 @@ def main(conf: dict[str, Any], dataset: Dataset, out_dir: Path, workers: int | N
     vectors = np.zeros((len(names), dim), dtype=np.float32)
     ok = np.zeros(len(names), dtype=bool)
     files = [dataset.image_path(n) for n in names]
-    for i, vec in enumerate(vectors_of_files(files, conf, workers)):
+    for i, vec in enumerate(map_files(_vector_of_file, files, conf, workers)):
         if vec is not None:
             vectors[i], ok[i] = vec, True
     if not ok.all():

@@ -87,7 +87,7 @@ def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, out_root: P
     mconf = conf["model"]
     keras.utils.set_random_seed(int(mconf["seed"]))
     rng = np.random.default_rng(int(mconf["seed"]))
-    split = split_queries(len(dataset.queries), conf["split"])
+    split = split_queries(dataset.queries.loc, conf["split"])
     xq, _ = load_vectors(vectors_path, dataset.queries.paths)
     xd, _ = load_vectors(vectors_path, dataset.database.paths)
     target = dataset.sim.astype(np.float32) if mconf["target"] == "sim" else dataset.fov

@@ -34,7 +34,8 @@ DEFAULTS: dict[str, Any] = {
         "negatives_per_positive": 1,
         "seed": 0,
     },
-    "split": {"train": 0.8, "val": 0.1, "test": 0.1, "seed": 0},
+    # Held-out areas: queries grouped into 250 m cells, whole cells per split.
+    "split": {"train": 0.8, "val": 0.1, "test": 0.1, "cell_m": 250.0, "seed": 0},
     "index": {"type": "flat-l2"},
 }
 

@@ -9,20 +9,29 @@ from dataset.split import split_queries
 from model.train import TrainingError, sample_pairs
 
 
-def test_split_by_query_is_disjoint_and_seeded() -> None:
-    conf = {"train": 0.8, "val": 0.1, "test": 0.1, "seed": 3}
-    a = split_queries(101, conf)
-    b = split_queries(101, conf)
-    assert all(np.array_equal(a[s], b[s]) for s in a)
-    assert sum(len(v) for v in a.values()) == 101
-    assert len(set(a["train"]) & set(a["test"])) == 0 and len(set(a["val"]) & set(a["test"])) == 0
-    assert len(a["test"]) == 10 and len(a["val"]) == 10
-    assert not np.array_equal(a["test"], split_queries(101, conf | {"seed": 4})["test"])
+CONF = {"train": 0.8, "val": 0.1, "test": 0.1, "cell_m": 100.0, "seed": 3}
+
+
+def grid_locations(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.column_stack([rng.uniform(0, 2000, n), rng.uniform(0, 2000, n), rng.uniform(0, 360, n)])
+
+
+def test_split_by_area_is_disjoint_seeded_and_keeps_cells_whole() -> None:
+    loc = grid_locations(1000)
+    a = split_queries(loc, CONF)
+    assert all(np.array_equal(a[s], split_queries(loc, CONF)[s]) for s in a)
+    assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(1000))
+    cells = {s: {tuple(c) for c in np.floor(loc[a[s], :2] / 100).astype(int)} for s in a}
+    # No cell of the map has queries in two splits: test areas are unseen in training.
+    assert not cells["train"] & cells["test"] and not cells["val"] & cells["test"] and not cells["train"] & cells["val"]
+    assert 60 <= len(a["test"]) <= 140 and 60 <= len(a["val"]) <= 140  # ~10% each, whole cells
+    assert not np.array_equal(a["test"], split_queries(loc, CONF | {"seed": 4})["test"])
 
 
 def test_split_rejects_bad_fractions() -> None:
     with pytest.raises(ValueError):
-        split_queries(10, {"train": 0.9, "val": 0.2, "test": 0.1, "seed": 0})
+        split_queries(grid_locations(10), CONF | {"train": 0.9, "val": 0.2})
 
 
 def test_pairs_are_balanced_and_labelled_from_target() -> None:
@@ -40,3 +49,10 @@ def test_pairs_are_balanced_and_labelled_from_target() -> None:
 def test_no_relevant_pairs_is_an_error() -> None:
     with pytest.raises(TrainingError, match="nothing to train on"):
         sample_pairs(np.arange(2), np.zeros((2, 5), bool), np.zeros((2, 5), np.float32), 1, np.random.default_rng(0))
+
+
+def test_small_map_still_gets_every_split() -> None:
+    # 30 queries along 150 m: one 250 m cell would put them all in train.
+    loc = np.column_stack([np.linspace(0, 150, 30), np.zeros(30), np.zeros(30)])
+    split = split_queries(loc, CONF | {"cell_m": 250.0})
+    assert all(len(v) > 0 for v in split.values())
