@@ -27,7 +27,7 @@ def split_queries(loc: np.ndarray, conf: dict[str, Any]) -> dict[str, np.ndarray
     cell_m = float(conf["cell_m"])
     while True:
         split = _split_cells(np.asarray(loc), fracs, cell_m, int(conf["seed"]))
-        if all(len(split[s]) >= max(1.0, f * len(loc) / 2) for s, f in zip(SPLITS, fracs)) or cell_m < 1.0:
+        if all(len(split[s]) >= max(1.0, f * len(loc) / 2) for s, f in zip(SPLITS, fracs, strict=True)) or cell_m < 1.0:
             return split
         cell_m /= 2
 

@@ -1,7 +1,7 @@
 """Features stage: every image of a data folder -> its fixed-length vector, cached on disk.
 
-`image_to_vector` is the one function that turns image bytes into a vector; the service calls it for
-uploads and this stage calls it for the data folder, so both sides see the same features.
+`image_to_features` is the one function that turns image bytes into local features; the service
+calls it for uploads and this stage calls it for the data folder, so both sides see the same features.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset.layout import Dataset
+from features import local
 from features.decode import ImageDecodeError, decode_image
 from features.orb import NoKeypointsError, OrbFeatures, extract_orb
-from features.vectorize import vector_dim, vectorize
+from features.vectorize import Vectorizer
 from pipeline.presets import conf_hash
 
 log = logging.getLogger(__name__)
@@ -27,18 +28,14 @@ T = TypeVar("T")
 
 
 def image_to_features(data: bytes, conf: dict[str, Any]) -> OrbFeatures:
+    """Image bytes -> ORB features. Raises ImageDecodeError or NoKeypointsError."""
     gray = decode_image(data, conf["image"]["max_side"])
     return extract_orb(gray, conf["features"])
 
 
-def image_to_vector(data: bytes, conf: dict[str, Any]) -> np.ndarray:
-    """Image bytes -> (dim,) float32. Raises ImageDecodeError or NoKeypointsError."""
-    return vectorize(image_to_features(data, conf), conf["vector"])
-
-
 def _vector_of_file(path: str, conf: dict[str, Any]) -> np.ndarray | None:
     try:
-        return image_to_vector(Path(path).read_bytes(), conf)
+        return Vectorizer(conf["vector"])(image_to_features(Path(path).read_bytes(), conf))
     except (ImageDecodeError, NoKeypointsError):
         return None
 
@@ -77,30 +74,54 @@ def map_files(
             pool.shutdown(cancel_futures=True)
 
 
-def features_name(conf: dict[str, Any]) -> str:
-    return f"vectors-{conf['vector']['name']}-{conf_hash(conf, 'image', 'features', 'vector')}.npz"
+def features_tag(conf: dict[str, Any]) -> str:
+    return f"{conf['vector']['name']}-{conf_hash(conf, 'image', 'features', 'vector')}"
 
 
-def main(conf: dict[str, Any], dataset: Dataset, out_dir: Path, workers: int | None = None) -> Path:
-    """Vectors of all map and query images of `dataset`, keyed by image path; returns the file."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / features_name(conf)
-    if out.exists():
-        return out
-    names = dataset.database.paths + dataset.queries.paths
-    dim = vector_dim(conf["vector"])
-    vectors = np.zeros((len(names), dim), dtype=np.float32)
-    ok = np.zeros(len(names), dtype=bool)
-    files = [dataset.image_path(n) for n in names]
-    for i, vec in enumerate(map_files(_vector_of_file, files, conf, workers)):
-        if vec is not None:
-            vectors[i], ok[i] = vec, True
+def vectorizer_path(vectors_path: Path) -> Path:
+    """The fitted vectorizer saved beside a vectors file."""
+    return vectors_path.with_name(vectors_path.name.replace("vectors-", "vectorizer-", 1))
+
+
+def _save_vectors(out: Path, names: list[str], vectors: np.ndarray, ok: np.ndarray) -> Path:
     if not ok.all():
         log.warning("%d of %d images have no ORB features; they get a zero vector", (~ok).sum(), len(ok))
-    tmp = out.with_suffix(".tmp.npz")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
     np.savez(tmp, names=np.array(names), vectors=vectors, ok=ok)
     os.replace(tmp, out)  # never leave a half-written cache under the final name
     return out
+
+
+def main(conf: dict[str, Any], dataset: Dataset, out_dir: Path, workers: int | None = None) -> Path:
+    """Vectors of all map and query images of `dataset`, keyed by image path; returns the file.
+
+    A vectorizer that learns (vocabulary, idf) is fitted on the map images only: they are the
+    indexed database, with no query and no ground truth involved.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"vectors-{features_tag(conf)}.npz"
+    if out.exists() and vectorizer_path(out).exists():
+        return out
+    names = dataset.database.paths + dataset.queries.paths
+    vectorizer = Vectorizer(conf["vector"])
+    vectors = np.zeros((len(names), vectorizer.dim), dtype=np.float32)
+    ok = np.zeros(len(names), dtype=bool)
+    if not vectorizer.needs_fit:
+        files = [dataset.image_path(n) for n in names]
+        for i, vec in enumerate(map_files(_vector_of_file, files, conf, workers)):
+            if vec is not None:
+                vectors[i], ok[i] = vec, True
+    else:
+        store = local.LocalStore.load(local.main(conf, dataset, out_dir, workers))
+        row = store.row_of()
+        map_sets = [store.get(row[n]).descriptors for n in dataset.database.paths]
+        vectorizer = vectorizer.fit([d for d in map_sets if len(d)], seed=int(conf["model"]["seed"]))
+        for i, name in enumerate(tqdm(names, desc="aggregate", unit="img", disable=None)):
+            feats = store.get(row[name])
+            if len(feats.descriptors):
+                vectors[i], ok[i] = vectorizer(feats), True
+    vectorizer.save(vectorizer_path(out))
+    return _save_vectors(out, names, vectors, ok)
 
 
 def load_vectors(path: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -20,15 +20,25 @@ class OrbFeatures:
 
 
 def extract_orb(gray: np.ndarray, conf: dict[str, Any]) -> OrbFeatures:
-    """Detect ORB keypoints and compute descriptors; raises NoKeypointsError when there are none."""
+    """Detect ORB keypoints and compute descriptors; raises NoKeypointsError when there are none.
+
+    `upsample` > 1 enlarges the image first: the map images are small (341x256) and ORB's 31-pixel
+    patches and border margin leave few keypoints at their native size.
+    """
+    scale = float(conf["upsample"])
+    if scale != 1.0:
+        gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
     orb = cv2.ORB_create(
         nfeatures=int(conf["nfeatures"]),
         scaleFactor=float(conf["scale_factor"]),
         nlevels=int(conf["nlevels"]),
+        edgeThreshold=int(conf["edge_threshold"]),
+        patchSize=int(conf["patch_size"]),
         fastThreshold=int(conf["fast_threshold"]),
     )
     keypoints, descriptors = orb.detectAndCompute(gray, None)
     if descriptors is None or len(keypoints) == 0:
         raise NoKeypointsError("no ORB keypoints found in the image (blank or featureless?)")
-    xy = np.array([kp.pt for kp in keypoints], dtype=np.float32).reshape(-1, 2)
+    # Positions in the (decoded, not up-sampled) image's pixels.
+    xy = np.array([kp.pt for kp in keypoints], dtype=np.float32).reshape(-1, 2) / scale
     return OrbFeatures(xy=xy, descriptors=descriptors)

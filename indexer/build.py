@@ -12,7 +12,8 @@ import numpy as np
 from dataset.layout import Dataset
 from dataset.split import load_split
 from evaluation.run import evaluate_searcher
-from features.extract import load_vectors
+from features.extract import load_vectors, vectorizer_path
+from features.vectorize import Vectorizer
 from indexer import store
 from pipeline.encoder import NumpyEncoder
 from pipeline.searcher import Searcher
@@ -53,9 +54,15 @@ def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, model_dir: 
     if dataset.sim is not None:
         # Retrieval quality of this index on held-out queries, computed once here, served by the API.
         split = load_split(model_dir / "split.json", dataset.queries.paths)
-        loaded = store.LoadedIndex("unpublished", model_dir, manifest, index, {r.id: r for r in images}, encoder)
+        vectorizer = Vectorizer.load(vectorizer_path(vectors_path), conf["vector"])
+        by_id = {r.id: r for r in images}
+        loaded = store.LoadedIndex("unpublished", model_dir, manifest, index, by_id, vectorizer, encoder)
         manifest["metrics"] = evaluate_searcher(Searcher(loaded), dataset, split["test"], split_name="test")
-    files = {"encoder.npz": model_dir / "encoder.npz", "split.json": model_dir / "split.json"}
+    files = {
+        "vectorizer.npz": vectorizer_path(vectors_path),
+        "encoder.npz": model_dir / "encoder.npz",
+        "split.json": model_dir / "split.json",
+    }
     out = store.publish(family_dir(out_root, conf["preset"]), index, images, files, manifest)
     log.info("published index %s (%d images)", out, index.ntotal)
     return out

@@ -4,6 +4,7 @@ Layout of one index family (one data folder, one preset):
     index-<preset>/CURRENT            name of the served version (replaced atomically)
     index-<preset>/v<time>/index.faiss
                           /images.json   FAISS id -> map image (path, location): the saved id map
+                          /vectorizer.npz the fitted vectorizer (vocabulary, idf) for queries
                           /encoder.npz   the encoder the embeddings came from (queries use the same)
                           /split.json    the model's train/val/test queries (metrics use the test ones)
                           /manifest.json preset, conf, model hash, count, dim, checksums, metrics
@@ -15,14 +16,15 @@ import hashlib
 import json
 import os
 import shutil
-from datetime import UTC, datetime
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
+from features.vectorize import Vectorizer
 from pipeline.encoder import NumpyEncoder
 
 KEEP_VERSIONS = 2  # the served one and the previous one, for rollback
@@ -54,6 +56,7 @@ class LoadedIndex:
     manifest: dict[str, Any]
     index: faiss.Index
     images: dict[int, ImageRecord]
+    vectorizer: Vectorizer
     encoder: NumpyEncoder
 
 
@@ -133,7 +136,7 @@ def load(directory: Path) -> LoadedIndex:
     except (OSError, json.JSONDecodeError) as e:
         raise IndexLoadError(f"{directory}: unreadable manifest ({e})") from e
     checksums = manifest.get("checksums") or {}
-    for name in ("index.faiss", "images.json", "encoder.npz"):
+    for name in ("index.faiss", "images.json", "vectorizer.npz", "encoder.npz"):
         if name not in checksums:
             raise IndexLoadError(f"{directory}: manifest has no checksum for {name}")
     for name, digest in checksums.items():
@@ -144,6 +147,12 @@ def load(directory: Path) -> LoadedIndex:
     raw = json.loads((directory / "images.json").read_text(encoding="utf-8"))
     images = {int(r["id"]): ImageRecord(int(r["id"]), r["path"], tuple(r["loc"])) for r in raw}
     encoder = NumpyEncoder.load(directory / "encoder.npz")
+    try:
+        vectorizer = Vectorizer.load(directory / "vectorizer.npz", manifest["conf"]["vector"])
+    except (KeyError, ValueError) as e:
+        raise IndexLoadError(f"{directory}: vectorizer does not fit the manifest ({e})") from e
+    if vectorizer.dim != encoder.input_dim:
+        raise IndexLoadError(f"{directory}: vectors of {vectorizer.dim} values, encoder wants {encoder.input_dim}")
     if index.ntotal != manifest.get("count") or len(images) != index.ntotal:
         raise IndexLoadError(
             f"{directory}: index holds {index.ntotal} vectors, id map {len(images)}, manifest {manifest.get('count')}"
@@ -153,4 +162,4 @@ def load(directory: Path) -> LoadedIndex:
     ids = faiss.vector_to_array(faiss.downcast_index(index).id_map) if index.ntotal else np.array([])
     if set(int(i) for i in ids) != set(images):
         raise IndexLoadError(f"{directory}: ids in the index and the id map differ")
-    return LoadedIndex(directory.name, directory, manifest, index, images, encoder)
+    return LoadedIndex(directory.name, directory, manifest, index, images, vectorizer, encoder)

@@ -16,7 +16,16 @@ DEFAULTS: dict[str, Any] = {
         # Longer side in pixels; larger uploads are shrunk to the scale of the map images.
         "max_side": 341,
     },
-    "features": {"name": "orb", "nfeatures": 500, "scale_factor": 1.2, "nlevels": 8, "fast_threshold": 20},
+    "features": {
+        "name": "orb",
+        "nfeatures": 500,
+        "scale_factor": 1.2,
+        "nlevels": 8,
+        "edge_threshold": 31,
+        "patch_size": 31,
+        "fast_threshold": 20,
+        "upsample": 1.0,
+    },
     "vector": {"name": "concat", "n_descriptors": 10},
     "model": {
         "name": "siamese-mlp",

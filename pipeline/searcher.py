@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from features.extract import image_to_vector
+from features.extract import image_to_features
 from indexer.store import ImageRecord, LoadedIndex
 
 
@@ -29,6 +29,7 @@ class Searcher:
     def __init__(self, loaded: LoadedIndex) -> None:
         self.loaded = loaded
         self.conf: dict[str, Any] = loaded.manifest["conf"]
+        self.vectorizer = loaded.vectorizer
         self.encoder = loaded.encoder
         self.index = loaded.index
         self.images: dict[int, ImageRecord] = loaded.images
@@ -39,7 +40,7 @@ class Searcher:
 
     def embed(self, data: bytes) -> np.ndarray:
         """(1, dim) embedding of image bytes; raises ImageDecodeError / NoKeypointsError."""
-        return self.encoder.embed(image_to_vector(data, self.conf)[None, :])
+        return self.encoder.embed(self.vectorizer(image_to_features(data, self.conf))[None, :])
 
     def search_embedding(self, emb: np.ndarray, k: int) -> list[Hit]:
         k = min(k, self.size)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Search the service with one image and print the ranked map images.
 
-    python scripts/search.py IMAGE [-k K] [--url http://127.0.0.1:8000]
+python scripts/search.py IMAGE [-k K] [--url http://127.0.0.1:8000]
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.image}: no such file")
     try:
         with args.image.open("rb") as f:
-            r = httpx.post(
-                f"{args.url}/search", params={"k": args.k}, files={"file": (args.image.name, f)}, timeout=60
-            )
+            r = httpx.post(f"{args.url}/search", params={"k": args.k}, files={"file": (args.image.name, f)}, timeout=60)
     except httpx.TransportError as e:
         print(f"search.py: cannot reach {args.url}: {e}", file=sys.stderr)
         return 3

@@ -108,7 +108,7 @@ ADMIN_KEY = "test-admin-key-0123456789abcdef"
 
 
 @pytest.fixture(scope="session")
-def server(tiny_data: Path, tiny_artifacts: Path, start_server) -> Server:  # noqa: ANN001
+def server(tiny_data: Path, tiny_artifacts: Path, start_server) -> Server:
     return start_server(
         {
             "IMGSEARCH_DATA": str(tiny_data),

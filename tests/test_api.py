@@ -127,7 +127,7 @@ def test_unknown_route_is_json_404(server: Server) -> None:
     assert r.status_code == 404 and r.json()["code"] == "not_found"
 
 
-def test_not_ready_without_index(tmp_path: Path, tiny_data: Path, start_server) -> None:  # noqa: ANN001
+def test_not_ready_without_index(tmp_path: Path, tiny_data: Path, start_server) -> None:
     srv = start_server({"IMGSEARCH_DATA": str(tiny_data), "IMGSEARCH_ARTIFACTS": str(tmp_path / "empty")})
     ready = httpx.get(srv.url + "/readyz")
     assert ready.status_code == 503

@@ -45,7 +45,7 @@ def london_subset(london: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return root
 
 
-def test_cli_build_serve_and_client_agree(london_subset: Path, tmp_path: Path, start_server) -> None:  # noqa: ANN001
+def test_cli_build_serve_and_client_agree(london_subset: Path, tmp_path: Path, start_server) -> None:
     env = {
         "IMGSEARCH_DATA": str(london_subset),
         "IMGSEARCH_ARTIFACTS": str(tmp_path / "artifacts"),

@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 
 from features.decode import ImageDecodeError, decode_image
-from features.extract import image_to_vector
+from features.extract import image_to_features
 from features.orb import NoKeypointsError, OrbFeatures, extract_orb
-from features.vectorize import concat_bits, vector_dim
+from features.vectorize import Vectorizer, concat_bits, vector_dim
 from pipeline.presets import get_conf
+
+
+def image_to_vector(data: bytes, conf: dict) -> np.ndarray:
+    return Vectorizer(conf["vector"])(image_to_features(data, conf))
 
 
 def textured(h: int = 256, w: int = 341, seed: int = 0) -> np.ndarray:

@@ -8,16 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from features.vectorize import Vectorizer
 from indexer import store
 from pipeline.encoder import NumpyEncoder
 
 
 def encoder_file(tmp_path: Path, dim: int = 4) -> Path:
     rng = np.random.default_rng(0)
-    enc = NumpyEncoder(
-        [rng.normal(size=(6, dim)).astype(np.float32)], [np.zeros(dim, np.float32)], ["linear"], -1.0, 2.0
-    )
+    weights = [rng.normal(size=(256, dim)).astype(np.float32)]
+    enc = NumpyEncoder(weights, [np.zeros(dim, np.float32)], ["linear"], -1.0, 2.0)
     return enc.save(tmp_path / "encoder.npz")
+
+
+VECTOR_CONF = {"name": "concat", "n_descriptors": 1}  # 256 values, the test encoder's input
 
 
 def publish_some(tmp_path: Path, ids: list[int], dim: int = 4) -> Path:
@@ -26,9 +29,11 @@ def publish_some(tmp_path: Path, ids: list[int], dim: int = 4) -> Path:
     vecs = rng.normal(size=(len(ids), dim)).astype(np.float32)
     index.add_with_ids(vecs, np.array(ids, dtype=np.int64))
     images = [store.ImageRecord(i, f"database/images/{i}.jpg", (1.0 * i, 2.0, 90.0)) for i in ids]
-    return store.publish(
-        tmp_path / "family", index, images, {"encoder.npz": encoder_file(tmp_path, dim)}, {"preset": "t", "conf": {}}
-    )
+    files = {
+        "encoder.npz": encoder_file(tmp_path, dim),
+        "vectorizer.npz": Vectorizer(VECTOR_CONF).save(tmp_path / "vectorizer.npz"),
+    }
+    return store.publish(tmp_path / "family", index, images, files, {"preset": "t", "conf": {"vector": VECTOR_CONF}})
 
 
 def test_save_load_keeps_ids(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import pytest
 from dataset.split import split_queries
 from model.train import TrainingError, sample_pairs
 
-
 CONF = {"train": 0.8, "val": 0.1, "test": 0.1, "cell_m": 100.0, "seed": 3}
 
 

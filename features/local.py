@@ -1,0 +1,98 @@
+"""Local ORB features of every image, packed in one file keyed by image path.
+
+Aggregated presets learn a vocabulary from them and the verification stage matches them; the service
+extracts the same features from an upload with `features.extract.image_to_features`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dataset.layout import Dataset
+from features.decode import ImageDecodeError
+from features.orb import NoKeypointsError, OrbFeatures
+from pipeline.presets import conf_hash
+
+
+def _local_of_file(path: str, conf: dict[str, Any]) -> OrbFeatures | None:
+    from features.extract import image_to_features
+
+    try:
+        return image_to_features(Path(path).read_bytes(), conf)
+    except (ImageDecodeError, NoKeypointsError):
+        return None
+
+
+@dataclass(frozen=True)
+class LocalStore:
+    """Keypoints and descriptors of many images: image i owns rows offsets[i]:offsets[i+1]."""
+
+    names: list[str]
+    offsets: np.ndarray  # (n + 1,) int64
+    xy: np.ndarray  # (N, 2) float32
+    descriptors: np.ndarray  # (N, 32) uint8
+
+    def row_of(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
+    def get(self, i: int) -> OrbFeatures:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return OrbFeatures(xy=self.xy[a:b], descriptors=self.descriptors[a:b])
+
+    def subset(self, names: list[str]) -> LocalStore:
+        row = self.row_of()
+        parts = [self.get(row[n]) for n in names]
+        counts = np.array([len(p.xy) for p in parts], dtype=np.int64)
+        empty_xy, empty_desc = np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
+        return LocalStore(
+            names=list(names),
+            offsets=np.concatenate([[0], np.cumsum(counts)]),
+            xy=np.concatenate([p.xy for p in parts] or [empty_xy]),
+            descriptors=np.concatenate([p.descriptors for p in parts] or [empty_desc]),
+        )
+
+    def save(self, path: Path) -> Path:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, names=np.array(self.names), offsets=self.offsets, xy=self.xy, descriptors=self.descriptors)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> LocalStore:
+        with np.load(path, allow_pickle=False) as z:
+            return cls([str(n) for n in z["names"]], z["offsets"], z["xy"], z["descriptors"])
+
+
+def local_name(conf: dict[str, Any]) -> str:
+    return f"local-orb-{conf_hash(conf, 'image', 'features')}.npz"
+
+
+def main(conf: dict[str, Any], dataset: Dataset, out_dir: Path, workers: int | None = None) -> Path:
+    """ORB keypoints and descriptors of all map and query images; returns the file (reused if present)."""
+    from features.extract import map_files
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / local_name(conf)
+    if out.exists():
+        return out
+    names = dataset.database.paths + dataset.queries.paths
+    files = [dataset.image_path(n) for n in names]
+    xy, desc, counts = [], [], []
+    for feats in map_files(_local_of_file, files, conf, workers, desc="ORB"):
+        n = 0 if feats is None else len(feats.xy)
+        if n:
+            xy.append(feats.xy)
+            desc.append(feats.descriptors)
+        counts.append(n)
+    store = LocalStore(
+        names=names,
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        xy=np.concatenate(xy) if xy else np.zeros((0, 2), np.float32),
+        descriptors=np.concatenate(desc) if desc else np.zeros((0, 32), np.uint8),
+    )
+    return store.save(out)
