@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -45,8 +47,9 @@ def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, model_dir: 
         "conf": conf,
         "data": str(dataset.root),
         "model": model_dir.name,
-        "model_sha256": store.sha256_file(model_dir / "siamese.keras"),
-        "model_manifest_sha256": store.hashlib.sha256(model_manifest.encode()).hexdigest(),
+        # The model's files and their hashes, as its own manifest lists them.
+        "model_files": json.loads(model_manifest)["files"],
+        "model_manifest_sha256": hashlib.sha256(model_manifest.encode()).hexdigest(),
         "images_without_features": int((~ok).sum()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.time() - t0, 2),
@@ -57,7 +60,7 @@ def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, model_dir: 
         vectorizer = Vectorizer.load(vectorizer_path(vectors_path), conf["vector"])
         by_id = {r.id: r for r in images}
         loaded = store.LoadedIndex("unpublished", model_dir, manifest, index, by_id, vectorizer, encoder)
-        manifest["metrics"] = evaluate_searcher(Searcher(loaded), dataset, split["test"], split_name="test")
+        manifest["metrics"] = evaluate_searcher(Searcher(loaded), dataset, split["test"], "test").summary
     files = {
         "vectorizer.npz": vectorizer_path(vectors_path),
         "encoder.npz": model_dir / "encoder.npz",

@@ -16,6 +16,7 @@ from dataset.layout import Dataset
 from dataset.split import save_split, split_queries
 from features.extract import load_vectors
 from indexer.store import sha256_file
+from model.calibrate import fit_sigmoid, pair_distances
 from pipeline.encoder import NumpyEncoder
 from pipeline.presets import conf_hash
 
@@ -73,13 +74,10 @@ def _plot_history(history: dict[str, list[float]], out: Path) -> Path:
     return out
 
 
-def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, out_root: Path) -> Path:
-    """Train the preset's model; returns the model folder (reused when it already exists)."""
-    out = out_root / model_name(conf)
-    if (out / "manifest.json").exists():
-        return out
-    if dataset.sim is None or dataset.fov is None:
-        raise TrainingError(f"{dataset.root}: training needs ground truth (london_gt.h5)")
+def _train_siamese(
+    conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
+) -> dict[str, Any]:
+    """The published Siamese network (Keras): balanced pairs, MSE on the target, best epoch kept."""
     import keras
 
     from model.siamese import build_siamese
@@ -87,20 +85,12 @@ def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, out_root: P
     mconf = conf["model"]
     keras.utils.set_random_seed(int(mconf["seed"]))
     rng = np.random.default_rng(int(mconf["seed"]))
-    split = split_queries(dataset.queries.loc, conf["split"])
-    xq, _ = load_vectors(vectors_path, dataset.queries.paths)
-    xd, _ = load_vectors(vectors_path, dataset.database.paths)
     target = dataset.sim.astype(np.float32) if mconf["target"] == "sim" else dataset.fov
     npp = int(mconf["negatives_per_positive"])
     tq, td, ty = sample_pairs(split["train"], dataset.sim, target, npp, rng)
     vq, vd, vy = sample_pairs(split["val"], dataset.sim, target, npp, rng)
     log.info("training on %d pairs, validating on %d", len(ty), len(vy))
-
-    tmp = out_root / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     model = build_siamese(xq.shape[1], mconf)
-    t0 = time.time()
     hist = model.fit(
         [xq[tq], xd[td]],
         ty,
@@ -116,28 +106,65 @@ def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, out_root: P
             keras.callbacks.ModelCheckpoint(str(tmp / "siamese.keras"), monitor="val_loss", save_best_only=True),
         ],
     )
-    train_s = time.time() - t0
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     # The checkpoint holds the best epoch; export exactly those weights for serving.
     best = keras.models.load_model(tmp / "siamese.keras")
     NumpyEncoder.from_keras(best).save(tmp / "encoder.npz")
     (tmp / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     _plot_history(history, tmp / "loss.png")
+    return {
+        "pairs": {"train": len(ty), "val": len(vy)},
+        "epochs_run": len(history["loss"]),
+        "best_epoch": int(np.argmin(history["val_loss"])) + 1,
+        "best_val_loss": min(history["val_loss"]),
+        "keras_version": keras.__version__,
+    }
+
+
+def _identity(
+    conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
+) -> dict[str, Any]:
+    """No learned layers: the aggregate itself is the embedding; only the score head is fitted, on
+    validation queries, so scores are calibrated relevance probabilities."""
+    rng = np.random.default_rng(int(conf["model"]["seed"]))
+    val = split["val"]
+    dist, label = pair_distances(xq[val], xd, dataset.sim[val], n_neg=200, rng=rng)
+    w, b = fit_sigmoid(dist, label)
+    NumpyEncoder([], [], [], w, b, identity_dim=xd.shape[1]).save(tmp / "encoder.npz")
+    return {"head": {"w": w, "b": b, "pairs": len(dist)}}
+
+
+TRAINERS = {"siamese-mlp": _train_siamese, "identity": _identity}
+
+
+def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, out_root: Path) -> Path:
+    """Train the preset's model; returns the model folder (reused when it already exists)."""
+    out = out_root / model_name(conf)
+    if (out / "manifest.json").exists():
+        return out
+    if dataset.sim is None or dataset.fov is None:
+        raise TrainingError(f"{dataset.root}: training needs ground truth (london_gt.h5)")
+    trainer = TRAINERS.get(conf["model"]["name"])
+    if trainer is None:
+        raise TrainingError(f"unknown model {conf['model']['name']!r}; known: {', '.join(TRAINERS)}")
+    split = split_queries(dataset.queries.loc, conf["split"])
+    xq, _ = load_vectors(vectors_path, dataset.queries.paths)
+    xd, _ = load_vectors(vectors_path, dataset.database.paths)
+    tmp = out_root / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.time()
+    details = trainer(conf, dataset, xq, xd, split, tmp)
     save_split(tmp / "split.json", split, dataset.queries.paths)
-    best_epoch = int(np.argmin(history["val_loss"])) + 1
     manifest = {
         "name": out.name,
         "preset": conf["preset"],
         "conf": conf,
         "data": str(dataset.root),
-        "pairs": {"train": len(ty), "val": len(vy)},
         "queries": {s: len(v) for s, v in split.items()},
-        "epochs_run": len(history["loss"]),
-        "best_epoch": best_epoch,
-        "best_val_loss": min(history["val_loss"]),
-        "train_seconds": round(train_s, 1),
-        "keras_version": keras.__version__,
-        "files": {f: sha256_file(tmp / f) for f in ("siamese.keras", "encoder.npz", "split.json")},
+        **details,
+        "train_seconds": round(time.time() - t0, 1),
+        "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")

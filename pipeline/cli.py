@@ -6,7 +6,6 @@ Settings come from IMGSEARCH_* variables (see the README); flags override them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -64,16 +63,18 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from app.main import load_searcher
-    from dataset.split import load_split
-    from evaluation.run import evaluate_searcher
+    from evaluation import compare
+    from pipeline.build import data_artifacts
 
     s = _settings(args)
     dataset = _dataset(s)
-    searcher = load_searcher(s)
-    split = load_split(searcher.loaded.directory / "split.json", dataset.queries.paths)
-    result = evaluate_searcher(searcher, dataset, split[args.split], split_name=args.split)
-    print(json.dumps(result, indent=1))
+    presets = args.presets or [s.preset]
+    out = args.out or data_artifacts(s.artifacts, dataset.root) / "evaluation"
+    md = compare.main(
+        presets, dataset, s.artifacts, out, baseline=args.baseline, split_name=args.split, workers=args.workers
+    )
+    print(md.read_text(encoding="utf-8"))
+    print(f"written to {out}")
     return 0
 
 
@@ -124,9 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     workers(sp)
     sp.set_defaults(func=cmd_build)
 
-    sp = sub.add_parser("evaluate", help="evaluate the current index on held-out queries")
+    sp = sub.add_parser(
+        "evaluate", help="build (if needed) and compare presets on the held-out area split: table and plots"
+    )
     common(sp)
+    workers(sp)
+    sp.add_argument("--presets", nargs="+", choices=sorted(confs), help="presets to compare (default: --preset)")
+    sp.add_argument("--baseline", default="orb-bow", help="preset for the per-query sign test (default orb-bow)")
     sp.add_argument("--split", choices=["train", "val", "test"], default="test")
+    sp.add_argument("--out", type=Path, help="output folder (default: <artifacts>/<data>/evaluation)")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("serve", help="serve the HTTP API")

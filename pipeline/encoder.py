@@ -22,19 +22,26 @@ _ACTIVATIONS = {
 
 @dataclass(frozen=True)
 class NumpyEncoder:
+    """Dense layers (none: the identity, for presets that index the vectors themselves) and the head
+    that maps an embedding distance to a relevance in [0, 1]."""
+
     weights: list[np.ndarray]
     biases: list[np.ndarray]
     activations: list[str]
     head_w: float  # score = sigmoid(head_w * distance + head_b)
     head_b: float
+    identity_dim: int = 0  # input width when there are no layers
 
     @property
     def input_dim(self) -> int:
-        return int(self.weights[0].shape[0])
+        return int(self.weights[0].shape[0]) if self.weights else self.identity_dim
 
     @property
     def dim(self) -> int:
-        return int(self.weights[-1].shape[1])
+        return int(self.weights[-1].shape[1]) if self.weights else self.identity_dim
+
+    def with_head(self, head_w: float, head_b: float) -> NumpyEncoder:
+        return NumpyEncoder(self.weights, self.biases, self.activations, head_w, head_b, self.identity_dim)
 
     def embed(self, x: np.ndarray) -> np.ndarray:
         """(n, input_dim) vectors -> (n, dim) float32 embeddings."""
@@ -55,8 +62,9 @@ class NumpyEncoder:
         np.savez(
             path,
             **arrays,
-            activations=np.array(self.activations),
+            activations=np.array(self.activations, dtype=str),
             head=np.array([self.head_w, self.head_b], dtype=np.float64),
+            identity_dim=np.array(self.identity_dim),
         )
         return path
 
@@ -75,6 +83,7 @@ class NumpyEncoder:
                 activations=acts,
                 head_w=float(head[0]),
                 head_b=float(head[1]),
+                identity_dim=int(z["identity_dim"]) if "identity_dim" in z else 0,
             )
 
     @classmethod

@@ -54,6 +54,18 @@ confs: dict[str, dict[str, Any]] = {
     "paper": {},
     # The same with the binary sim target.
     "paper-sim": {"model": {"target": "sim"}},
+    # The published comparison baseline: ORB bag of visual words, sqrt-tf x idf, cosine ranking.
+    "orb-bow": {
+        "features": {"nfeatures": 1000},
+        "vector": {"name": "bow", "words": 4096},
+        "model": {"name": "identity"},
+    },
+    # VLAD of many ORB descriptors from the image up-sampled x2, 128 words.
+    "orb-vlad": {
+        "features": {"nfeatures": 3000, "upsample": 2.0, "fast_threshold": 10},
+        "vector": {"name": "vlad", "words": 128, "power": 0.5},
+        "model": {"name": "identity"},
+    },
 }
 
 DEFAULT_PRESET = "paper"

@@ -1,7 +1,7 @@
 """The query pipeline: image bytes -> features -> vector -> embedding -> index -> ranked hits.
 
-It is rebuilt from the index manifest (preset conf and encoder are stored with the index), so a
-query goes through exactly what the map images went through.
+It is rebuilt from the index version (preset conf, fitted vectorizer and encoder are stored with the
+index), so a query goes through exactly what the map images went through.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from features.extract import image_to_features
+from features.orb import OrbFeatures
 from indexer.store import ImageRecord, LoadedIndex
 
 
@@ -23,6 +24,12 @@ class Hit:
     score: float  # predicted relevance in [0, 1]
     distance: float  # Euclidean distance of the embeddings
     loc: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Query:
+    features: OrbFeatures
+    embedding: np.ndarray  # (1, dim)
 
 
 class Searcher:
@@ -38,9 +45,13 @@ class Searcher:
     def size(self) -> int:
         return int(self.index.ntotal)
 
+    def analyze(self, data: bytes) -> Query:
+        """Features and embedding of image bytes; raises ImageDecodeError / NoKeypointsError."""
+        features = image_to_features(data, self.conf)
+        return Query(features, self.encoder.embed(self.vectorizer(features)[None, :]))
+
     def embed(self, data: bytes) -> np.ndarray:
-        """(1, dim) embedding of image bytes; raises ImageDecodeError / NoKeypointsError."""
-        return self.encoder.embed(self.vectorizer(image_to_features(data, self.conf))[None, :])
+        return self.analyze(data).embedding
 
     def search_embedding(self, emb: np.ndarray, k: int) -> list[Hit]:
         k = min(k, self.size)
@@ -57,5 +68,15 @@ class Searcher:
             hits.append(Hit(rank, rec.id, rec.path, float(s), float(d), rec.loc))
         return hits
 
+    def rank(self, query: Query, k: int) -> list[Hit]:
+        return self.search_embedding(query.embedding, k)
+
     def search(self, data: bytes, k: int) -> list[Hit]:
-        return self.search_embedding(self.embed(data), k)
+        return self.rank(self.analyze(data), k)
+
+    def score_all(self, query: Query) -> np.ndarray:
+        """Predicted relevance of the query to every map image, indexed by id (rows of database.json)."""
+        hits = self.search_embedding(query.embedding, self.size)
+        out = np.zeros(max(self.images) + 1, dtype=np.float32)
+        out[[h.id for h in hits]] = [h.score for h in hits]
+        return out

@@ -113,12 +113,12 @@ def test_precision_reports_held_out_figures(server: Server) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["split"] == "test" and body["n_queries"] > 0
-    assert set(body["precision"]) == set(body["recall"]) == {"5", "10", "20", "50"}
+    assert set(body["precision"]) == set(body["recall"]) == {"1", "5", "10", "20", "50"}
     assert set(body["accuracy_within_margin"]) == {"0.1", "0.05", "0.01"}
     for v in [*body["precision"].values(), *body["recall"].values(), *body["accuracy_within_margin"].values()]:
         assert 0.0 <= v <= 1.0
     # recall@k (a relevant hit within the top k) cannot fall as k grows.
-    rec = [body["recall"][k] for k in ("5", "10", "20", "50")]
+    rec = [body["recall"][k] for k in ("1", "5", "10", "20", "50")]
     assert rec == sorted(rec)
 
 

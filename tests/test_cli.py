@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +59,14 @@ def test_bad_workers_flag(tmp_path: Path) -> None:
     assert out.returncode == 2 and "invalid choice" in out.stderr
 
 
-def test_evaluate_without_index_exits_2(tiny_data: Path, tmp_path: Path) -> None:
-    out = run("evaluate", "--data", str(tiny_data), "--artifacts", str(tmp_path))
-    assert out.returncode == 2 and "no index built yet" in out.stderr
+def test_evaluate_compares_presets_in_one_table(tiny_data: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "report"
+    args = ["--data", str(tiny_data), "--artifacts", str(tmp_path / "a"), "--out", str(out_dir)]
+    out = run("evaluate", *args, "--presets", "paper", "paper-sim", "--baseline", "paper")
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = (out_dir / "results.md").read_text()
+    assert "| `paper` |" in table and "| `paper-sim` |" in table and "p=" in table
+    results = json.loads((out_dir / "results.json").read_text())["presets"]
+    assert set(results) == {"paper", "paper-sim"} and "sign_test" in results["paper-sim"]
+    for png in ("recall_at_k.png", "contact_sheet-paper.png", "contact_sheet-paper-sim.png"):
+        assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
