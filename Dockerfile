@@ -16,6 +16,7 @@ COPY --chown=app:app indexer ./indexer
 COPY --chown=app:app model ./model
 COPY --chown=app:app pipeline ./pipeline
 COPY --chown=app:app scripts ./scripts
+COPY --chown=app:app verification ./verification
 USER app
 RUN make venv
 

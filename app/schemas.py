@@ -17,6 +17,9 @@ class SearchResult(BaseModel):
     path: str = Field(description="The map image's entry in database.json")
     score: float = Field(ge=0, le=1, description="Predicted relevance in [0, 1]")
     distance: float = Field(ge=0, description="Euclidean distance of the embeddings")
+    inliers: int | None = Field(
+        default=None, description="Geometric verification: RANSAC inliers of ORB matches (null: not verified)"
+    )
     location: Location
 
 

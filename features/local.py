@@ -6,6 +6,7 @@ extracts the same features from an upload with `features.extract.image_to_featur
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,19 +69,23 @@ class LocalStore:
             return cls([str(n) for n in z["names"]], z["offsets"], z["xy"], z["descriptors"])
 
 
-def local_name(conf: dict[str, Any]) -> str:
-    return f"local-orb-{conf_hash(conf, 'image', 'features')}.npz"
+def local_name(conf: dict[str, Any], names: list[str] | None = None) -> str:
+    which = "" if names is None else "-" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
+    return f"local-orb-{conf_hash(conf, 'image', 'features')}{which}.npz"
 
 
-def main(conf: dict[str, Any], dataset: Dataset, out_dir: Path, workers: int | None = None) -> Path:
-    """ORB keypoints and descriptors of all map and query images; returns the file (reused if present)."""
+def main(
+    conf: dict[str, Any], dataset: Dataset, out_dir: Path, workers: int | None = None, names: list[str] | None = None
+) -> Path:
+    """ORB keypoints and descriptors of `names` (default: all map and query images); returns the file
+    (reused if present)."""
     from features.extract import map_files
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / local_name(conf)
+    out = out_dir / local_name(conf, names)
     if out.exists():
         return out
-    names = dataset.database.paths + dataset.queries.paths
+    names = names if names is not None else dataset.database.paths + dataset.queries.paths
     files = [dataset.image_path(n) for n in names]
     xy, desc, counts = [], [], []
     for feats in map_files(_local_of_file, files, conf, workers, desc="ORB"):

@@ -19,6 +19,20 @@ class OrbFeatures:
     descriptors: np.ndarray  # (n, 32) uint8, 256 bits each
 
 
+def dense_keypoints(shape: tuple[int, ...], conf: dict[str, Any]) -> list[cv2.KeyPoint]:
+    h, w = shape[:2]
+    sf = float(conf["scale_factor"])
+    out = []
+    for octave in conf["dense_octaves"]:
+        scale = sf**octave
+        step = float(conf["dense_step"]) * scale
+        margin = float(conf["edge_threshold"]) * scale + 1
+        for y in np.arange(margin, h - margin, step):
+            for x in np.arange(margin, w - margin, step):
+                out.append(cv2.KeyPoint(float(x), float(y), float(conf["patch_size"]) * scale, 0, 1.0, int(octave)))
+    return out
+
+
 def extract_orb(gray: np.ndarray, conf: dict[str, Any]) -> OrbFeatures:
     """Detect ORB keypoints and compute descriptors; raises NoKeypointsError when there are none.
 
@@ -36,7 +50,12 @@ def extract_orb(gray: np.ndarray, conf: dict[str, Any]) -> OrbFeatures:
         patchSize=int(conf["patch_size"]),
         fastThreshold=int(conf["fast_threshold"]),
     )
-    keypoints, descriptors = orb.detectAndCompute(gray, None)
+    if conf.get("detector", "fast") == "dense":
+        # Descriptors on a regular grid at a few scales, upright: every image region is described,
+        # not only the corners FAST finds, which is what an aggregate over the image needs.
+        keypoints, descriptors = orb.compute(gray, dense_keypoints(gray.shape, conf))
+    else:
+        keypoints, descriptors = orb.detectAndCompute(gray, None)
     if descriptors is None or len(keypoints) == 0:
         raise NoKeypointsError("no ORB keypoints found in the image (blank or featureless?)")
     # Positions in the (decoded, not up-sampled) image's pixels.

@@ -91,12 +91,18 @@ class Vectorizer:
             # idf over images: a word seen in every image tells nothing about the place.
             df = np.zeros(len(vocab), np.float64)
             for desc in descriptor_sets:
-                df[np.unique(fitted._words(desc))] += 1
+                df[np.unique(fitted.words(desc))] += 1
             fitted = Vectorizer(self.conf, vocab, np.log((len(descriptor_sets) + 1) / (df + 1)).astype(np.float32))
         return fitted
 
-    def _words(self, descriptors: np.ndarray) -> np.ndarray:
-        assert self._index is not None
+    @property
+    def n_words(self) -> int:
+        return 0 if self.centroids is None else len(self.centroids)
+
+    def words(self, descriptors: np.ndarray) -> np.ndarray:
+        """Nearest visual word of each descriptor, (n,) int64."""
+        if self._index is None:
+            raise RuntimeError("vectorizer has no vocabulary")
         _, words = self._index.search(unpack(descriptors), 1)
         return words[:, 0]
 
@@ -106,7 +112,7 @@ class Vectorizer:
         if self.centroids is None:
             raise RuntimeError("vectorizer is not fitted")
         k = len(self.centroids)
-        words = self._words(features.descriptors)
+        words = self.words(features.descriptors)
         if self.name == "bow":
             tf = np.bincount(words, minlength=k).astype(np.float32)
             v = np.sqrt(tf) * self.idf  # sqrt: bursts of one repeated pattern should not dominate

@@ -26,6 +26,7 @@ import numpy as np
 
 from features.vectorize import Vectorizer
 from pipeline.encoder import NumpyEncoder
+from verification.geometric import MapFeatures, Verifier
 
 KEEP_VERSIONS = 2  # the served one and the previous one, for rollback
 
@@ -58,6 +59,7 @@ class LoadedIndex:
     images: dict[int, ImageRecord]
     vectorizer: Vectorizer
     encoder: NumpyEncoder
+    verifier: Verifier | None = None
 
 
 def new_flat_index(dim: int) -> faiss.Index:
@@ -162,4 +164,13 @@ def load(directory: Path) -> LoadedIndex:
     ids = faiss.vector_to_array(faiss.downcast_index(index).id_map) if index.ntotal else np.array([])
     if set(int(i) for i in ids) != set(images):
         raise IndexLoadError(f"{directory}: ids in the index and the id map differ")
-    return LoadedIndex(directory.name, directory, manifest, index, images, vectorizer, encoder)
+    verifier = None
+    vconf = manifest["conf"].get("verify")
+    if vconf is not None:
+        if "verify.npz" not in checksums or "verify_head" not in manifest:
+            raise IndexLoadError(f"{directory}: the preset verifies, but verify.npz or its head is missing")
+        features = MapFeatures.load(directory / "verify.npz")
+        if set(int(i) for i in features.ids) != set(images):
+            raise IndexLoadError(f"{directory}: verification keypoints cover other images than the index")
+        verifier = Verifier(vconf, features, vectorizer.n_words, manifest["verify_head"])
+    return LoadedIndex(directory.name, directory, manifest, index, images, vectorizer, encoder, verifier)

@@ -9,23 +9,31 @@ from __future__ import annotations
 import numpy as np
 
 
-def fit_sigmoid(distance: np.ndarray, label: np.ndarray, l2: float = 1e-6, iters: int = 50) -> tuple[float, float]:
-    """Newton's method for the 2-parameter logistic regression of label in [0, 1] on distance."""
-    x = np.asarray(distance, np.float64).ravel()
+def fit_logistic(features: np.ndarray, label: np.ndarray, l2: float = 1e-6, iters: int = 50) -> np.ndarray:
+    """Newton's method for logistic regression of label in [0, 1] on (n, d) features plus a bias.
+    Returns d + 1 weights, the bias last."""
+    X = np.asarray(features, np.float64)
+    X = X[:, None] if X.ndim == 1 else X
     y = np.asarray(label, np.float64).ravel()
-    if len(x) != len(y) or len(x) < 2:
-        raise ValueError("need at least two (distance, label) pairs of equal length")
-    X = np.column_stack([x, np.ones_like(x)])
-    theta = np.zeros(2)
+    if len(X) != len(y) or len(X) < 2:
+        raise ValueError("need at least two (features, label) rows of equal length")
+    X = np.column_stack([X, np.ones(len(X))])
+    theta = np.zeros(X.shape[1])
     for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(X @ theta)))
+        p = 1.0 / (1.0 + np.exp(-np.clip(X @ theta, -50, 50)))
         grad = X.T @ (p - y) + l2 * theta
-        hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
+        hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(X.shape[1])
         step = np.linalg.solve(hess, grad)
         theta -= step
         if np.abs(step).max() < 1e-9:
             break
-    return float(theta[0]), float(theta[1])
+    return theta
+
+
+def fit_sigmoid(distance: np.ndarray, label: np.ndarray, l2: float = 1e-6, iters: int = 50) -> tuple[float, float]:
+    """The 2-parameter case: relevance = sigmoid(w * distance + b)."""
+    w, b = fit_logistic(np.asarray(distance, np.float64).ravel(), label, l2, iters)
+    return float(w), float(b)
 
 
 def pair_distances(

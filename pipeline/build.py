@@ -58,7 +58,7 @@ def run_index(preset: str, dataset: Dataset, artifacts: Path, workers: int | Non
                 return current
         except (store.IndexLoadError, OSError, json.JSONDecodeError):
             pass  # nothing usable yet: build it
-    return index_build.main(conf, dataset, vectors, model_dir, out_root)
+    return index_build.main(conf, dataset, vectors, model_dir, out_root, workers)
 
 
 def build_all(data: Path | None, artifacts: Path, preset: str, workers: int | None = None) -> Path:

@@ -25,6 +25,10 @@ DEFAULTS: dict[str, Any] = {
         "patch_size": 31,
         "fast_threshold": 20,
         "upsample": 1.0,
+        # "fast": detected keypoints; "dense": a grid every dense_step pixels at the dense_octaves scales
+        "detector": "fast",
+        "dense_step": 10,
+        "dense_octaves": [0, 3],
     },
     "vector": {"name": "concat", "n_descriptors": 10},
     "model": {
@@ -46,7 +50,29 @@ DEFAULTS: dict[str, Any] = {
     # Held-out areas: queries grouped into 250 m cells, whole cells per split.
     "split": {"train": 0.8, "val": 0.1, "test": 0.1, "cell_m": 250.0, "seed": 0},
     "index": {"type": "flat-l2"},
+    # Geometric verification of the shortlist (None: off). Its "features" override the ORB settings.
+    "verify": None,
 }
+
+VERIFY_DEFAULTS: dict[str, Any] = {
+    "n": 50,  # shortlist length that is verified
+    "features": {"nfeatures": 1000, "upsample": 1.0, "detector": "fast"},
+    "max_hamming": 64,
+    "ratio": 0.9,
+    "ransac_px": 8.0,
+    "ransac_iters": 200,
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
 
 confs: dict[str, dict[str, Any]] = {
     # The published design: the first 10 ORB descriptors in detection order, concatenated as 0/1 bits,
@@ -66,7 +92,16 @@ confs: dict[str, dict[str, Any]] = {
         "vector": {"name": "vlad", "words": 128, "power": 0.5},
         "model": {"name": "identity"},
     },
+    # VLAD of dense ORB: upright descriptors every 10 px of the x2 image, at 2 scales (~4,400 per image).
+    "orb-dense-vlad": {
+        "features": {"detector": "dense", "upsample": 2.0, "edge_threshold": 16, "nlevels": 4, "nfeatures": 100000},
+        "vector": {"name": "vlad", "words": 128, "power": 0.5},
+        "model": {"name": "identity"},
+    },
 }
+# The same first stages with geometric verification of the top 50.
+confs["orb-vlad-verify"] = _merge(confs["orb-vlad"], {"verify": {"n": 50}})
+confs["orb-dense-vlad-verify"] = _merge(confs["orb-dense-vlad"], {"verify": {"n": 50}})
 
 DEFAULT_PRESET = "paper"
 
@@ -75,23 +110,21 @@ class UnknownPresetError(ValueError):
     pass
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def get_conf(preset: str) -> dict[str, Any]:
     """The full configuration of a named preset (a fresh copy)."""
     if preset not in confs:
         raise UnknownPresetError(f"unknown preset {preset!r}; choose one of: {', '.join(sorted(confs))}")
     conf = _merge(DEFAULTS, confs[preset])
+    if conf["verify"] is not None:
+        conf["verify"] = _merge(VERIFY_DEFAULTS, conf["verify"])
     conf["preset"] = preset
     return conf
+
+
+def verify_features_conf(conf: dict[str, Any]) -> dict[str, Any]:
+    """The conf that extracts verification keypoints: the preset's image and ORB settings with the
+    verification overrides."""
+    return {**conf, "features": _merge(conf["features"], conf["verify"]["features"])}
 
 
 def conf_hash(conf: dict[str, Any], *sections: str) -> str:

@@ -1,7 +1,7 @@
-"""The query pipeline: image bytes -> features -> vector -> embedding -> index -> ranked hits.
+"""The query pipeline: image bytes -> features -> vector -> embedding -> index -> verified, ranked hits.
 
-It is rebuilt from the index version (preset conf, fitted vectorizer and encoder are stored with the
-index), so a query goes through exactly what the map images went through.
+It is rebuilt from the index version (preset conf, fitted vectorizer, encoder and verification
+keypoints are stored with the index), so a query goes through exactly what the map images went through.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from features.extract import image_to_features
-from features.orb import OrbFeatures
+from features.decode import decode_image
+from features.orb import OrbFeatures, extract_orb
 from indexer.store import ImageRecord, LoadedIndex
+from pipeline.presets import verify_features_conf
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,15 @@ class Hit:
     score: float  # predicted relevance in [0, 1]
     distance: float  # Euclidean distance of the embeddings
     loc: tuple[float, float, float]
+    inliers: int | None = None  # RANSAC inliers with the query, when the hit was verified
 
 
 @dataclass(frozen=True)
 class Query:
     features: OrbFeatures
     embedding: np.ndarray  # (1, dim)
+    verify_features: OrbFeatures | None = None
+    verify_words: np.ndarray | None = None
 
 
 class Searcher:
@@ -38,6 +42,7 @@ class Searcher:
         self.conf: dict[str, Any] = loaded.manifest["conf"]
         self.vectorizer = loaded.vectorizer
         self.encoder = loaded.encoder
+        self.verifier = loaded.verifier
         self.index = loaded.index
         self.images: dict[int, ImageRecord] = loaded.images
 
@@ -47,8 +52,13 @@ class Searcher:
 
     def analyze(self, data: bytes) -> Query:
         """Features and embedding of image bytes; raises ImageDecodeError / NoKeypointsError."""
-        features = image_to_features(data, self.conf)
-        return Query(features, self.encoder.embed(self.vectorizer(features)[None, :]))
+        gray = decode_image(data, self.conf["image"]["max_side"])
+        features = extract_orb(gray, self.conf["features"])
+        embedding = self.encoder.embed(self.vectorizer(features)[None, :])
+        if self.verifier is None:
+            return Query(features, embedding)
+        vf = extract_orb(gray, verify_features_conf(self.conf)["features"])
+        return Query(features, embedding, vf, self.vectorizer.words(vf.descriptors))
 
     def embed(self, data: bytes) -> np.ndarray:
         return self.analyze(data).embedding
@@ -69,13 +79,30 @@ class Searcher:
         return hits
 
     def rank(self, query: Query, k: int) -> list[Hit]:
-        return self.search_embedding(query.embedding, k)
+        """The top k map images; with verification, the first `verify.n` of the shortlist are
+        re-ranked by a score that folds their RANSAC inliers into the embedding distance."""
+        if self.verifier is None or query.verify_features is None:
+            return self.search_embedding(query.embedding, k)
+        n = int(self.verifier.conf["n"])
+        hits = self.search_embedding(query.embedding, max(k, n))
+        head, tail = hits[:n], hits[n:]
+        inliers = self.verifier.inliers(query.verify_features, query.verify_words, [h.id for h in head])
+        scores = self.verifier.score(np.array([h.distance for h in head]), inliers)
+        order = np.argsort(-scores, kind="stable")
+        verified = [
+            Hit(0, head[i].id, head[i].path, float(scores[i]), head[i].distance, head[i].loc, int(inliers[i]))
+            for i in order
+        ]
+        return [
+            Hit(r, h.id, h.path, h.score, h.distance, h.loc, h.inliers)
+            for r, h in enumerate((verified + tail)[:k], start=1)
+        ]
 
     def search(self, data: bytes, k: int) -> list[Hit]:
         return self.rank(self.analyze(data), k)
 
     def score_all(self, query: Query) -> np.ndarray:
-        """Predicted relevance of the query to every map image, indexed by id (rows of database.json)."""
+        """Embedding-based relevance of the query to every map image, indexed by id."""
         hits = self.search_embedding(query.embedding, self.size)
         out = np.zeros(max(self.images) + 1, dtype=np.float32)
         out[[h.id for h in hits]] = [h.score for h in hits]

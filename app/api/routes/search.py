@@ -53,6 +53,7 @@ async def search(
             path=h.path,
             score=h.score,
             distance=h.distance,
+            inliers=h.inliers,
             location=Location(easting=h.loc[0], northing=h.loc[1], heading=h.loc[2]),
         )
         for h in hits

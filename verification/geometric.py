@@ -1,0 +1,157 @@
+"""Stage 6: geometric verification of the shortlist.
+
+ORB keypoints of every map image are extracted and stored at index time, sorted by visual word. At
+query time the query's keypoints are matched to each shortlisted map image within the same visual
+word (a coarse Hamming embedding: only descriptors of one word are compared), filtered by a ratio test,
+and a similarity transform is fitted by RANSAC; its inlier count is evidence that the two images show
+the same scene. A logistic head fitted on validation queries folds inliers and embedding distance into
+one relevance score, and the shortlist is re-ranked by it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from features.orb import OrbFeatures
+
+
+@dataclass(frozen=True)
+class MapFeatures:
+    """Verification keypoints of all map images; image row r owns offsets[r]:offsets[r+1], sorted by word."""
+
+    ids: np.ndarray  # (n,) int64 map image ids, in row order
+    offsets: np.ndarray  # (n + 1,) int64
+    xy: np.ndarray  # (N, 2) float32
+    descriptors: np.ndarray  # (N, 32) uint8
+    words: np.ndarray  # (N,) int32
+
+    @classmethod
+    def build(cls, ids: list[int], features: list[OrbFeatures], words: list[np.ndarray]) -> MapFeatures:
+        xy, desc, ws, counts = [], [], [], []
+        for f, w in zip(features, words, strict=True):
+            order = np.argsort(w, kind="stable")
+            xy.append(f.xy[order])
+            desc.append(f.descriptors[order])
+            ws.append(w[order].astype(np.int32))
+            counts.append(len(order))
+        return cls(
+            ids=np.asarray(ids, np.int64),
+            offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            xy=np.concatenate(xy).astype(np.float32) if xy else np.zeros((0, 2), np.float32),
+            descriptors=np.ascontiguousarray(np.concatenate(desc)) if desc else np.zeros((0, 32), np.uint8),
+            words=np.concatenate(ws) if ws else np.zeros(0, np.int32),
+        )
+
+    def save(self, path: Path) -> Path:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, ids=self.ids, offsets=self.offsets, xy=self.xy, descriptors=self.descriptors, words=self.words)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> MapFeatures:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["ids"], z["offsets"], z["xy"], np.ascontiguousarray(z["descriptors"]), z["words"])
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated aranges [s, e) for each pair, and their lengths."""
+    lens = ends - starts
+    if lens.sum() == 0:
+        return np.zeros(0, np.int64), lens
+    base = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return base + np.arange(lens.sum()), lens
+
+
+def match_by_word(
+    q_desc: np.ndarray,
+    q_words: np.ndarray,
+    store: MapFeatures,
+    rows: np.ndarray,
+    n_words: int,
+    max_hamming: int,
+    ratio: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tentative matches of the query to the map images at `rows`, all at once (vectorised).
+
+    Each map keypoint is compared with every query keypoint of the same word; the nearest is kept if
+    its Hamming distance is <= max_hamming and < ratio x the second nearest; each query keypoint then
+    keeps its best map keypoint per image. Returns (candidate position, query index, map index).
+    """
+    empty = np.zeros(0, np.int64)
+    order = np.argsort(q_words, kind="stable")
+    counts = np.bincount(q_words, minlength=n_words)
+    start = np.concatenate([[0], np.cumsum(counts)])
+    midx, mlen = _ranges(store.offsets[rows], store.offsets[rows + 1])
+    cpos = np.repeat(np.arange(len(rows)), mlen)
+    mw = store.words[midx]
+    n_same = counts[mw]
+    keep = np.flatnonzero(n_same > 0)
+    if len(keep) == 0:
+        return empty, empty, empty
+    midx, cpos, mw, n_same = midx[keep], cpos[keep], mw[keep], n_same[keep]
+    pidx, plen = _ranges(start[mw], start[mw] + n_same)
+    q_all = order[pidx]
+    m_all = np.repeat(midx, plen)
+    q64 = q_desc.view(np.uint64)
+    m64 = store.descriptors.view(np.uint64)
+    ham = np.bitwise_count(q64[q_all] ^ m64[m_all]).sum(axis=1).astype(np.int32)
+    group = np.concatenate([[0], np.cumsum(plen)[:-1]])
+    best = np.minimum.reduceat(ham, group)
+    is_best = ham == np.repeat(best, plen)
+    best_pos = np.minimum.reduceat(np.where(is_best, np.arange(len(ham)), len(ham)), group)
+    ham2 = ham.copy()
+    ham2[best_pos] = 1 << 20
+    second = np.minimum.reduceat(ham2, group)  # 1 << 20 when the word had one query keypoint
+    ok = np.flatnonzero((best <= max_hamming) & (best < ratio * second))
+    cpos, qi, mi, hb = cpos[ok], q_all[best_pos[ok]], midx[ok], best[ok]
+    o = np.lexsort((hb, qi, cpos))
+    cpos, qi, mi = cpos[o], qi[o], mi[o]
+    first = np.ones(len(o), bool)
+    first[1:] = (cpos[1:] != cpos[:-1]) | (qi[1:] != qi[:-1])
+    return cpos[first], qi[first], mi[first]
+
+
+def ransac_inliers(p_query: np.ndarray, p_map: np.ndarray, px: float, iters: int, min_matches: int = 6) -> int:
+    """Inliers of a similarity transform (rotation, scale, shift) fitted by RANSAC: street views of one
+    facade from nearby poses are related by it closely enough, and 2-point samples keep RANSAC cheap."""
+    if len(p_query) < min_matches:
+        return 0
+    _, mask = cv2.estimateAffinePartial2D(
+        p_query, p_map, method=cv2.RANSAC, ransacReprojThreshold=px, maxIters=iters, confidence=0.99, refineIters=0
+    )
+    return 0 if mask is None else int(mask.sum())
+
+
+class Verifier:
+    def __init__(self, conf: dict[str, Any], store: MapFeatures, n_words: int, head: list[float]) -> None:
+        self.conf = conf
+        self.store = store
+        self.n_words = n_words
+        self.head = np.asarray(head, np.float64)  # logistic weights for [distance, log1p(inliers), 1]
+        self.row_of = {int(i): r for r, i in enumerate(store.ids)}
+
+    def inliers(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
+        rows = np.array([self.row_of[i] for i in ids], np.int64)
+        out = np.zeros(len(rows), np.int64)
+        if len(rows) == 0 or len(q.descriptors) == 0:
+            return out
+        c = self.conf
+        cpos, qi, mi = match_by_word(
+            np.ascontiguousarray(q.descriptors), q_words, self.store, rows, self.n_words, c["max_hamming"], c["ratio"]
+        )
+        bounds = np.searchsorted(cpos, np.arange(len(rows) + 1))
+        for p in range(len(rows)):
+            a, b = bounds[p], bounds[p + 1]
+            out[p] = ransac_inliers(q.xy[qi[a:b]], self.store.xy[mi[a:b]], c["ransac_px"], c["ransac_iters"])
+        return out
+
+    def score(self, distance: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+        z = self.head[0] * distance + self.head[1] * np.log1p(inliers) + self.head[2]
+        return 1.0 / (1.0 + np.exp(-z))
