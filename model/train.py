@@ -134,7 +134,23 @@ def _identity(
     return {"head": {"w": w, "b": b, "pairs": len(dist)}}
 
 
-TRAINERS = {"siamese-mlp": _train_siamese, "identity": _identity}
+def _gcl(
+    conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
+) -> dict[str, Any]:
+    from model.gcl import train_gcl
+
+    details = train_gcl(conf, dataset, xq, xd, split, tmp)
+    # Then the score head, calibrated on validation queries like the identity encoder's.
+    enc = NumpyEncoder.load(tmp / "encoder.npz")
+    rng = np.random.default_rng(int(conf["model"]["seed"]))
+    val = split["val"]
+    dist, label = pair_distances(enc.embed(xq[val]), enc.embed(xd), dataset.sim[val], n_neg=200, rng=rng)
+    w, b = fit_sigmoid(dist, label)
+    enc.with_head(w, b).save(tmp / "encoder.npz")
+    return details | {"head": {"w": w, "b": b}}
+
+
+TRAINERS = {"siamese-mlp": _train_siamese, "identity": _identity, "gcl-linear": _gcl}
 
 
 def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, out_root: Path) -> Path:

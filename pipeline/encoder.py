@@ -17,6 +17,8 @@ _ACTIVATIONS = {
     "relu": lambda x: np.maximum(x, 0.0),
     "tanh": np.tanh,
     "linear": lambda x: x,
+    # A linear layer whose output is scaled to unit length (contrastive embeddings).
+    "linear_l2": lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12),
 }
 
 

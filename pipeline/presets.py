@@ -99,6 +99,22 @@ confs: dict[str, dict[str, Any]] = {
         "model": {"name": "identity"},
     },
 }
+# The dense VLAD through a Siamese encoder trained with the Generalized Contrastive Loss on fov.
+confs["orb-dense-vlad-gcl"] = _merge(
+    confs["orb-dense-vlad"],
+    {
+        "model": {
+            "name": "gcl-linear",
+            "embed_dim": 512,
+            "tau": 0.8,
+            "lr": 3e-5,
+            "epochs": 4,
+            "positives": 4,
+            "negatives": 8,
+            "map_pairs": False,
+        }
+    },
+)
 # The same first stages with geometric verification of the top 50.
 confs["orb-vlad-verify"] = _merge(confs["orb-vlad"], {"verify": {"n": 50}})
 confs["orb-dense-vlad-verify"] = _merge(confs["orb-dense-vlad"], {"verify": {"n": 50}})
