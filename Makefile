@@ -29,5 +29,11 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+## bench: latency of the default preset on the London data (writes bench/results.json, BENCHMARKS.md)
+LONDON ?= ../shared/datasets/london
+bench: venv
+	IMGSEARCH_DATA=$(LONDON) $(BIN)/imgsearch build
+	$(BIN)/python bench/run.py --data $(LONDON)
+
 clean:
 	rm -rf $(VENV) artifacts

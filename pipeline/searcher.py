@@ -6,6 +6,7 @@ keypoints are stored with the index), so a query goes through exactly what the m
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,20 @@ from features.decode import decode_image
 from features.orb import OrbFeatures, extract_orb
 from indexer.store import ImageRecord, LoadedIndex
 from pipeline.presets import verify_features_conf
+
+
+class _Clock:
+    """Adds the seconds since the previous lap to timings[name] (a no-op without a dict)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+            self.t = now
 
 
 @dataclass(frozen=True)
@@ -50,15 +65,19 @@ class Searcher:
     def size(self) -> int:
         return int(self.index.ntotal)
 
-    def analyze(self, data: bytes) -> Query:
-        """Features and embedding of image bytes; raises ImageDecodeError / NoKeypointsError."""
+    def analyze(self, data: bytes, timings: dict[str, float] | None = None) -> Query:
+        """Features and embedding of image bytes; raises ImageDecodeError / NoKeypointsError.
+        `timings`, if given, receives each stage's seconds."""
+        clock = _Clock(timings)
         gray = decode_image(data, self.conf["image"]["max_side"])
+        clock.lap("decode")
         features = extract_orb(gray, self.conf["features"])
+        vf = None if self.verifier is None else extract_orb(gray, verify_features_conf(self.conf)["features"])
+        clock.lap("features")
         embedding = self.encoder.embed(self.vectorizer(features)[None, :])
-        if self.verifier is None:
-            return Query(features, embedding)
-        vf = extract_orb(gray, verify_features_conf(self.conf)["features"])
-        return Query(features, embedding, vf, self.vectorizer.words(vf.descriptors))
+        words = None if vf is None else self.vectorizer.words(vf.descriptors)
+        clock.lap("encode")
+        return Query(features, embedding, vf, words)
 
     def embed(self, data: bytes) -> np.ndarray:
         return self.analyze(data).embedding
@@ -78,17 +97,22 @@ class Searcher:
             hits.append(Hit(rank, rec.id, rec.path, float(s), float(d), rec.loc))
         return hits
 
-    def rank(self, query: Query, k: int) -> list[Hit]:
+    def rank(self, query: Query, k: int, timings: dict[str, float] | None = None) -> list[Hit]:
         """The top k map images; with verification, the first `verify.n` of the shortlist are
         re-ranked by a score that folds their RANSAC inliers into the embedding distance."""
+        clock = _Clock(timings)
         if self.verifier is None or query.verify_features is None:
-            return self.search_embedding(query.embedding, k)
+            hits = self.search_embedding(query.embedding, k)
+            clock.lap("search")
+            return hits
         n = int(self.verifier.conf["n"])
         hits = self.search_embedding(query.embedding, max(k, n))
+        clock.lap("search")
         head, tail = hits[:n], hits[n:]
         inliers = self.verifier.inliers(query.verify_features, query.verify_words, [h.id for h in head])
         scores = self.verifier.score(np.array([h.distance for h in head]), inliers)
         order = np.argsort(-scores, kind="stable")
+        clock.lap("verify")
         verified = [
             Hit(0, head[i].id, head[i].path, float(scores[i]), head[i].distance, head[i].loc, int(inliers[i]))
             for i in order
