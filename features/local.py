@@ -37,13 +37,14 @@ class LocalStore:
     offsets: np.ndarray  # (n + 1,) int64
     xy: np.ndarray  # (N, 2) float32
     descriptors: np.ndarray  # (N, 32) uint8
+    heights: np.ndarray  # (n,) float32 image heights, for positions relative to the image
 
     def row_of(self) -> dict[str, int]:
         return {n: i for i, n in enumerate(self.names)}
 
     def get(self, i: int) -> OrbFeatures:
         a, b = self.offsets[i], self.offsets[i + 1]
-        return OrbFeatures(xy=self.xy[a:b], descriptors=self.descriptors[a:b])
+        return OrbFeatures(xy=self.xy[a:b], descriptors=self.descriptors[a:b], height=float(self.heights[i]))
 
     def subset(self, names: list[str]) -> LocalStore:
         row = self.row_of()
@@ -55,23 +56,31 @@ class LocalStore:
             offsets=np.concatenate([[0], np.cumsum(counts)]),
             xy=np.concatenate([p.xy for p in parts] or [empty_xy]),
             descriptors=np.concatenate([p.descriptors for p in parts] or [empty_desc]),
+            heights=np.array([p.height for p in parts], np.float32),
         )
 
     def save(self, path: Path) -> Path:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, names=np.array(self.names), offsets=self.offsets, xy=self.xy, descriptors=self.descriptors)
+        np.savez(
+            tmp,
+            names=np.array(self.names),
+            offsets=self.offsets,
+            xy=self.xy,
+            descriptors=self.descriptors,
+            heights=self.heights,
+        )
         os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, path: Path) -> LocalStore:
         with np.load(path, allow_pickle=False) as z:
-            return cls([str(n) for n in z["names"]], z["offsets"], z["xy"], z["descriptors"])
+            return cls([str(n) for n in z["names"]], z["offsets"], z["xy"], z["descriptors"], z["heights"])
 
 
 def local_name(conf: dict[str, Any], names: list[str] | None = None) -> str:
     which = "" if names is None else "-" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
-    return f"local-orb-{conf_hash(conf, 'image', 'features')}{which}.npz"
+    return f"local-orb-v2-{conf_hash(conf, 'image', 'features')}{which}.npz"
 
 
 def main(
@@ -87,17 +96,19 @@ def main(
         return out
     names = names if names is not None else dataset.database.paths + dataset.queries.paths
     files = [dataset.image_path(n) for n in names]
-    xy, desc, counts = [], [], []
+    xy, desc, counts, heights = [], [], [], []
     for feats in map_files(_local_of_file, files, conf, workers, desc="ORB"):
         n = 0 if feats is None else len(feats.xy)
         if n:
             xy.append(feats.xy)
             desc.append(feats.descriptors)
         counts.append(n)
+        heights.append(0.0 if feats is None else feats.height)
     store = LocalStore(
         names=names,
         offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         xy=np.concatenate(xy) if xy else np.zeros((0, 2), np.float32),
         descriptors=np.concatenate(desc) if desc else np.zeros((0, 32), np.uint8),
+        heights=np.array(heights, np.float32),
     )
     return store.save(out)

@@ -79,7 +79,7 @@ class Vectorizer:
         if self.name == "concat":
             return int(self.conf["n_descriptors"]) * 256
         k = int(self.conf["words"])
-        return k if self.name == "bow" else k * 256
+        return k if self.name == "bow" else k * 256 * (1 + len(self.conf.get("regions", [])))
 
     def fit(self, descriptor_sets: list[np.ndarray], seed: int) -> Vectorizer:
         """Learn the vocabulary (and the idf, for bow) from the descriptors of training images."""
@@ -117,12 +117,24 @@ class Vectorizer:
             tf = np.bincount(words, minlength=k).astype(np.float32)
             v = np.sqrt(tf) * self.idf  # sqrt: bursts of one repeated pattern should not dominate
         else:
-            resid = _sum_by_word(words, unpack(features.descriptors) - self.centroids[words], k)
-            resid /= np.maximum(np.linalg.norm(resid, axis=1, keepdims=True), EPS)
-            v = resid.ravel()
-            p = float(self.conf.get("power", 0.5))
-            v = np.sign(v) * np.abs(v) ** p
+            resid = unpack(features.descriptors) - self.centroids[words]
+            # The whole image, then each horizontal band (fractions of the height): where a pattern
+            # sits, sky-line or street level, tells places apart.
+            y = features.xy[:, 1] / max(features.height, EPS)
+            masks = [np.ones(len(words), bool)] + [(y >= a) & (y < b) for a, b in self.conf.get("regions", [])]
+            blocks = [self._vlad(words[m], resid[m], k) for m in masks]
+            v = np.concatenate(blocks)
         return (v / max(float(np.linalg.norm(v)), EPS)).astype(np.float32)
+
+    def _vlad(self, words: np.ndarray, resid: np.ndarray, k: int) -> np.ndarray:
+        """Intra-normalised, power-normalised, L2-normalised sums of residuals per word."""
+        if len(words) == 0:
+            return np.zeros(k * 256, np.float32)
+        v = _sum_by_word(words, resid, k)
+        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)
+        v = v.ravel()
+        v = np.sign(v) * np.abs(v) ** float(self.conf.get("power", 0.5))
+        return v / max(float(np.linalg.norm(v)), EPS)
 
     def save(self, path: Path) -> Path:
         arrays: dict[str, np.ndarray] = {"name": np.array(self.name)}

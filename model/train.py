@@ -150,7 +150,25 @@ def _gcl(
     return details | {"head": {"w": w, "b": b}}
 
 
-TRAINERS = {"siamese-mlp": _train_siamese, "identity": _identity, "gcl-linear": _gcl}
+def _pca_whiten(
+    conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
+) -> dict[str, Any]:
+    """Unsupervised projection learned on the map vectors: PCA to embed_dim, partial whitening (large
+    shared directions such as sky or road texture count less), L2; then the calibrated score head."""
+    from model.gcl import pca_projection
+
+    m = conf["model"]
+    proj, offset = pca_projection(xd, int(m["embed_dim"]), float(m["whiten_power"]))
+    enc = NumpyEncoder([proj], [offset], ["linear_l2"], 0.0, 0.0)
+    rng = np.random.default_rng(int(m["seed"]))
+    val = split["val"]
+    dist, label = pair_distances(enc.embed(xq[val]), enc.embed(xd), dataset.sim[val], n_neg=200, rng=rng)
+    w, b = fit_sigmoid(dist, label)
+    enc.with_head(w, b).save(tmp / "encoder.npz")
+    return {"head": {"w": w, "b": b}, "embed_dim": proj.shape[1]}
+
+
+TRAINERS = {"siamese-mlp": _train_siamese, "identity": _identity, "gcl-linear": _gcl, "pca-whiten": _pca_whiten}
 
 
 def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, out_root: Path) -> Path:

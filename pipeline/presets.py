@@ -115,9 +115,18 @@ confs["orb-dense-vlad-gcl"] = _merge(
         }
     },
 )
+# Dense VLAD of the whole image and of its top and bottom halves, PCA-whitened to 1,024 values.
+confs["orb-dense-rvlad"] = _merge(
+    confs["orb-dense-vlad"],
+    {
+        "vector": {"regions": [[0.0, 0.5], [0.5, 1.0]]},
+        "model": {"name": "pca-whiten", "embed_dim": 1024, "whiten_power": 0.2},
+    },
+)
 # The same first stages with geometric verification of the top 50.
 confs["orb-vlad-verify"] = _merge(confs["orb-vlad"], {"verify": {"n": 50}})
 confs["orb-dense-vlad-verify"] = _merge(confs["orb-dense-vlad"], {"verify": {"n": 50}})
+confs["orb-dense-rvlad-verify"] = _merge(confs["orb-dense-rvlad"], {"verify": {"n": 50}})
 
 DEFAULT_PRESET = "paper"
 

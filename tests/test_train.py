@@ -55,3 +55,18 @@ def test_small_map_still_gets_every_split() -> None:
     loc = np.column_stack([np.linspace(0, 150, 30), np.zeros(30), np.zeros(30)])
     split = split_queries(loc, CONF | {"cell_m": 250.0})
     assert all(len(v) > 0 for v in split.values())
+
+
+def test_pca_projection_orders_and_whitens() -> None:
+    from model.gcl import pca_projection
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 6)) * np.array([10.0, 5.0, 2.0, 1.0, 0.5, 0.1])
+    proj, offset = pca_projection(x, 3)
+    y = x @ proj + offset
+    assert np.allclose(y.mean(axis=0), 0, atol=1e-4)
+    var = y.var(axis=0)
+    assert var[0] > var[1] > var[2]  # the top directions, largest first
+    assert np.allclose(np.abs(proj[:3, :3]), np.eye(3), atol=0.05)
+    white, off = pca_projection(x, 3, whiten_power=0.5)
+    assert np.allclose((x @ white + off).var(axis=0), 1.0, rtol=0.05)  # full whitening: unit variance

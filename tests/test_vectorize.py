@@ -90,3 +90,16 @@ def test_identity_encoder_passes_vectors_through(tmp_path: Path) -> None:
     loaded = NumpyEncoder.load(enc.save(tmp_path / "e.npz"))
     assert loaded.dim == 5 and loaded.head_w == -4.0
     assert 0 < loaded.score(np.array([0.5]))[0] < 1
+
+
+def test_vlad_regions_describe_each_band() -> None:
+    sets = random_sets(20, 200)
+    conf = {"name": "vlad", "words": 8, "power": 0.5, "regions": [[0.0, 0.5], [0.5, 1.0]]}
+    v = Vectorizer(conf).fit(sets, seed=0)
+    assert v.dim == 3 * 8 * 256
+    top_only = OrbFeatures(np.column_stack([np.zeros(200), np.full(200, 10.0)]).astype(np.float32), sets[0], height=100)
+    x = v(top_only).reshape(3, -1)
+    # All keypoints lie in the top band: its block equals the whole-image block, the bottom one is empty.
+    assert np.allclose(x[0], x[1]) and not x[2].any()
+    plain = Vectorizer({"name": "vlad", "words": 8, "power": 0.5}, v.centroids)
+    assert np.allclose(plain(top_only), x[0] * np.sqrt(2), atol=1e-5)
