@@ -117,5 +117,7 @@ def main(
         manifest["metrics"] = evaluate_searcher(Searcher(loaded), dataset, split["test"], "test").summary
     manifest["build_seconds"] = round(time.time() - t0, 2)
     out = store.publish(family_dir(out_root, conf["preset"]), index, images, files, manifest)
+    if "verify.npz" in files:
+        files["verify.npz"].unlink()  # staged here only to be copied into the version folder
     log.info("published index %s (%d images)", out, index.ntotal)
     return out

@@ -128,7 +128,7 @@ confs["orb-vlad-verify"] = _merge(confs["orb-vlad"], {"verify": {"n": 50}})
 confs["orb-dense-vlad-verify"] = _merge(confs["orb-dense-vlad"], {"verify": {"n": 50}})
 confs["orb-dense-rvlad-verify"] = _merge(confs["orb-dense-rvlad"], {"verify": {"n": 50}})
 
-DEFAULT_PRESET = "paper"
+DEFAULT_PRESET = "orb-dense-rvlad-verify"
 
 
 class UnknownPresetError(ValueError):
