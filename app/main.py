@@ -37,7 +37,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = ServiceState(settings=settings)
         app.state.service = state
         try:
-            state.searcher = load_searcher(settings)
+            searcher = load_searcher(settings)
+            searcher.warm_up()
+            state.searcher = searcher
             state.not_ready_reason = None
             log.info("serving index %s (%d images)", state.searcher.loaded.version, state.searcher.size)
         except (store.IndexLoadError, DatasetError, OSError, ValueError) as e:

@@ -6,14 +6,15 @@ keypoints are stored with the index), so a query goes through exactly what the m
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from features.decode import decode_image
-from features.orb import OrbFeatures, extract_orb
+from features.decode import ImageDecodeError, decode_image
+from features.orb import NoKeypointsError, OrbFeatures, extract_orb
 from indexer.store import ImageRecord, LoadedIndex
 from pipeline.presets import verify_features_conf
 
@@ -78,6 +79,17 @@ class Searcher:
         words = None if vf is None else self.vectorizer.words(vf.descriptors)
         clock.lap("encode")
         return Query(features, embedding, vf, words)
+
+    def warm_up(self) -> None:
+        """One search on a generated image, so the first user request does not pay for lazy set-up
+        (BLAS and OpenCV thread pools, first-touch of the index pages)."""
+        import cv2
+
+        noise = np.random.default_rng(0).integers(0, 256, (256, 341), dtype=np.uint8)
+        ok, png = cv2.imencode(".png", cv2.GaussianBlur(noise, (3, 3), 0))
+        if ok:
+            with contextlib.suppress(ImageDecodeError, NoKeypointsError):
+                self.search(png.tobytes(), 10)
 
     def embed(self, data: bytes) -> np.ndarray:
         return self.analyze(data).embedding
