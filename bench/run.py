@@ -36,6 +36,7 @@ from dataset.split import load_split
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
 from pipeline.presets import confs
+from pipeline.runtime import single_threaded_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("decode", "features", "encode", "search", "verify")
@@ -49,6 +50,7 @@ def free_port() -> int:
 
 
 def inprocess(settings: Settings, images: list[bytes]) -> dict:
+    single_threaded_kernels()  # as `imgsearch serve` runs it
     searcher = load_searcher(settings)
     for data in images[:5]:  # warm-up: first calls allocate
         with contextlib.suppress(ImageDecodeError, NoKeypointsError):

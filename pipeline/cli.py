@@ -82,8 +82,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
+    from pipeline.runtime import single_threaded_kernels
 
     s = _settings(args)
+    single_threaded_kernels()
     uvicorn.run(create_app(s), host=s.host, port=s.port, workers=1, log_level="info")
     return 0
 
