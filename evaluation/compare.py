@@ -19,6 +19,7 @@ import numpy as np
 
 from dataset.layout import Dataset
 from dataset.split import load_split
+from evaluation import plots
 from evaluation.metrics import recall_at_k, sign_test
 from evaluation.run import Evaluation, evaluate_searcher
 from indexer import store
@@ -56,14 +57,9 @@ def markdown_table(results: dict[str, dict[str, Any]], baseline: str) -> str:
 
 
 def plot_recall(evals: dict[str, Evaluation], sim: np.ndarray, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keep = sim.any(axis=1)
     ks = np.arange(1, 51)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plots.pyplot().subplots(figsize=(6, 4))
     for name, ev in evals.items():
         ax.plot(ks, [recall_at_k(ev.ranked[keep], sim[keep], int(k)).mean() for k in ks], label=name)
     ax.set_xlabel("k")
@@ -71,10 +67,7 @@ def plot_recall(evals: dict[str, Evaluation], sim: np.ndarray, out: Path) -> Pat
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return plots.save(fig, out)
 
 
 def contact_sheet(

@@ -21,6 +21,7 @@ import numpy as np
 
 from dataset.layout import Dataset
 from dataset.relevance import fov_matrix
+from evaluation import plots
 from pipeline.encoder import NumpyEncoder
 
 log = logging.getLogger(__name__)
@@ -143,19 +144,11 @@ def _mine_pairs(
 
 
 def _plot(history: dict[str, list[float]], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, ax = plots.pyplot().subplots(1, 2, figsize=(9, 3.5))
     ax[0].plot(range(1, len(history["loss"]) + 1), history["loss"])
     ax[0].set_xlabel("epoch")
     ax[0].set_ylabel("GCL loss (train)")
     ax[1].plot(range(len(history["val_recall"])), history["val_recall"])
     ax[1].set_xlabel("epoch (0 = PCA start)")
     ax[1].set_ylabel("validation R@1 + R@10")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return plots.save(fig, out)

@@ -14,6 +14,7 @@ import numpy as np
 
 from dataset.layout import Dataset
 from dataset.split import save_split, split_queries
+from evaluation import plots
 from features.extract import load_vectors
 from indexer.store import sha256_file
 from model.calibrate import fit_sigmoid, pair_distances
@@ -55,12 +56,7 @@ def sample_pairs(
 
 
 def _plot_history(history: dict[str, list[float]], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plots.pyplot().subplots(figsize=(6, 4))
     for key in ("loss", "val_loss"):
         if key in history:
             ax.plot(range(1, len(history[key]) + 1), history[key], label=key)
@@ -68,10 +64,7 @@ def _plot_history(history: dict[str, list[float]], out: Path) -> Path:
     ax.set_ylabel("loss")
     ax.set_title("Siamese training")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return plots.save(fig, out)
 
 
 def _train_siamese(
@@ -121,17 +114,30 @@ def _train_siamese(
     }
 
 
+def _with_calibrated_head(
+    enc: NumpyEncoder,
+    conf: dict[str, Any],
+    dataset: Dataset,
+    xq: np.ndarray,
+    xd: np.ndarray,
+    val: np.ndarray,
+    tmp: Path,
+) -> dict[str, Any]:
+    """Fit the score head of an encoder that has none on validation pairs, so its scores are
+    calibrated relevance probabilities; save the encoder."""
+    rng = np.random.default_rng(int(conf["model"]["seed"]))
+    dist, label = pair_distances(enc.embed(xq[val]), enc.embed(xd), dataset.sim[val], n_neg=200, rng=rng)
+    w, b = fit_sigmoid(dist, label)
+    enc.with_head(w, b).save(tmp / "encoder.npz")
+    return {"head": {"w": w, "b": b, "pairs": len(dist)}, "embed_dim": enc.dim}
+
+
 def _identity(
     conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
 ) -> dict[str, Any]:
-    """No learned layers: the aggregate itself is the embedding; only the score head is fitted, on
-    validation queries, so scores are calibrated relevance probabilities."""
-    rng = np.random.default_rng(int(conf["model"]["seed"]))
-    val = split["val"]
-    dist, label = pair_distances(xq[val], xd, dataset.sim[val], n_neg=200, rng=rng)
-    w, b = fit_sigmoid(dist, label)
-    NumpyEncoder([], [], [], w, b, identity_dim=xd.shape[1]).save(tmp / "encoder.npz")
-    return {"head": {"w": w, "b": b, "pairs": len(dist)}}
+    """No learned layers: the aggregate itself is the embedding."""
+    enc = NumpyEncoder([], [], [], 0.0, 0.0, identity_dim=xd.shape[1])
+    return _with_calibrated_head(enc, conf, dataset, xq, xd, split["val"], tmp)
 
 
 def _gcl(
@@ -140,32 +146,21 @@ def _gcl(
     from model.gcl import train_gcl
 
     details = train_gcl(conf, dataset, xq, xd, split, tmp)
-    # Then the score head, calibrated on validation queries like the identity encoder's.
     enc = NumpyEncoder.load(tmp / "encoder.npz")
-    rng = np.random.default_rng(int(conf["model"]["seed"]))
-    val = split["val"]
-    dist, label = pair_distances(enc.embed(xq[val]), enc.embed(xd), dataset.sim[val], n_neg=200, rng=rng)
-    w, b = fit_sigmoid(dist, label)
-    enc.with_head(w, b).save(tmp / "encoder.npz")
-    return details | {"head": {"w": w, "b": b}}
+    return details | _with_calibrated_head(enc, conf, dataset, xq, xd, split["val"], tmp)
 
 
 def _pca_whiten(
     conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
 ) -> dict[str, Any]:
     """Unsupervised projection learned on the map vectors: PCA to embed_dim, partial whitening (large
-    shared directions such as sky or road texture count less), L2; then the calibrated score head."""
+    shared directions such as sky or road texture count less), L2."""
     from model.gcl import pca_projection
 
     m = conf["model"]
     proj, offset = pca_projection(xd, int(m["embed_dim"]), float(m["whiten_power"]))
     enc = NumpyEncoder([proj], [offset], ["linear_l2"], 0.0, 0.0)
-    rng = np.random.default_rng(int(m["seed"]))
-    val = split["val"]
-    dist, label = pair_distances(enc.embed(xq[val]), enc.embed(xd), dataset.sim[val], n_neg=200, rng=rng)
-    w, b = fit_sigmoid(dist, label)
-    enc.with_head(w, b).save(tmp / "encoder.npz")
-    return {"head": {"w": w, "b": b}, "embed_dim": proj.shape[1]}
+    return _with_calibrated_head(enc, conf, dataset, xq, xd, split["val"], tmp)
 
 
 TRAINERS = {"siamese-mlp": _train_siamese, "identity": _identity, "gcl-linear": _gcl, "pca-whiten": _pca_whiten}

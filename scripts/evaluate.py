@@ -24,6 +24,7 @@ import numpy as np
 from dataset.layout import DatasetError, load_dataset
 from dataset.split import load_split
 from evaluation.metrics import summarize
+from pipeline.presets import DEFAULT_PRESET
 
 KS = (5, 10, 20, 50)
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["train", "val", "test"], help="evaluate only this split's queries")
     p.add_argument("--split-file", type=Path, help="split.json to use (default: the served index's)")
     p.add_argument("--artifacts", type=Path, default=Path(env.get("IMGSEARCH_ARTIFACTS", "artifacts")))
-    p.add_argument("--preset", default=env.get("IMGSEARCH_PRESET", "paper"))
+    p.add_argument("--preset", default=env.get("IMGSEARCH_PRESET", DEFAULT_PRESET), help="served preset")
     default_url = f"http://{env.get('IMGSEARCH_HOST', '127.0.0.1')}:{env.get('IMGSEARCH_PORT', '8000')}"
     p.add_argument("--url", default=default_url)
     p.add_argument("--concurrency", type=int, default=2, help="requests in flight (default 2)")
