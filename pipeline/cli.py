@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -82,10 +83,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
+    from features.decode import MAX_PIXELS
     from pipeline.runtime import single_threaded_kernels
 
     s = _settings(args)
     single_threaded_kernels()
+    # Backstop inside OpenCV for the header check in features/decode.py (read at the first decode).
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
     uvicorn.run(create_app(s), host=s.host, port=s.port, workers=1, log_level="info")
     return 0
 

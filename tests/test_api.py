@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -134,3 +135,26 @@ def test_not_ready_without_index(tmp_path: Path, tiny_data: Path, start_server) 
     assert "no index built yet" in ready.json()["reason"]
     r = httpx.post(srv.url + "/search", files={"file": ("q.jpg", query_image(tiny_data))})
     assert r.status_code == 503 and r.json()["code"] == "not_ready"
+
+
+def test_gif_is_415_by_content_not_name(server: Server) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (64, 48), 128).save(buf, format="GIF")
+    r = httpx.post(server.url + "/search", files={"file": ("looks-like.jpg", buf.getvalue(), "image/jpeg")})
+    assert r.status_code == 415 and r.json()["code"] == "unsupported_format" and "GIF" in r.json()["detail"]
+
+
+def test_pixel_bomb_is_413_before_decoding(server: Server) -> None:
+    # 9000 x 6000 = 54 megapixels of one colour: a small PNG that would decode to 54 MB.
+    png = cv2.imencode(".png", np.zeros((6000, 9000), np.uint8))[1].tobytes()
+    assert len(png) < 1_000_000
+    r = httpx.post(server.url + "/search", files={"file": ("bomb.png", png)})
+    assert r.status_code == 413 and r.json()["code"] == "image_too_large" and "9000x6000" in r.json()["detail"]
+
+
+def test_truncated_jpeg_is_400(server: Server, tiny_data: Path) -> None:
+    img = query_image(tiny_data)
+    r = httpx.post(server.url + "/search", files={"file": ("cut.jpg", img[: len(img) // 3])})
+    assert r.status_code in (400, 422) and r.json()["code"] in ("invalid_image", "no_keypoints")

@@ -64,3 +64,24 @@ def test_concat_pads_with_zeros() -> None:
     vec = concat_bits(OrbFeatures(xy=np.zeros((3, 2), np.float32), descriptors=desc), 10)
     assert vec.shape == (2560,)
     assert vec[: 3 * 256].all() and not vec[3 * 256 :].any()
+
+
+def test_probe_reads_format_from_content() -> None:
+    from features.decode import ImageTooLargeError, UnsupportedFormatError, probe_image
+
+    assert probe_image(jpeg(textured())) == ("JPEG", 341, 256)
+    png = cv2.imencode(".png", textured())[1].tobytes()
+    assert probe_image(png)[0] == "PNG"
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
+    with pytest.raises(ImageDecodeError):
+        probe_image(svg)
+    with pytest.raises(ImageTooLargeError, match="341x256"):
+        probe_image(png, max_pixels=1000)
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="GIF")
+    with pytest.raises(UnsupportedFormatError, match="GIF"):
+        probe_image(buf.getvalue())

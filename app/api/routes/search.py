@@ -9,14 +9,15 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import SearcherDep, StateDep
 from app.errors import ApiError
 from app.schemas import ErrorResponse, Location, SearchResponse, SearchResult
-from features.decode import ImageDecodeError
+from features.decode import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 from features.orb import NoKeypointsError
 
 router = APIRouter(tags=["search"])
 
 _ERRORS = {
     400: {"model": ErrorResponse, "description": "The upload is not a decodable image"},
-    413: {"model": ErrorResponse, "description": "The upload is too large"},
+    413: {"model": ErrorResponse, "description": "The upload or its pixel count is too large"},
+    415: {"model": ErrorResponse, "description": "An image format outside JPEG, PNG, WebP, BMP, TIFF"},
     422: {"model": ErrorResponse, "description": "Bad parameters, or no keypoints in the image"},
     503: {"model": ErrorResponse, "description": "No index loaded"},
 }
@@ -42,6 +43,10 @@ async def search(
     try:
         # OpenCV and numpy release the GIL: run the pipeline off the event loop.
         hits = await run_in_threadpool(searcher.search, data, k)
+    except UnsupportedFormatError as e:
+        raise ApiError(415, "unsupported_format", str(e)) from e
+    except ImageTooLargeError as e:
+        raise ApiError(413, "image_too_large", str(e)) from e
     except ImageDecodeError as e:
         raise ApiError(400, "invalid_image", str(e)) from e
     except NoKeypointsError as e:
