@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -23,8 +25,20 @@ class SearchResult(BaseModel):
     location: Location
 
 
+class QueryLocation(BaseModel):
+    status: Literal["estimated", "unknown"] = Field(description="unknown when no hit is likely enough")
+    confidence: float = Field(ge=0, le=1, description="Score of the best hit: probability it shows the place")
+    easting: float | None = None
+    northing: float | None = None
+    heading: float | None = Field(default=None, description="Compass heading in degrees")
+    latitude: float | None = Field(default=None, description="WGS84")
+    longitude: float | None = Field(default=None, description="WGS84")
+    support: int = Field(default=0, description="Hits within 25 m of the best one that voted")
+
+
 class SearchResponse(BaseModel):
     results: list[SearchResult]
+    query_location: QueryLocation = Field(description="Where the photo was probably taken")
     k: int
     preset: str
     index_version: str

@@ -38,6 +38,7 @@ COLUMNS = [
     ("P@50", "precision@50"),
     ("mAP", "mAP"),
     ("nDCG@10", "ndcg@10"),
+    ("loc ≤25 m", "localised_within_25m"),
 ]
 
 
@@ -46,12 +47,16 @@ def _fmt(v: float | None) -> str:
 
 
 def markdown_table(results: dict[str, dict[str, Any]], baseline: str) -> str:
-    head = "| preset | " + " | ".join(c for c, _ in COLUMNS) + " | p50 ms | sign test vs " + baseline + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    head = (
+        "| preset | " + " | ".join(c for c, _ in COLUMNS) + " | loc median m | p50 ms | sign test vs " + baseline + " |"
+    )
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
     for name, r in results.items():
         st = r.get("sign_test")
         sign = "–" if st is None else f"{st['wins']}/{st['losses']}/{st['ties']}, p={st['p_value']:.2g}"
         cells = " | ".join(_fmt(r[key]) for _, key in COLUMNS)
+        med = r["localisation_median_m"]
+        cells += " | –" if med is None else f" | {med:.0f}"
         lines.append(f"| `{name}` | {cells} | {r['latency_ms_p50']:.1f} | {sign} |")
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ from dataset.layout import Dataset
 from evaluation.metrics import accuracy_within_margin, average_precision, summarize
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
+from pipeline.locate import estimate_location
 from pipeline.searcher import Searcher
 
 KS = (1, 5, 10, 20, 50)
@@ -25,6 +26,16 @@ class Evaluation:
     ranked: np.ndarray  # (nq, k_max) map rows, -1 where nothing was returned
     ap: np.ndarray  # (nq,) average precision per query, NaN without a relevant map image
     latency_ms: np.ndarray  # (nq,) in-process time of each query, read + search
+
+
+def localisation_summary(error_m: np.ndarray) -> dict[str, float | None]:
+    """Median error of the answered queries, share answered, share of all queries within 25 m."""
+    answered = ~np.isnan(error_m)
+    return {
+        "localisation_answered": float(answered.mean()) if len(error_m) else None,
+        "localisation_median_m": float(np.median(error_m[answered])) if answered.any() else None,
+        "localised_within_25m": float((error_m[answered] < 25.0).sum() / len(error_m)) if len(error_m) else None,
+    }
 
 
 def evaluate_searcher(
@@ -40,6 +51,7 @@ def evaluate_searcher(
     ranked = np.full((len(query_rows), k_max), -1, dtype=np.int64)
     all_scores = np.zeros((len(query_rows), ndb), dtype=np.float32)
     latency = np.zeros(len(query_rows))
+    loc_error = np.full(len(query_rows), np.nan)  # metres; NaN where the answer was "unknown"
     rejected = 0
     for qi, q in enumerate(tqdm(query_rows, desc=f"evaluate {split_name}", unit="query", disable=None)):
         t0 = time.perf_counter()
@@ -54,6 +66,10 @@ def evaluate_searcher(
             latency[qi] = (time.perf_counter() - t0) * 1000
         ranked[qi, : len(hits)] = [h.id for h in hits]
         all_scores[qi] = searcher.score_all(query)
+        est = estimate_location(hits, utm_epsg=32630)  # errors are in UTM metres; the zone does not matter
+        if est.status == "estimated":
+            truth = dataset.queries.loc[q]
+            loc_error[qi] = np.hypot(est.easting - truth[0], est.northing - truth[1])
     sim, fov = dataset.sim[query_rows], dataset.fov[query_rows]
     out: dict[str, Any] = {"split": split_name}
     out.update(summarize(ranked, sim, gains=fov, ks=KS))
@@ -61,6 +77,7 @@ def evaluate_searcher(
     out["queries_rejected"] = rejected
     for m in MARGINS:
         out[f"accuracy_within_{m}"] = accuracy_within_margin(all_scores.ravel(), fov.ravel(), m)
+    out.update(localisation_summary(loc_error))
     out["latency_ms_p50"] = round(float(np.median(latency)), 2) if len(latency) else None
     out["latency_ms_mean"] = round(float(latency.mean()), 2) if len(latency) else None
     out["computed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

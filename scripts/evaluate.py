@@ -24,6 +24,7 @@ import numpy as np
 from dataset.layout import DatasetError, load_dataset
 from dataset.split import load_split
 from evaluation.metrics import summarize
+from evaluation.run import localisation_summary
 from pipeline.presets import DEFAULT_PRESET
 
 KS = (5, 10, 20, 50)
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ranked = np.full((len(rows), k_max), -1, dtype=np.int64)
     col = {path: j for j, path in enumerate(ds.database.paths)}
     rejected = 0
+    loc_error = np.full(len(rows), np.nan)
 
     def one(client: httpx.Client, q: int) -> httpx.Response:
         with open(ds.image_path(ds.queries.paths[q]), "rb") as f:
@@ -81,13 +83,19 @@ def main(argv: list[str] | None = None) -> int:
                     rejected += 1  # no keypoints: the query returns nothing
                     continue
                 r.raise_for_status()
-                paths = [h["path"] for h in r.json()["results"]]
+                body = r.json()
+                paths = [h["path"] for h in body["results"]]
                 ranked[i, : len(paths)] = [col[path] for path in paths]
+                est = body["query_location"]
+                if est["status"] == "estimated":
+                    truth = ds.queries.loc[rows[i]]
+                    loc_error[i] = np.hypot(est["easting"] - truth[0], est["northing"] - truth[1])
     except httpx.HTTPError as e:
         print(f"evaluate.py: request failed: {e}", file=sys.stderr)
         return 3
     figures = summarize(ranked, ds.sim[rows], gains=ds.fov[rows], ks=KS)
     figures |= {"split": args.split or "all", "queries_total": len(rows), "queries_rejected": rejected}
+    figures |= localisation_summary(loc_error)
     if args.json:
         print(json.dumps(figures, indent=1))
         return 0
@@ -95,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| k | precision@k | recall@k |\n|---|---|---|")
     for k in KS:
         print(f"| {k} | {figures[f'precision@{k}']:.4f} | {figures[f'recall@{k}']:.4f} |")
+    med = figures["localisation_median_m"]
+    print(
+        f"location: answered {figures['localisation_answered']:.1%}, median error "
+        f"{'–' if med is None else f'{med:.1f} m'}, within 25 m {figures['localised_within_25m']:.1%} of all queries"
+    )
     return 0
 
 

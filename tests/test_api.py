@@ -49,6 +49,10 @@ def test_search_returns_ranked_map_images(server: Server, tiny_data: Path) -> No
     scores = [h["score"] for h in results]
     assert scores == sorted(scores, reverse=True) or scores == sorted(scores)
     assert body["preset"] == "paper" and body["k"] == 7
+    est = body["query_location"]
+    assert est["status"] in ("estimated", "unknown") and 0 <= est["confidence"] <= 1
+    if est["status"] == "estimated":
+        assert -90 <= est["latitude"] <= 90 and est["support"] >= 1
 
 
 def test_default_k_is_10(server: Server, tiny_data: Path) -> None:

@@ -95,3 +95,8 @@ def test_search_reports_inliers_of_verified_hits(verify_server, tiny_data: Path)
     assert scores == sorted(scores, reverse=True)
     # On the synthetic street the best verified hit is a relevant map image, with many inliers.
     assert sim[qi, results[0]["id"]] and results[0]["inliers"] > 20
+    # ... so the service can say where the photo was taken: within the 25 m relevance radius.
+    est = r.json()["query_location"]
+    truth = q["loc"][qi]
+    assert est["status"] == "estimated" and est["confidence"] > 0.5
+    assert np.hypot(est["easting"] - truth[0], est["northing"] - truth[1]) < 25

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     admin_key: SecretStr | None = Field(default=None, description="When set, admin endpoints need X-API-Key.")
     max_upload_mb: float = Field(default=10.0, gt=0, le=100)
+    utm_epsg: int = Field(
+        default=32630, ge=32601, le=32760, description="UTM zone of the map locations (32630: 30N, London)"
+    )
 
     @field_validator("data", mode="before")
     @classmethod

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Annotated
 
@@ -8,9 +9,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SearcherDep, StateDep
 from app.errors import ApiError
-from app.schemas import ErrorResponse, Location, SearchResponse, SearchResult
+from app.schemas import ErrorResponse, Location, QueryLocation, SearchResponse, SearchResult
 from features.decode import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 from features.orb import NoKeypointsError
+from pipeline.locate import estimate_location
 
 router = APIRouter(tags=["search"])
 
@@ -63,8 +65,10 @@ async def search(
         )
         for h in hits
     ]
+    estimate = estimate_location(hits, state.settings.utm_epsg)
     return SearchResponse(
         results=results,
+        query_location=QueryLocation(**dataclasses.asdict(estimate)),
         k=k,
         preset=searcher.conf["preset"],
         index_version=searcher.loaded.version,
