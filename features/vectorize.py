@@ -151,7 +151,3 @@ class Vectorizer:
             if str(z["name"]) != conf["name"]:
                 raise ValueError(f"{path}: holds a {z['name']} vectorizer, the preset wants {conf['name']}")
             return cls(conf, z.get("centroids"), z.get("idf"))
-
-
-def vector_dim(conf: dict[str, Any]) -> int:
-    return Vectorizer(conf).dim

@@ -91,9 +91,6 @@ class Searcher:
             with contextlib.suppress(ImageDecodeError, NoKeypointsError):
                 self.search(png.tobytes(), 10)
 
-    def embed(self, data: bytes) -> np.ndarray:
-        return self.analyze(data).embedding
-
     def search_embedding(self, emb: np.ndarray, k: int) -> list[Hit]:
         k = min(k, self.size)
         if k <= 0:

@@ -9,7 +9,7 @@ import pytest
 from features.decode import ImageDecodeError, decode_image
 from features.extract import image_to_features
 from features.orb import NoKeypointsError, OrbFeatures, extract_orb
-from features.vectorize import Vectorizer, concat_bits, vector_dim
+from features.vectorize import Vectorizer, concat_bits
 from pipeline.presets import get_conf
 
 
@@ -52,7 +52,7 @@ def test_paper_vector_is_ten_descriptors_as_bits() -> None:
     conf = get_conf("paper")
     img = textured()
     vec = image_to_vector(jpeg(img), conf)
-    assert vec.shape == (vector_dim(conf["vector"]),) == (2560,)
+    assert vec.shape == (Vectorizer(conf["vector"]).dim,) == (2560,)
     assert set(np.unique(vec)) <= {0.0, 1.0}
     feats = extract_orb(decode_image(jpeg(img), 341), conf["features"])
     # First descriptor's bits, in detection order.
