@@ -70,3 +70,10 @@ def test_evaluate_compares_presets_in_one_table(tiny_data: Path, tmp_path: Path)
     assert set(results) == {"paper", "paper-sim"} and "sign_test" in results["paper-sim"]
     for png in ("recall_at_k.png", "contact_sheet-paper.png", "contact_sheet-paper-sim.png"):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("key", ["secret", "aaaaaaaaaaaaaaaaaaaaaaaa"])
+def test_serve_refuses_a_weak_admin_key(key: str) -> None:
+    out = run("serve", env={"IMGSEARCH_ADMIN_KEY": key})
+    assert out.returncode == 2
+    assert "IMGSEARCH_ADMIN_KEY" in out.stderr and "too weak" in out.stderr and key not in out.stderr

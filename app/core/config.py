@@ -9,6 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.presets import DEFAULT_PRESET, confs
 
+MIN_ADMIN_KEY_LEN = 16
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMGSEARCH_", extra="ignore")
@@ -40,8 +42,14 @@ class Settings(BaseSettings):
 
     @field_validator("admin_key")
     @classmethod
-    def _empty_key_is_none(cls, v: SecretStr | None) -> SecretStr | None:
-        return v if v is not None and v.get_secret_value() else None
+    def _strong_key_or_none(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value():
+            return None
+        key = v.get_secret_value()
+        # A guessable key is worse than none: it looks protected. Refuse to start with one.
+        if len(key) < MIN_ADMIN_KEY_LEN or len(set(key)) < 8:
+            raise ValueError(f"too weak: use at least {MIN_ADMIN_KEY_LEN} characters with at least 8 different ones")
+        return v
 
     @property
     def demo_data(self) -> Path:
