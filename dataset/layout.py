@@ -5,6 +5,7 @@ Every check names the file and the problem, so a wrong folder fails with a messa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from dataclasses import dataclass
@@ -124,3 +125,11 @@ def load_dataset(root: str | Path, *, check_files: bool = True, require_gt: bool
     elif require_gt:
         raise DatasetError(f"{gt_path}: ground truth missing")
     return Dataset(root=root, database=database, queries=queries, sim=sim, fov=fov)
+
+
+def data_tag(root: Path) -> str:
+    """Name of a data folder plus a hash of its index files: artifacts of other data never mix."""
+    h = hashlib.sha256()
+    for rel in ("database/database.json", "query/query.json"):
+        h.update((root / rel).read_bytes())
+    return f"{root.resolve().name}-{h.hexdigest()[:8]}"

@@ -7,7 +7,6 @@ into training.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -47,14 +46,6 @@ def _split_cells(loc: np.ndarray, fracs: list[float], cell_m: float, seed: int) 
         out[name].extend(members.tolist())
         filled += len(members)
     return {s: np.array(sorted(v), dtype=np.int64) for s, v in out.items()}
-
-
-def data_tag(root: Path) -> str:
-    """Name of a data folder plus a hash of its index files: artifacts of other data never mix."""
-    h = hashlib.sha256()
-    for rel in ("database/database.json", "query/query.json"):
-        h.update((root / rel).read_bytes())
-    return f"{root.resolve().name}-{h.hexdigest()[:8]}"
 
 
 def save_split(path: Path, split: dict[str, np.ndarray], query_paths: list[str]) -> Path:

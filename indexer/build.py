@@ -16,7 +16,9 @@ from dataset.layout import Dataset
 from dataset.split import load_split
 from evaluation.run import evaluate_searcher
 from features import local
+from features.decode import ImageDecodeError
 from features.extract import load_vectors, vectorizer_path
+from features.orb import NoKeypointsError
 from features.vectorize import Vectorizer
 from indexer import store
 from model.calibrate import fit_logistic
@@ -50,8 +52,8 @@ def calibrate_verification(searcher: Searcher, dataset: Dataset, rows: np.ndarra
     for q in rows:
         try:
             query = searcher.analyze(dataset.image_path(dataset.queries.paths[q]).read_bytes())
-        except ValueError:
-            continue  # undecodable or no keypoints: nothing to learn from
+        except (ImageDecodeError, NoKeypointsError):
+            continue  # nothing to learn from this query
         hits = searcher.search_embedding(query.embedding, searcher.verifier.conf["n"])
         ids = [h.id for h in hits]
         inl = searcher.verifier.inliers(query.verify_features, query.verify_words, ids)

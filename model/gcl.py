@@ -22,23 +22,10 @@ import numpy as np
 from dataset.layout import Dataset
 from dataset.relevance import fov_matrix
 from evaluation import plots
+from model.projection import pca_projection
 from pipeline.encoder import NumpyEncoder
 
 log = logging.getLogger(__name__)
-
-
-def pca_projection(x: np.ndarray, dim: int, whiten_power: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(d, dim) projection onto the top principal directions of x, each divided by its variance to
-    the power `whiten_power` (0: none, 0.5: full whitening), and the offset -mean @ P."""
-    mean = x.mean(axis=0)
-    xc = (x - mean).astype(np.float32)
-    # Gram-matrix form: there are fewer images than dimensions.
-    vals, vecs = np.linalg.eigh((xc @ xc.T).astype(np.float64))
-    top = np.argsort(vals)[::-1][: min(dim, len(x) - 1)]
-    vals = np.maximum(vals[top], 1e-12)
-    proj = (xc.T @ vecs[:, top].astype(np.float32)) / np.sqrt(vals).astype(np.float32)
-    proj /= ((vals / len(x)) ** whiten_power).astype(np.float32)
-    return proj.astype(np.float32), (-mean @ proj).astype(np.float32)
 
 
 def _recall(emb_q: np.ndarray, emb_d: np.ndarray, sim: np.ndarray) -> float:

@@ -155,7 +155,7 @@ def _pca_whiten(
 ) -> dict[str, Any]:
     """Unsupervised projection learned on the map vectors: PCA to embed_dim, partial whitening (large
     shared directions such as sky or road texture count less), L2."""
-    from model.gcl import pca_projection
+    from model.projection import pca_projection
 
     m = conf["model"]
     proj, offset = pca_projection(xd, int(m["embed_dim"]), float(m["whiten_power"]))

@@ -10,8 +10,7 @@ import logging
 from pathlib import Path
 
 from dataset import synthetic
-from dataset.layout import Dataset, load_dataset
-from dataset.split import data_tag
+from dataset.layout import Dataset, data_tag, load_dataset
 from features import extract
 from indexer import build as index_build
 from indexer import store

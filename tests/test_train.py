@@ -58,7 +58,7 @@ def test_small_map_still_gets_every_split() -> None:
 
 
 def test_pca_projection_orders_and_whitens() -> None:
-    from model.gcl import pca_projection
+    from model.projection import pca_projection
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 6)) * np.array([10.0, 5.0, 2.0, 1.0, 0.5, 0.1])
