@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv build run serve test lint bench clean
+.PHONY: venv build run serve test lint bench soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -29,11 +29,20 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-## bench: latency of the default preset on the London data (writes bench/results.json, BENCHMARKS.md)
+## bench: the benchmark suite on the London data and generated vectors (bench/results.json, BENCHMARKS.md)
 LONDON ?= ../shared/datasets/london
+BENCH_ARGS ?= --server-workers 1 2 3
 bench: venv
+	@# The load generator is Debian's wrk: installed here when missing and root; bench/run.py says so otherwise.
+	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk; }
 	IMGSEARCH_DATA=$(LONDON) $(BIN)/imgsearch build
-	$(BIN)/python bench/run.py --data $(LONDON)
+	$(BIN)/python bench/run.py --data $(LONDON) $(BENCH_ARGS)
+
+## soak: 20,000 mixed valid/invalid uploads, 16 clients: 0 x 5xx, RSS growth < 10% (bench/soak.json, BENCHMARKS.md)
+soak: venv
+	IMGSEARCH_DATA=$(LONDON) $(BIN)/imgsearch build
+	$(BIN)/python bench/soak.py --data $(LONDON)
 
 clean:
 	rm -rf $(VENV) artifacts

@@ -8,13 +8,18 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api.routes import health, metrics, search
+from app.api.routes import health, images, metrics, search, web
+from app.core import observability
 from app.core.config import Settings
+from app.core.limits import MULTIPART_OVERHEAD, BodySizeLimitMiddleware
 from app.errors import install_handlers
+from app.openapi import install_docs, install_openapi
 from app.state import ServiceState
 from dataset.layout import DatasetError
 from indexer import store
 from pipeline.build import index_family
+from pipeline.live import LiveIndex
+from pipeline.runtime import single_threaded_kernels
 from pipeline.searcher import Searcher
 
 log = logging.getLogger(__name__)
@@ -29,22 +34,39 @@ def load_searcher(settings: Settings) -> Searcher:
     return Searcher(store.load(store.current_version(family)))
 
 
+def live_index(settings: Settings) -> LiveIndex:
+    """The live index (versions, hot swap, online changes) of the configured data folder and preset."""
+    root = settings.data_root
+    if not (root / "database" / "database.json").is_file():
+        raise DatasetError(f"data folder {root} not found or not in the course layout")
+    return LiveIndex(index_family(settings.artifacts, root, settings.preset))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    # Library warnings (Pillow on corrupt EXIF, ...) go through logging, so stdout stays one JSON per line.
+    logging.captureWarnings(True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServiceState(settings=settings)
         app.state.service = state
+        # Per process, so in every uvicorn worker (measured faster on 2 cores, see pipeline/runtime.py).
+        single_threaded_kernels()
         try:
-            searcher = load_searcher(settings)
+            # Kept even when the load fails: it picks up the next version published.
+            state.live = live_index(settings)
+            # Count and size every version this worker swaps in later, not only the first.
+            state.live.on_swap = lambda s: app.state.metrics.index_loaded(s.conf["preset"], s.size)
+            searcher = state.live.load_now()
             searcher.warm_up()
-            state.searcher = searcher
             state.not_ready_reason = None
-            log.info("serving index %s (%d images)", state.searcher.loaded.version, state.searcher.size)
+            app.state.metrics.index_loaded(searcher.conf["preset"], searcher.size)
+            log.info("serving index %s (%d images)", searcher.loaded.version, searcher.size)
         except (store.IndexLoadError, DatasetError, OSError, ValueError) as e:
             # Stay up and say why on /readyz rather than serve a missing or corrupt index.
             state.not_ready_reason = str(e)
+            app.state.metrics.index_failed()
             log.error("not ready: %s", e)
         yield
 
@@ -53,9 +75,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Visual place recognition: upload a street photo, get the map images of the same place.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs without a CDN
+        redoc_url=None,
     )
     install_handlers(app)
+    install_openapi(app)
+    install_docs(app)
+    # Cap the body as it streams in, before Starlette spools a multipart part to disk.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    # After the other middleware, so it is outermost: request id, request log line, HTTP metrics, /metrics.
+    observability.install(app)
     app.include_router(search.router)
     app.include_router(metrics.router)
     app.include_router(health.router)
+    app.include_router(web.router)
+    app.include_router(images.router)
     return app

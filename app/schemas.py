@@ -4,16 +4,69 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+# OpenAPI examples (/docs): a real answer of the default preset to a London query, rounded.
+_VERSION = "v20261127-190959-909011"
+_LOC = {"easting": 697226.4, "northing": 5710608.5, "heading": 158.8}
+_HITS = [
+    {
+        "rank": 1,
+        "id": 250,
+        "path": "database/images/PwY48CVPVnkI4qZSVqoZpQ.jpg",
+        "score": 0.967,
+        "distance": 1.254,
+        "inliers": 31,
+        "location": _LOC,
+    },
+    {
+        "rank": 2,
+        "id": 251,
+        "path": "database/images/tTMYtDCn-y_Ag-YQwP7voQ.jpg",
+        "score": 0.626,
+        "distance": 1.282,
+        "inliers": 16,
+        "location": {"easting": 697228.6, "northing": 5710602.8, "heading": 166.4},
+    },
+]
+_ESTIMATED = {
+    "status": "estimated",
+    "confidence": 0.967,
+    "easting": 697227.2,
+    "northing": 5710606.2,
+    "heading": 161.8,
+    "latitude": 51.512107,
+    "longitude": -0.157615,
+    "support": 2,
+}
+_UNKNOWN = dict.fromkeys(("easting", "northing", "heading", "latitude", "longitude")) | {
+    "status": "unknown",
+    "confidence": 0.31,
+    "support": 0,
+}
+
+
+def _examples(*examples: dict) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
+
+
+def error_response(description: str, *examples: tuple[str, str]) -> dict:
+    """An entry of a route's `responses`: the error body, with one named example per (code, detail)."""
+    named = {code: {"value": {"code": code, "detail": detail}} for code, detail in examples}
+    return {"model": ErrorResponse, "description": description, "content": {"application/json": {"examples": named}}}
 
 
 class Location(BaseModel):
+    model_config = _examples(_LOC)
+
     easting: float = Field(description="UTM easting in metres")
     northing: float = Field(description="UTM northing in metres")
     heading: float = Field(description="Compass heading of the camera in degrees")
 
 
 class SearchResult(BaseModel):
+    model_config = _examples(_HITS[0])
+
     rank: int = Field(ge=1)
     id: int = Field(description="Stable id of the map image")
     path: str = Field(description="The map image's entry in database.json")
@@ -26,6 +79,8 @@ class SearchResult(BaseModel):
 
 
 class QueryLocation(BaseModel):
+    model_config = _examples(_ESTIMATED, _UNKNOWN)
+
     status: Literal["estimated", "unknown"] = Field(description="unknown when no hit is likely enough")
     confidence: float = Field(ge=0, le=1, description="Score of the best hit: probability it shows the place")
     easting: float | None = None
@@ -37,6 +92,17 @@ class QueryLocation(BaseModel):
 
 
 class SearchResponse(BaseModel):
+    model_config = _examples(
+        {
+            "results": _HITS,
+            "query_location": _ESTIMATED,
+            "k": 2,
+            "preset": "orb-dense-rvlad-verify",
+            "index_version": _VERSION,
+            "took_ms": 71.3,
+        }
+    )
+
     results: list[SearchResult]
     query_location: QueryLocation = Field(description="Where the photo was probably taken")
     k: int
@@ -46,11 +112,33 @@ class SearchResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    model_config = _examples(
+        {"code": "invalid_image", "detail": "not a decodable image (supported: JPEG, PNG, WebP, BMP, TIFF)"},
+        {"code": "invalid_request", "detail": "query.k: Input should be less than or equal to 100"},
+        {"code": "not_ready", "detail": "index not loaded: starting"},
+    )
+
     code: str = Field(description="Stable machine-readable error code")
     detail: str = Field(description="Human-readable message")
 
 
 class PrecisionResponse(BaseModel):
+    model_config = _examples(
+        {
+            "split": "test",
+            "n_queries": 199,
+            "queries_total": 199,
+            "queries_rejected": 0,
+            "precision": {"1": 0.251, "5": 0.112, "10": 0.071, "20": 0.045, "50": 0.024},
+            "recall": {"1": 0.251, "5": 0.327, "10": 0.362, "20": 0.397, "50": 0.462},
+            "mAP": 0.106,
+            "accuracy_within_margin": {"0.1": 0.925, "0.05": 0.786, "0.01": 0.191},
+            "computed_at": "2026-11-27T19:09:59Z",
+            "index_version": _VERSION,
+            "preset": "orb-dense-rvlad-verify",
+        }
+    )
+
     split: str = Field(description="Which ground-truth queries were used (held out from training)")
     n_queries: int = Field(description="Queries with at least one relevant map image, evaluated")
     queries_total: int
@@ -67,12 +155,45 @@ class PrecisionResponse(BaseModel):
 
 
 class Health(BaseModel):
+    model_config = _examples({"status": "ok"})
+
     status: str
 
 
 class Ready(BaseModel):
+    model_config = _examples(
+        {"status": "ready", "preset": "orb-dense-rvlad-verify", "index_version": _VERSION, "size": 3291},
+        {
+            "status": "not_ready",
+            "reason": "no index version in artifacts/london-2d0017f2/index-paper",
+            "preset": "paper",
+        },
+    )
+
     status: str
     reason: str | None = None
     preset: str | None = None
     index_version: str | None = None
     size: int | None = None
+    last_change: int | None = Field(default=None, description="Sequence number of the last online change applied")
+    warning: str | None = Field(default=None, description="Serving, but a newer index version failed to load")
+
+
+class MapImage(BaseModel):
+    model_config = _examples(
+        {"id": 250, "path": "database/images/PwY48CVPVnkI4qZSVqoZpQ.jpg", "location": _LOC, "uploaded": False}
+    )
+
+    id: int = Field(description="Stable id of the map image (never reused)")
+    path: str = Field(
+        description="database.json entry, or for an image added online its stored upload (uploads/<sha256>.<ext>)"
+    )
+    location: Location
+    uploaded: bool = Field(description="Added online with POST /images")
+
+
+class RollbackResponse(BaseModel):
+    model_config = _examples({"index_version": _VERSION, "previous": "v20261127-213000-000000"})
+
+    index_version: str = Field(description="The version CURRENT now names; every process switches to it")
+    previous: str = Field(description="The version served before")

@@ -1,15 +1,32 @@
-"""What the service holds between requests: the searcher, or why there is none."""
+"""What the service holds between requests: the live index (its current searcher), or why there is none."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from app.core.config import Settings
+from pipeline.live import LiveIndex
 from pipeline.searcher import Searcher
 
 
 @dataclass
 class ServiceState:
     settings: Settings
-    searcher: Searcher | None = None
+    # Follows CURRENT and the change log of the index family (pipeline/live.py); None when the data
+    # folder itself is missing.
+    live: LiveIndex | None = None
     not_ready_reason: str | None = "starting"
+
+    @property
+    def searcher(self) -> Searcher | None:
+        """The searcher as of the last refresh; a request should keep the one it got."""
+        return None if self.live is None else self.live.searcher
+
+    def refresh(self) -> Searcher | None:
+        """Catch up with versions and changes published by any process (cheap when there are none)."""
+        return None if self.live is None else self.live.refresh()
+
+    @property
+    def reason(self) -> str | None:
+        """Why no index is served, or (when one is) why a newer version is not."""
+        return (self.live.error if self.live is not None else None) or self.not_ready_reason

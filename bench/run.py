@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
-"""Latency benchmark of the query path, in-process and over real HTTP on loopback.
+"""The benchmark suite (issue 4): query latency in-process and over HTTP, throughput under load,
+index build speed-up with cores, and FAISS index choices at 100k / 1M vectors.
 
-    python bench/run.py --data ../shared/datasets/london [--preset P] [--queries 200]
+    python bench/run.py --data ../shared/datasets/london [--server-workers 1 2 3] [--skip-ann]
 
 Measures, on the held-out test queries of the served index:
-- inproc_floor_ms: median time of Searcher.search (decode, features, encode, search, verify) with
-  each stage's median (stages_ms);
-- http_p50_ms_c1 / http_p99_ms_c1: POST /search with one client, keep-alive;
-- rps_c8 / http_p99_ms_c8 / errors_c8: 8 concurrent clients (threads), and rps_c1;
-- rss_mb of the server after the load, and ready_s from process start to /readyz = 200.
+- inproc_floor_ms: median time of the query pipeline (decode, features, encode, search, verify) in
+  this process, with each stage's median (stages_ms);
+- http_p50_ms_c1 / http_p99_ms_c1 / rps_c1, rps_c8 / http_p99_ms_c8 and errors: POST /search over
+  loopback, driven by wrk (Debian package `wrk`, script bench/wrk_search.lua) with 1 and 8
+  connections, for each number of uvicorn workers in --server-workers (the headline figures are the
+  configured default's, IMGSEARCH_WORKERS);
+- rss_mb of the server (all its processes) after the load, and ready_s from start to /readyz = 200;
+- index_build_s / index_build_speedup: bench/index_build.py with every core, and with one worker
+  pinned to one core;
+- ann: bench/ann.py (generated vectors of the encoder's dimension).
 Writes bench/results.json and the table between the markers in BENCHMARKS.md.
 """
 
@@ -19,28 +25,35 @@ import contextlib
 import json
 import os
 import platform
+import re
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 
 from app.core.config import Settings
-from app.main import load_searcher
 from dataset.layout import DatasetError, load_dataset
 from dataset.split import load_split
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
+from indexer import store
+from pipeline.build import index_family
 from pipeline.presets import confs
 from pipeline.runtime import single_threaded_kernels
+from pipeline.searcher import Searcher
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
 STAGES = ("decode", "features", "encode", "search", "verify")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+WRK_HINT = "wrk is not installed: apt-get install -y wrk (Debian), or run `make bench` as root"
 
 
 def free_port() -> int:
@@ -49,71 +62,137 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def inprocess(settings: Settings, images: list[bytes]) -> dict:
-    single_threaded_kernels()  # as `imgsearch serve` runs it
+def load_searcher(settings: Settings) -> Searcher:
+    """The served index version, loaded as the service loads it (without importing the app)."""
+    family = index_family(settings.artifacts, settings.data_root, settings.preset)
+    return Searcher(store.load(store.current_version(family)))
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_gb, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "load_avg_start": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+# --- in-process -----------------------------------------------------------------------------------
+
+
+def inprocess(settings: Settings, images: list[bytes]) -> dict[str, Any]:
+    single_threaded_kernels()  # as every `imgsearch serve` worker runs it
     searcher = load_searcher(settings)
     for data in images[:5]:  # warm-up: first calls allocate
         with contextlib.suppress(ImageDecodeError, NoKeypointsError):
             searcher.search(data, 10)
-    totals, stages = [], {s: [] for s in STAGES}
+    totals, cpu, stages = [], [], {s: [] for s in STAGES}
     for data in images:
         t: dict[str, float] = {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             searcher.rank(searcher.analyze(data, t), 10, t)
         except (ImageDecodeError, NoKeypointsError):
             continue
         totals.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)  # single-threaded kernels: all the work is in this thread
         for s in STAGES:
             stages[s].append(t.get(s, 0.0))
     return {
         "inproc_floor_ms": round(1000 * float(np.median(totals)), 2),
+        "inproc_floor_cpu_ms": round(1000 * float(np.median(cpu)), 2),
         "stages_ms": {s: round(1000 * float(np.median(v)), 2) for s, v in stages.items()},
     }
 
 
-def http_load(url: str, images: list[bytes], clients: int, requests: int) -> dict:
-    lat: list[float] = []
-    errors = 0
+# --- HTTP -------------------------------------------------------------------------------------------
 
-    def worker(i: int) -> tuple[list[float], int]:
-        out, bad = [], 0
-        with httpx.Client(timeout=60) as c:
-            for j in range(i, requests, clients):
-                t0 = time.perf_counter()
-                r = c.post(f"{url}/search", params={"k": 10}, files={"file": ("q.jpg", images[j % len(images)])})
-                out.append(time.perf_counter() - t0)
-                bad += r.status_code >= 500
-        return out, bad
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        for out, bad in pool.map(worker, range(clients)):
-            lat += out
-            errors += bad
-    wall = time.perf_counter() - t0
-    return {
-        "p50_ms": round(1000 * float(np.percentile(lat, 50)), 2),
-        "p99_ms": round(1000 * float(np.percentile(lat, 99)), 2),
-        "rps": round(len(lat) / wall, 2),
-        "errors": errors,
-    }
+def wrk(url: str, image_files: list[Path], connections: int, duration_s: int) -> dict[str, Any]:
+    """One wrk run; its Lua done() prints the figures as JSON."""
+    threads = min(connections, os.cpu_count() or 1)
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--timeout", "30s", "--latency"]
+    cmd += ["-s", str(BENCH / "wrk_search.lua"), url, "--", *map(str, image_files)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 120, check=True).stdout
+    m = re.search(r"^WRK_JSON (\{.*\})$", out, re.MULTILINE)
+    if m is None:
+        raise RuntimeError(f"no summary in wrk's output:\n{out}")
+    r = json.loads(m.group(1))
+    s = r["socket_errors"]
+    r["errors"] = r["non_2xx_3xx"] + s["connect"] + s["read"] + s["write"] + s["timeout"]
+    return r
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (uvicorn's supervisor and its worker processes)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
 
 
-def serve_and_load(settings: Settings, images: list[bytes], requests: int) -> dict:
+def wait_ready(url: str, proc: subprocess.Popen, t0: float, server_workers: int) -> float:
+    """Seconds from start to the first /readyz = 200; then waits until several fresh connections in a
+    row are ready, so that every worker has loaded the index before the load starts."""
+    ready_s, in_a_row = None, 0
+    while in_a_row < 4 * server_workers:
+        try:
+            ok = httpx.get(url + "/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            ok = False
+        if ok and ready_s is None:
+            ready_s = time.perf_counter() - t0
+        in_a_row = in_a_row + 1 if ok else 0
+        if proc.poll() is not None or time.perf_counter() - t0 > 300:
+            raise RuntimeError("server did not become ready")
+        if not ok:
+            time.sleep(0.05)
+    assert ready_s is not None
+    return ready_s
+
+
+def serve_and_load(settings: Settings, image_files: list[Path], server_workers: int, duration_s: int) -> dict[str, Any]:
     port = free_port()
     env = os.environ | {
         "IMGSEARCH_DATA": str(settings.data_root),
         "IMGSEARCH_ARTIFACTS": str(settings.artifacts),
         "IMGSEARCH_PRESET": settings.preset,
         "IMGSEARCH_PORT": str(port),
+        "IMGSEARCH_WORKERS": str(server_workers),
     }
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -125,52 +204,201 @@ def serve_and_load(settings: Settings, images: list[bytes], requests: int) -> di
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.perf_counter() - t0 > 120:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.05)
-        ready_s = time.perf_counter() - t0
-        http_load(url, images[:5], 1, 5)  # warm-up
-        c1 = http_load(url, images, 1, requests)
-        c8 = http_load(url, images, 8, requests)
+        ready_s = wait_ready(url, proc, t0, server_workers)
+        # Warm-up, checked: every worker answers real searches before anything is timed.
+        with httpx.Client(timeout=60) as c:
+            for f in image_files[: 4 * server_workers]:
+                r = c.post(f"{url}/search", params={"k": 10}, files={"file": ("q.jpg", f.read_bytes())})
+                if r.status_code != 200 or not r.json()["results"]:
+                    raise RuntimeError(f"warm-up search failed: {r.status_code} {r.text[:200]}")
+        pids = process_tree(proc.pid)
+        cpu0 = cpu_seconds(pids)
+        c1 = wrk(url, image_files, 1, duration_s)
+        cpu1 = cpu_seconds(pids)
+        c8 = wrk(url, image_files, 8, duration_s)
+        cpu8 = cpu_seconds(pids)
+        pids = process_tree(proc.pid)
+        rss = {p: rss_mb(p) for p in pids}
         return {
-            "http_p50_ms_c1": c1["p50_ms"],
-            "http_p99_ms_c1": c1["p99_ms"],
-            "rps_c1": c1["rps"],
-            "rps_c8": c8["rps"],
-            "http_p99_ms_c8": c8["p99_ms"],
+            "server_workers": server_workers,
+            "http_p50_ms_c1": round(c1["p50_ms"], 2),
+            "http_p99_ms_c1": round(c1["p99_ms"], 2),
+            "rps_c1": round(c1["rps"], 2),
+            # Server CPU per request (all its processes): what HTTP costs on top of the in-process
+            # CPU time, even when other jobs stretch the wall times.
+            "server_cpu_ms_per_request_c1": round(1000 * (cpu1 - cpu0) / max(c1["requests"], 1), 2),
+            "server_cpu_ms_per_request_c8": round(1000 * (cpu8 - cpu1) / max(c8["requests"], 1), 2),
+            "http_p50_ms_c8": round(c8["p50_ms"], 2),
+            "http_p99_ms_c8": round(c8["p99_ms"], 2),
+            "rps_c8": round(c8["rps"], 2),
+            "requests_c1": c1["requests"],
+            "requests_c8": c8["requests"],
             "errors_c1": c1["errors"],
             "errors_c8": c8["errors"],
-            "rss_mb": rss_mb(proc.pid),
+            "statuses_c1": c1["statuses"],
+            "statuses_c8": c8["statuses"],
+            "rss_mb": round(sum(rss.values()), 1),
+            "rss_mb_by_process": sorted(rss.values(), reverse=True),
             "ready_s": round(ready_s, 2),
         }
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
-def markdown(r: dict) -> str:
-    rows = [
+# --- index build and ANN (subprocesses) --------------------------------------------------------------
+
+
+def index_build(args: argparse.Namespace) -> dict[str, Any]:
+    """All cores (one worker process per core), then one worker pinned to one core."""
+    cores = os.cpu_count() or 1
+    runs = {}
+    for workers, cpus in ((cores, None), (1, {min(os.sched_getaffinity(0))})):
+        cmd = [sys.executable, str(BENCH / "index_build.py"), "--data", str(args.data)]
+        cmd += ["--artifacts", str(args.artifacts), "--preset", args.preset, "--workers", str(workers)]
+        # Pinned before exec, so BLAS, OpenMP and OpenCV size their thread pools for one core.
+        pin = (lambda c=cpus: os.sched_setaffinity(0, c)) if cpus else None
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, preexec_fn=pin).stdout
+        m = re.search(r"^INDEX_BUILD_JSON (\{.*\})$", out, re.MULTILINE)
+        if m is None:
+            raise RuntimeError(f"no result from index_build.py:\n{out}")
+        runs["all_cores" if cpus is None else "one_core"] = json.loads(m.group(1))
+        print(f"index build, {workers} worker(s): {runs['all_cores' if cpus is None else 'one_core']}", flush=True)
+    return {
+        "index_build_s": runs["all_cores"]["total_s"],
+        "index_build_one_core_s": runs["one_core"]["total_s"],
+        "index_build_speedup": round(runs["one_core"]["total_s"] / runs["all_cores"]["total_s"], 3),
+        "index_build_runs": runs,
+    }
+
+
+def ann(args: argparse.Namespace, index_dir: Path) -> dict[str, Any]:
+    cmd = [sys.executable, str(BENCH / "ann.py"), "--index-dir", str(index_dir), "--out", str(args.out)]
+    cmd += ["--sizes", *map(str, args.ann_sizes)]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return json.loads(args.out.read_text(encoding="utf-8"))["ann"]
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+
+def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    out: list[tuple[str, str, bool | None]] = []
+    if "http_p50_ms_c1" in r:
+        ratio = r["http_p50_ms_c1"] / r["inproc_floor_ms"]
+        text = f"{ratio:.3f} x"
+        if r.get("inproc_floor_cpu_ms") and r.get("server_cpu_ms_per_request_c1"):
+            text += f" (CPU per request: {r['server_cpu_ms_per_request_c1'] / r['inproc_floor_cpu_ms']:.3f} x)"
+        out.append(("http_p50_ms_c1 <= 1.25 x inproc_floor_ms", text, ratio <= 1.25))
+        gain = r["rps_c8"] / r["rps_c1"]
+        errors = r["errors_c1"] + r["errors_c8"]
+        out.append(("rps_c8 >= 1.7 x rps_c1, no errors", f"{gain:.2f} x, {errors} errors", gain >= 1.7 and errors == 0))
+    if "index_build_speedup" in r:
+        sp = r["index_build_speedup"]
+        out.append(("index_build_speedup >= 1.6", f"{sp:.2f}", sp >= 1.6))
+    big = r.get("ann", {}).get("sizes", {}).get("1000000")
+    if big is not None:
+        best = big.get("fastest_at_recall_0.95")
+        text = "none" if best is None else f"{index_label(best)}: {best['p50_ms']} ms, recall {best['recall_at_10']}"
+        out.append(("1M vectors: p50 <= 2 ms at recall@10 >= 0.95", text, best is not None and best["p50_ms"] <= 2))
+    return out
+
+
+def index_label(row: dict[str, Any]) -> str:
+    params = ", ".join(f"{k} {row[k]}" for k in ("nlist", "nprobe", "M", "efSearch") if k in row)
+    return f"{row['index']} ({params})" if params else row["index"]
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = ["| measure | value |", "|---|---|"]
+    rows: list[tuple[str, Any]] = [
         ("preset", f"`{r['preset']}`"),
         ("queries (held-out test areas)", r["queries"]),
-        ("in-process floor, median ms", r["inproc_floor_ms"]),
-        *((f"  stage {s}, median ms", v) for s, v in r["stages_ms"].items()),
-        ("HTTP p50 ms, 1 client", r["http_p50_ms_c1"]),
-        ("HTTP p99 ms, 1 client", r["http_p99_ms_c1"]),
-        ("HTTP p50 / in-process floor", round(r["http_p50_ms_c1"] / r["inproc_floor_ms"], 3)),
-        ("requests/s, 1 client", r["rps_c1"]),
-        ("requests/s, 8 clients", r["rps_c8"]),
-        ("HTTP p99 ms, 8 clients", r["http_p99_ms_c8"]),
-        ("5xx errors (1 / 8 clients)", f"{r['errors_c1']} / {r['errors_c8']}"),
-        ("server RSS after load, MB", r["rss_mb"]),
-        ("start to /readyz, s", r["ready_s"]),
+        ("inproc_floor_ms (median)", r["inproc_floor_ms"]),
+        ("in-process CPU ms per query (median)", r.get("inproc_floor_cpu_ms", "–")),
+        *((f"stages_ms.{s} (median)", v) for s, v in r["stages_ms"].items()),
     ]
-    return "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    if "http_p50_ms_c1" in r:
+        rows += [
+            ("uvicorn workers (IMGSEARCH_WORKERS)", r["server_workers"]),
+            ("http_p50_ms_c1", r["http_p50_ms_c1"]),
+            ("http_p99_ms_c1", r["http_p99_ms_c1"]),
+            ("HTTP p50 / in-process floor", round(r["http_p50_ms_c1"] / r["inproc_floor_ms"], 3)),
+            ("server CPU ms per request, 1 connection", r.get("server_cpu_ms_per_request_c1", "–")),
+            ("rps_c1", r["rps_c1"]),
+            ("rps_c8", r["rps_c8"]),
+            ("rps_c8 / rps_c1", round(r["rps_c8"] / r["rps_c1"], 2)),
+            ("http_p99_ms_c8", r["http_p99_ms_c8"]),
+            ("errors, non-2xx or socket (1 / 8 connections)", f"{r['errors_c1']} / {r['errors_c8']}"),
+            ("rss_mb (all server processes, after the load)", r["rss_mb"]),
+            ("ready_s (start to /readyz)", r["ready_s"]),
+        ]
+    if "index_build_s" in r:
+        rows += [
+            (f"index_build_s ({r['index_build_runs']['all_cores']['images']} map images)", r["index_build_s"]),
+            ("index build, one core, s", r["index_build_one_core_s"]),
+            ("index_build_speedup", r["index_build_speedup"]),
+        ]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    if len(r.get("http_by_workers", [])) > 1:
+        lines += [
+            "",
+            "By uvicorn workers (same run):",
+            "",
+            "| workers | p50 ms c1 | p99 ms c1 | rps c1 | rps c8 | rps c8/c1 | p99 ms c8 | errors "
+            "| server CPU ms/req c1, c8 | RSS MB (each) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for h in r["http_by_workers"]:
+            per = " + ".join(f"{v:.0f}" for v in h["rss_mb_by_process"])
+            lines.append(
+                f"| {h['server_workers']} | {h['http_p50_ms_c1']} | {h['http_p99_ms_c1']} | {h['rps_c1']} | "
+                f"{h['rps_c8']} | {h['rps_c8'] / h['rps_c1']:.2f} | {h['http_p99_ms_c8']} | "
+                f"{h['errors_c1'] + h['errors_c8']} | {h['server_cpu_ms_per_request_c1']}, "
+                f"{h['server_cpu_ms_per_request_c8']} | {h['rss_mb']} ({per}) |"
+            )
+    for n, size in r.get("ann", {}).get("sizes", {}).items():
+        lines += [
+            "",
+            f"ANN, {int(n):,} generated vectors of {r['ann']['dim']} dims ({size['queries']} queries; "
+            f"p50 = one query, one thread):",
+            "",
+            "| index | parameters | build s | memory MB | p50 ms | p50 CPU ms | recall@10 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in size["indexes"]:
+            params = ", ".join(
+                f"{k} {row[k]}" for k in ("nlist", "nprobe", "k_factor", "M", "efConstruction", "efSearch") if k in row
+            )
+            lines.append(
+                f"| {row['index']} | {params or '–'} | {row['build_s']} | {row['memory_mb']} | {row['p50_ms']} | "
+                f"{row.get('p50_cpu_ms', '–')} | {row['recall_at_10']} |"
+            )
+        if "hnsw_skipped" in size:
+            lines += ["", size["hnsw_skipped"]]
+    lines += ["", "Targets (issue 4):", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {'met' if ok else 'missed'} |" for t, m, ok in targets(r)]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, r: dict[str, Any]) -> str:
+    table = markdown(r)
+    m = r["machine"]
+    head = (
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Python {m['python']}; load average "
+        f"{m['load_avg_start'][0]} at the start, {m['load_avg_end'][0]} at the end; {r['created']}.\n"
+        f"Command: `{r['command']}`"
+    )
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        if BEGIN in text and END in text:
+            pre, rest = text.split(BEGIN, 1)
+            path.write_text(f"{pre}{BEGIN}\n{head}\n\n{table}\n{END}{rest.split(END, 1)[1]}", encoding="utf-8")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,12 +407,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
     p.add_argument("--preset", choices=sorted(confs), default=Settings().preset)
     p.add_argument("--queries", type=int, default=200, help="held-out test queries to send (default 200)")
-    p.add_argument("--requests", type=int, default=400, help="requests per HTTP load run (default 400)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    p.add_argument("--duration", type=int, default=20, help="seconds of each wrk run (default 20)")
+    p.add_argument(
+        "--server-workers", type=int, nargs="+", default=None, help="uvicorn workers to compare (default: the setting)"
+    )
+    p.add_argument("--skip-http", action="store_true")
+    p.add_argument("--skip-index-build", action="store_true")
+    p.add_argument("--skip-ann", action="store_true")
+    p.add_argument("--ann-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument(
+        "--report-only", action="store_true", help="rewrite BENCHMARKS.md from --out (e.g. after bench/ann.py)"
+    )
+    p.add_argument("--out", type=Path, default=BENCH / "results.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     args = p.parse_args(argv)
-    if args.queries < 1 or args.requests < 1:
-        p.error("--queries and --requests must be >= 1")
+    if args.report_only:
+        try:
+            result = json.loads(args.out.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            print(f"bench: cannot read {args.out}: {e}", file=sys.stderr)
+            return 2
+        result["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(result)]
+        args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+        print(write_markdown(args.markdown, result))
+        return 0
+    default_workers = Settings().workers
+    server_workers = sorted(set(args.server_workers or []) | {default_workers})
+    if args.queries < 1 or args.duration < 1 or min(server_workers) < 1:
+        p.error("--queries, --duration and --server-workers must be >= 1")
+    if not args.skip_http and shutil.which("wrk") is None:
+        print(f"bench: {WRK_HINT}", file=sys.stderr)
+        return 2
     settings = Settings(data=args.data, artifacts=args.artifacts, preset=args.preset)
     try:
         ds = load_dataset(args.data, check_files=False)
@@ -193,21 +446,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {e} (build the index first: imgsearch build)", file=sys.stderr)
         return 2
     rows = load_split(searcher_dir / "split.json", ds.queries.paths)["test"][: args.queries]
-    images = [ds.image_path(ds.queries.paths[q]).read_bytes() for q in rows]
-    result = {"preset": args.preset, "queries": len(images), "index_version": searcher_dir.name}
-    result |= inprocess(settings, images)
-    result |= serve_and_load(settings, images, args.requests)
-    result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+    files = [ds.image_path(ds.queries.paths[q]) for q in rows]
+    result: dict[str, Any] = {"preset": args.preset, "queries": len(files), "index_version": searcher_dir.name}
+    result["machine"] = machine()
+    result["command"] = shlex.join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])])
+    result |= inprocess(settings, [f.read_bytes() for f in files])
+    print(f"in-process: {result['inproc_floor_ms']} ms {result['stages_ms']}", flush=True)
+    if not args.skip_http:
+        by_workers = []
+        for n in server_workers:
+            by_workers.append(serve_and_load(settings, files, n, args.duration))
+            print(f"HTTP: {json.dumps(by_workers[-1])}", flush=True)
+        result |= next(h for h in by_workers if h["server_workers"] == default_workers)
+        result["http_by_workers"] = by_workers
+    if not args.skip_index_build:
+        result |= index_build(args)
+    if not args.skip_ann:
+        result["ann"] = ann(args, searcher_dir)
+    elif args.out.exists():  # keep the last ANN figures (slow to remeasure) when skipped
+        with contextlib.suppress(ValueError, KeyError):
+            result["ann"] = json.loads(args.out.read_text(encoding="utf-8"))["ann"]
+    result["machine"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(result)]
     args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    table = markdown(result)
-    print(table)
-    if args.markdown.exists():
-        text = args.markdown.read_text(encoding="utf-8")
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            block = f"{BEGIN}\nMachine: {result['machine']}; {result['created']}.\n\n{table}\n{END}"
-            args.markdown.write_text(head + block + rest.split(END, 1)[1], encoding="utf-8")
+    print(write_markdown(args.markdown, result))
     return 0
 
 

@@ -22,6 +22,7 @@ from features.decode import ImageDecodeError, decode_image
 from features.orb import NoKeypointsError, OrbFeatures, extract_orb
 from features.vectorize import Vectorizer
 from pipeline.presets import conf_hash
+from pipeline.runtime import single_threaded, single_threaded_kernels
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,6 +56,8 @@ def map_files(
     """fn(path, conf) for every file, in order, on every core, with a progress bar.
 
     Files are read inside the workers one at a time, so no more than a few images are in memory.
+    Each worker process runs its numeric libraries on one thread: with one process per core, their
+    own thread pools (BLAS, OpenMP in FAISS, OpenCV) would oversubscribe the cores (bench/index_build.py).
     """
     jobs = [(fn, str(p), conf) for p in paths]
     workers = workers or os.cpu_count() or 1
@@ -62,7 +65,7 @@ def map_files(
     if workers == 1:
         results: Iterator[T] = map(_apply, jobs)
     else:
-        pool = ProcessPoolExecutor(max_workers=workers)
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=single_threaded_kernels)
         results = pool.map(_apply, jobs, chunksize=16)
     try:
         for result in results:
@@ -116,10 +119,11 @@ def main(conf: dict[str, Any], dataset: Dataset, out_dir: Path, workers: int | N
         row = store.row_of()
         map_sets = [store.get(row[n]).descriptors for n in dataset.database.paths]
         vectorizer = vectorizer.fit([d for d in map_sets if len(d)], seed=int(conf["model"]["seed"]))
-        for i, name in enumerate(tqdm(names, desc="aggregate", unit="img", disable=None)):
-            feats = store.get(row[name])
-            if len(feats.descriptors):
-                vectors[i], ok[i] = vectorizer(feats), True
+        with single_threaded():  # one image at a time: library threads only add overhead
+            for i, name in enumerate(tqdm(names, desc="aggregate", unit="img", disable=None)):
+                feats = store.get(row[name])
+                if len(feats.descriptors):
+                    vectors[i], ok[i] = vectorizer(feats), True
     vectorizer.save(vectorizer_path(out))
     return _save_vectors(out, names, vectors, ok)
 

@@ -8,6 +8,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+MIN_CONTRAST_STD = 1.0  # grey levels; a photo has tens, a blank (even JPEG-compressed) image under 1
+
 
 class NoKeypointsError(ValueError):
     """ORB found no keypoints: a blank or featureless image cannot be searched."""
@@ -40,6 +42,9 @@ def extract_orb(gray: np.ndarray, conf: dict[str, Any]) -> OrbFeatures:
     `upsample` > 1 enlarges the image first: the map images are small (341x256) and ORB's 31-pixel
     patches and border margin leave few keypoints at their native size.
     """
+    if gray.size == 0 or float(gray.std()) < MIN_CONTRAST_STD:
+        # Dense descriptors of a flat image are all zeros and would match anything: refuse it.
+        raise NoKeypointsError("no ORB keypoints: the image is a single colour (blank or featureless)")
     scale = float(conf["upsample"])
     if scale != 1.0:
         gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)

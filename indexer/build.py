@@ -24,6 +24,7 @@ from indexer import store
 from model.calibrate import fit_logistic
 from pipeline.encoder import NumpyEncoder
 from pipeline.presets import verify_features_conf
+from pipeline.runtime import single_threaded
 from pipeline.searcher import Searcher
 from verification.geometric import MapFeatures, Verifier
 
@@ -42,7 +43,8 @@ def build_map_features(
     local_store = local.LocalStore.load(local.main(vconf, dataset, out_root, workers, names=dataset.database.paths))
     row = local_store.row_of()
     feats = [local_store.get(row[p]) for p in dataset.database.paths]
-    words = [vectorizer.words(f.descriptors) if len(f.descriptors) else np.zeros(0, np.int64) for f in feats]
+    with single_threaded():  # thousands of small searches: library threads only add overhead
+        words = [vectorizer.words(f.descriptors) if len(f.descriptors) else np.zeros(0, np.int64) for f in feats]
     return MapFeatures.build(list(range(len(dataset.database))), feats, words)
 
 
@@ -112,11 +114,13 @@ def main(
     loaded = store.LoadedIndex("unpublished", model_dir, manifest, index, by_id, vectorizer, encoder, verifier)
     if dataset.sim is not None:
         split = load_split(model_dir / "split.json", dataset.queries.paths)
-        if verifier is not None:
-            verifier.head = np.asarray(calibrate_verification(Searcher(loaded), dataset, split["val"]))
-            manifest["verify_head"] = verifier.head.tolist()
-        # Retrieval quality of this index on held-out queries, computed once here, served by the API.
-        manifest["metrics"] = evaluate_searcher(Searcher(loaded), dataset, split["test"], "test").summary
+        # One query at a time, as the service runs them: single-threaded kernels are faster per query.
+        with single_threaded():
+            if verifier is not None:
+                verifier.head = np.asarray(calibrate_verification(Searcher(loaded), dataset, split["val"]))
+                manifest["verify_head"] = verifier.head.tolist()
+            # Retrieval quality of this index on held-out queries, computed once here, served by the API.
+            manifest["metrics"] = evaluate_searcher(Searcher(loaded), dataset, split["test"], "test").summary
     manifest["build_seconds"] = round(time.time() - t0, 2)
     out = store.publish(family_dir(out_root, conf["preset"]), index, images, files, manifest)
     if "verify.npz" in files:

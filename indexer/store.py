@@ -12,6 +12,7 @@ Layout of one index family (one data folder, one preset):
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -48,6 +49,19 @@ class ImageRecord:
     id: int
     path: str
     loc: tuple[float, float, float]  # easting, northing, heading
+    # Added online (POST /images): path is then relative to the index family folder
+    # (uploads/<sha256>.<ext>), not to the data folder.
+    uploaded: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "path": self.path, "loc": list(self.loc)}
+        if self.uploaded:
+            out["uploaded"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, r: dict[str, Any]) -> ImageRecord:
+        return cls(int(r["id"]), str(r["path"]), tuple(float(v) for v in r["loc"]), bool(r.get("uploaded", False)))
 
 
 @dataclass
@@ -76,6 +90,17 @@ def publish(
 ) -> Path:
     """Write a new version into a temporary folder, then rename it in and point CURRENT at it."""
     family.mkdir(parents=True, exist_ok=True)
+    # One publisher at a time; a temporary folder nobody holds the lock for was left by a killed indexer.
+    with open(family / ".publish.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in family.glob(".v*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return _publish_locked(family, index, images, files, manifest)
+
+
+def _publish_locked(
+    family: Path, index: faiss.Index, images: list[ImageRecord], files: dict[str, Path], manifest: dict[str, Any]
+) -> Path:
     # Names sort by creation time, so pruning and rollback can go by name.
     version = "v" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     while (family / version).exists():
@@ -83,9 +108,7 @@ def publish(
     tmp = family / f".{version}.tmp"
     tmp.mkdir()
     faiss.write_index(index, str(tmp / "index.faiss"))
-    (tmp / "images.json").write_text(
-        json.dumps([{"id": r.id, "path": r.path, "loc": list(r.loc)} for r in images]), encoding="utf-8"
-    )
+    (tmp / "images.json").write_text(json.dumps([r.to_json() for r in images]), encoding="utf-8")
     for name, src in files.items():
         shutil.copyfile(src, tmp / name)
     manifest = dict(manifest, version=version, count=int(index.ntotal), dim=int(index.d))
@@ -94,6 +117,7 @@ def publish(
     _fsync_dir(tmp)
     final = family / version
     os.replace(tmp, final)
+    fsync_directory(family)
     _write_atomic(family / "CURRENT", version)
     _prune(family, keep=KEEP_VERSIONS)
     return final
@@ -105,6 +129,15 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
+def fsync_directory(path: Path) -> None:
+    """Make renames and new entries in a folder durable (the files' own data needs its own fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -112,12 +145,41 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
 
 
 def _prune(family: Path, keep: int) -> None:
-    versions = sorted(p for p in family.iterdir() if p.is_dir() and p.name.startswith("v"))
-    for old in versions[:-keep]:
+    for old in versions(family)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_pointer(family: Path) -> str | None:
+    """The version CURRENT names, or None when there is none yet."""
+    try:
+        return (family / "CURRENT").read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+
+
+def versions(family: Path) -> list[Path]:
+    """Complete versions, oldest first (half-written ones are dot-named temporaries, never listed)."""
+    if not family.is_dir():
+        return []
+    return sorted(p for p in family.iterdir() if p.is_dir() and p.name.startswith("v"))
+
+
+def rollback(family: Path) -> Path:
+    """Point CURRENT at the newest kept version older than the current one, after checking it loads.
+
+    Online changes live in the family's change log, not in a version, so they survive a rollback."""
+    current = current_version(family)
+    older = [v for v in versions(family) if v.name < current.name]
+    if not older:
+        raise IndexLoadError(f"no version older than {current.name} is kept in {family}; nothing to roll back to")
+    target = older[-1]
+    load(target)  # refuse to point at a version that would not serve
+    _write_atomic(family / "CURRENT", target.name)
+    return target
 
 
 def current_version(family: Path) -> Path:
@@ -147,7 +209,7 @@ def load(directory: Path) -> LoadedIndex:
             raise IndexLoadError(f"{f}: missing or checksum mismatch; refusing to serve it")
     index = faiss.read_index(str(directory / "index.faiss"))
     raw = json.loads((directory / "images.json").read_text(encoding="utf-8"))
-    images = {int(r["id"]): ImageRecord(int(r["id"]), r["path"], tuple(r["loc"])) for r in raw}
+    images = {int(r["id"]): ImageRecord.from_json(r) for r in raw}
     encoder = NumpyEncoder.load(directory / "encoder.npz")
     try:
         vectorizer = Vectorizer.load(directory / "vectorizer.npz", manifest["conf"]["vector"])

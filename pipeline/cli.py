@@ -48,9 +48,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from pipeline.build import run_index
+    from indexer import store
+    from pipeline.build import index_family, run_index
+    from pipeline.live import compact
 
     s = _settings(args)
+    if args.rollback or args.compact:
+        family = index_family(s.artifacts, s.data_root, s.preset)
+        # Running servers see CURRENT change and swap to the version it names.
+        print(store.rollback(family) if args.rollback else compact(family))
+        return 0
     print(run_index(s.preset, _dataset(s), s.artifacts, args.workers, force=args.force))
     return 0
 
@@ -80,17 +87,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging.config
+    import shutil
+    import tempfile
+
     import uvicorn
 
-    from app.main import create_app
+    from app.core.logs import log_config
     from features.decode import MAX_PIXELS
-    from pipeline.runtime import single_threaded_kernels
 
+    if args.workers is not None:
+        os.environ["IMGSEARCH_WORKERS"] = str(args.workers)  # validated with the other settings
     s = _settings(args)
-    single_threaded_kernels()
+    logging.config.dictConfig(log_config(s.log_format))
+    # The workers build their app with app.main:create_app() from the environment: hand the flags down.
+    for name in ("data", "artifacts", "preset"):
+        if getattr(args, name):
+            os.environ[f"IMGSEARCH_{name.upper()}"] = str(getattr(args, name))
     # Backstop inside OpenCV for the header check in features/decode.py (read at the first decode).
     os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
-    uvicorn.run(create_app(s), host=s.host, port=s.port, workers=1, log_level="info")
+    # prometheus_client picks its mode when it is first imported (in the workers, after this), from
+    # PROMETHEUS_MULTIPROC_DIR: several workers share a fresh, empty folder of per-process files so that
+    # /metrics sums them; a single worker keeps everything in memory. A folder left from an earlier
+    # run would add its counts, so an inherited value is never reused.
+    os.environ.pop("prometheus_multiproc_dir", None)
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    prom_dir = tempfile.mkdtemp(prefix="imgsearch-prometheus-") if s.workers > 1 else None
+    if prom_dir is not None:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
+        logging.getLogger(__name__).info("%d workers; prometheus multiprocess folder %s", s.workers, prom_dir)
+    try:
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=s.host,
+            port=s.port,
+            workers=s.workers,
+            log_config=log_config(s.log_format),
+            log_level="info",
+            access_log=False,  # replaced by the request log line of app.core.observability
+        )
+    finally:
+        if prom_dir is not None:
+            shutil.rmtree(prom_dir, ignore_errors=True)
     return 0
 
 
@@ -124,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     workers(sp)
     sp.add_argument("--force", action="store_true", help="build a new version even if one is current")
+    what = sp.add_mutually_exclusive_group()
+    what.add_argument("--rollback", action="store_true", help="serve the previous kept version again (no build)")
+    what.add_argument(
+        "--compact", action="store_true", help="publish the current version with the online changes folded in"
+    )
     sp.set_defaults(func=cmd_index)
 
     sp = sub.add_parser("build", help="build whatever is missing: data, features, model, index")
@@ -144,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("serve", help="serve the HTTP API")
     common(sp)
+    sp.add_argument("--workers", type=int, default=None, help="uvicorn worker processes (env IMGSEARCH_WORKERS)")
     sp.set_defaults(func=cmd_serve)
     return p
 

@@ -137,26 +137,68 @@ def ransac_inliers(p_query: np.ndarray, p_map: np.ndarray, px: float, iters: int
 
 
 class Verifier:
-    def __init__(self, conf: dict[str, Any], store: MapFeatures, n_words: int, head: list[float]) -> None:
+    def __init__(
+        self,
+        conf: dict[str, Any],
+        store: MapFeatures,
+        n_words: int,
+        head: list[float],
+        extra: dict[int, tuple[OrbFeatures, np.ndarray]] | None = None,
+    ) -> None:
         self.conf = conf
         self.store = store
         self.n_words = n_words
         self.head = np.asarray(head, np.float64)  # logistic weights for [distance, log1p(inliers), 1]
         self.row_of = {int(i): r for r, i in enumerate(store.ids)}
+        # Keypoints (and their words) of images added online, kept apart so adding one does not copy
+        # the keypoints of every map image; they take precedence over the stored ones of the same id.
+        self.extra = dict(extra or {})
+        ids = list(self.extra)
+        self.extra_store = MapFeatures.build(
+            ids, [f for f, _ in self.extra.values()], [w for _, w in self.extra.values()]
+        )
+        self.extra_row_of = {i: r for r, i in enumerate(ids)}
+
+    def with_extra(self, extra: dict[int, tuple[OrbFeatures, np.ndarray]]) -> Verifier:
+        """The same verifier with another set of online-added images (the stored keypoints are shared)."""
+        return Verifier(self.conf, self.store, self.n_words, self.head.tolist(), extra)
+
+    def features_of(self, image_id: int) -> tuple[OrbFeatures, np.ndarray]:
+        if image_id in self.extra:
+            return self.extra[image_id]
+        r = self.row_of[image_id]
+        a, b = self.store.offsets[r], self.store.offsets[r + 1]
+        return OrbFeatures(self.store.xy[a:b], self.store.descriptors[a:b]), self.store.words[a:b]
+
+    def features(self, ids: list[int]) -> MapFeatures:
+        """Keypoints of these images as one store (to save a version with online changes folded in)."""
+        feats = [self.features_of(i) for i in ids]
+        return MapFeatures.build(ids, [f for f, _ in feats], [w for _, w in feats])
 
     def inliers(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
-        rows = np.array([self.row_of[i] for i in ids], np.int64)
+        out = np.zeros(len(ids), np.int64)
+        in_extra = np.array([i in self.extra for i in ids], bool)
+        for mask, store, row_of in (
+            (~in_extra, self.store, self.row_of),
+            (in_extra, self.extra_store, self.extra_row_of),
+        ):
+            pos = np.flatnonzero(mask)
+            if len(pos):
+                out[pos] = self._inliers(q, q_words, store, np.array([row_of[ids[p]] for p in pos], np.int64))
+        return out
+
+    def _inliers(self, q: OrbFeatures, q_words: np.ndarray, store: MapFeatures, rows: np.ndarray) -> np.ndarray:
         out = np.zeros(len(rows), np.int64)
         if len(rows) == 0 or len(q.descriptors) == 0:
             return out
         c = self.conf
         cpos, qi, mi = match_by_word(
-            np.ascontiguousarray(q.descriptors), q_words, self.store, rows, self.n_words, c["max_hamming"], c["ratio"]
+            np.ascontiguousarray(q.descriptors), q_words, store, rows, self.n_words, c["max_hamming"], c["ratio"]
         )
         bounds = np.searchsorted(cpos, np.arange(len(rows) + 1))
         for p in range(len(rows)):
             a, b = bounds[p], bounds[p + 1]
-            out[p] = ransac_inliers(q.xy[qi[a:b]], self.store.xy[mi[a:b]], c["ransac_px"], c["ransac_iters"])
+            out[p] = ransac_inliers(q.xy[qi[a:b]], store.xy[mi[a:b]], c["ransac_px"], c["ransac_iters"])
         return out
 
     def score(self, distance: np.ndarray, inliers: np.ndarray) -> np.ndarray:

@@ -20,9 +20,11 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
 def get_searcher(state: StateDep) -> Searcher:
-    if state.searcher is None:
-        raise ApiError(503, "not_ready", f"index not loaded: {state.not_ready_reason}")
-    return state.searcher
+    # The request keeps this searcher to the end, even if a new version or change is swapped in meanwhile.
+    searcher = state.refresh()
+    if searcher is None:
+        raise ApiError(503, "not_ready", f"index not loaded: {state.reason}")
+    return searcher
 
 
 SearcherDep = Annotated[Searcher, Depends(get_searcher)]

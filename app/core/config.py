@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,10 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(default=10.0, gt=0, le=100)
     utm_epsg: int = Field(
         default=32630, ge=32601, le=32760, description="UTM zone of the map locations (32630: 30N, London)"
+    )
+    workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes of `imgsearch serve`.")
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="Service logs: one JSON object per line, or plain text."
     )
 
     @field_validator("data", mode="before")

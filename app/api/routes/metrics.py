@@ -4,7 +4,7 @@ from fastapi import APIRouter
 
 from app.api.deps import AdminDep, SearcherDep
 from app.errors import ApiError
-from app.schemas import ErrorResponse, PrecisionResponse
+from app.schemas import PrecisionResponse, error_response
 
 router = APIRouter(tags=["admin"])
 
@@ -14,10 +14,13 @@ router = APIRouter(tags=["admin"])
     response_model=PrecisionResponse,
     dependencies=[AdminDep],
     responses={
-        401: {"model": ErrorResponse},
-        403: {"model": ErrorResponse},
-        404: {"model": ErrorResponse, "description": "The data folder has no ground truth"},
-        503: {"model": ErrorResponse},
+        401: error_response("No X-API-Key header", ("unauthorized", "this endpoint needs the X-API-Key header")),
+        403: error_response("Wrong X-API-Key", ("forbidden", "wrong X-API-Key")),
+        404: error_response(
+            "The data folder has no ground truth",
+            ("no_metrics", "this index was built from data without ground truth"),
+        ),
+        503: error_response("No index loaded", ("not_ready", "index not loaded: starting")),
     },
 )
 def precision(searcher: SearcherDep) -> PrecisionResponse:

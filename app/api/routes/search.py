@@ -4,24 +4,41 @@ import dataclasses
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SearcherDep, StateDep
+from app.core.logs import annotate_request
+from app.core.observability import MetricsDep
 from app.errors import ApiError
-from app.schemas import ErrorResponse, Location, QueryLocation, SearchResponse, SearchResult
+from app.schemas import Location, QueryLocation, SearchResponse, SearchResult, error_response
 from features.decode import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 from features.orb import NoKeypointsError
 from pipeline.locate import estimate_location
+from pipeline.searcher import Hit
 
 router = APIRouter(tags=["search"])
 
 _ERRORS = {
-    400: {"model": ErrorResponse, "description": "The upload is not a decodable image"},
-    413: {"model": ErrorResponse, "description": "The upload or its pixel count is too large"},
-    415: {"model": ErrorResponse, "description": "An image format outside JPEG, PNG, WebP, BMP, TIFF"},
-    422: {"model": ErrorResponse, "description": "Bad parameters, or no keypoints in the image"},
-    503: {"model": ErrorResponse, "description": "No index loaded"},
+    400: error_response(
+        "The upload is not a decodable image",
+        ("invalid_image", "not a decodable image (supported: JPEG, PNG, WebP, BMP, TIFF)"),
+    ),
+    413: error_response(
+        "The upload or its pixel count is too large",
+        ("too_large", "upload exceeds 10485760 bytes"),
+        ("image_too_large", "image of 12000x8000 pixels exceeds the limit of 40000000 pixels"),
+    ),
+    415: error_response(
+        "An image format outside JPEG, PNG, WebP, BMP, TIFF",
+        ("unsupported_format", "GIF images are not supported; send JPEG, PNG, WebP, BMP or TIFF"),
+    ),
+    422: error_response(
+        "Bad parameters, or no keypoints in the image",
+        ("invalid_request", "query.k: Input should be less than or equal to 100"),
+        ("no_keypoints", "no ORB keypoints found in the image (blank or featureless?)"),
+    ),
+    503: error_response("No index loaded", ("not_ready", "index not loaded: starting")),
 }
 
 
@@ -34,17 +51,29 @@ async def _read_capped(file: UploadFile, limit: int) -> bytes:
 
 @router.post("/search", response_model=SearchResponse, responses=_ERRORS)
 async def search(
+    request: Request,
     searcher: SearcherDep,
     state: StateDep,
+    metrics: MetricsDep,
     file: Annotated[UploadFile, File(description="A street-level photo (JPEG, PNG, WebP, ...)")],
     k: Annotated[int, Query(ge=1, le=100, description="How many map images to return")] = 10,
 ) -> SearchResponse:
     """Rank the map images by predicted relevance to the uploaded photo."""
     t0 = time.perf_counter()
+    # FastAPI silently keeps the last of repeated fields; which photo was meant is ambiguous: refuse.
+    # (The form is already parsed and cached on the request; this reads it, it does not re-parse.)
+    n_files = len((await request.form()).getlist("file"))
+    if n_files != 1:
+        raise ApiError(422, "invalid_request", f"send exactly one multipart field 'file'; got {n_files}")
     data = await _read_capped(file, state.settings.max_upload_bytes)
+    timings: dict[str, float] = {}  # seconds per pipeline stage, filled as the stages run
+
+    def run() -> list[Hit]:
+        return searcher.rank(searcher.analyze(data, timings), k, timings)
+
     try:
         # OpenCV and numpy release the GIL: run the pipeline off the event loop.
-        hits = await run_in_threadpool(searcher.search, data, k)
+        hits = await run_in_threadpool(run)
     except UnsupportedFormatError as e:
         raise ApiError(415, "unsupported_format", str(e)) from e
     except ImageTooLargeError as e:
@@ -53,6 +82,13 @@ async def search(
         raise ApiError(400, "invalid_image", str(e)) from e
     except NoKeypointsError as e:
         raise ApiError(422, "no_keypoints", str(e)) from e
+    finally:
+        # Also the stages a refused image went through (e.g. decode before no_keypoints).
+        metrics.observe_stages(timings)
+        if timings:
+            annotate_request(timings_ms={stage: round(sec * 1000, 2) for stage, sec in timings.items()})
+    metrics.search_hits.observe(len(hits))
+    annotate_request(hits=len(hits))
     results = [
         SearchResult(
             rank=h.rank,

@@ -1,0 +1,159 @@
+"""Online changes to the served index (admin): add and remove map images, roll back a version.
+
+The domain work is in pipeline/live.py; here inputs are validated and its errors mapped to HTTP.
+Every change is durable (fsync'd to the change log) before the answer, and visible to /search in
+every server process at once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Path, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import AdminDep, StateDep
+from app.errors import ApiError
+from app.schemas import Location, MapImage, RollbackResponse, error_response
+from features.decode import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
+from features.orb import NoKeypointsError
+from indexer.store import ImageRecord, IndexLoadError
+from pipeline.live import LiveIndex, NotReadyError, UnknownImageError
+from pipeline.live import Location as MapLocation
+
+router = APIRouter(tags=["admin"])
+
+_AUTH = {
+    401: error_response("No X-API-Key header", ("unauthorized", "this endpoint needs the X-API-Key header")),
+    403: error_response("Wrong X-API-Key", ("forbidden", "wrong X-API-Key")),
+}
+_NOT_READY = {503: error_response("No index loaded", ("not_ready", "index not loaded: starting"))}
+_NOT_FOUND = {404: error_response("No map image with this id", ("not_found", "no map image with id 7"))}
+
+
+def _live(state: StateDep) -> LiveIndex:
+    if state.live is None or state.refresh() is None:
+        raise ApiError(503, "not_ready", f"index not loaded: {state.reason}")
+    return state.live
+
+
+def _image(rec: ImageRecord) -> MapImage:
+    loc = Location(easting=rec.loc[0], northing=rec.loc[1], heading=rec.loc[2])
+    return MapImage(id=rec.id, path=rec.path, location=loc, uploaded=rec.uploaded)
+
+
+@router.post(
+    "/images",
+    status_code=201,
+    response_model=MapImage,
+    dependencies=[AdminDep],
+    responses={
+        400: error_response(
+            "The upload is not a decodable image",
+            ("invalid_image", "not a decodable image (supported: JPEG, PNG, WebP, BMP, TIFF)"),
+        ),
+        413: error_response(
+            "The upload or its pixel count is too large",
+            ("too_large", "upload exceeds 10485760 bytes"),
+            ("image_too_large", "image of 12000x8000 pixels exceeds the limit of 40000000 pixels"),
+        ),
+        415: error_response(
+            "An image format outside JPEG, PNG, WebP, BMP, TIFF",
+            ("unsupported_format", "GIF images are not supported; send JPEG, PNG, WebP, BMP or TIFF"),
+        ),
+        422: error_response(
+            "Bad location fields, or no keypoints in the image",
+            ("invalid_request", "heading: Input should be less than 360"),
+            ("no_keypoints", "no ORB keypoints found in the image (blank or featureless?)"),
+        ),
+        **_AUTH,
+        **_NOT_READY,
+    },
+)
+async def add_image(
+    state: StateDep,
+    file: Annotated[UploadFile, File(description="The map image (JPEG, PNG, WebP, BMP, TIFF)")],
+    easting: Annotated[float, Form(ge=0, le=1_000_000, allow_inf_nan=False, description="UTM easting, metres")],
+    northing: Annotated[float, Form(ge=0, le=10_000_000, allow_inf_nan=False, description="UTM northing, metres")],
+    heading: Annotated[float, Form(ge=0, lt=360, allow_inf_nan=False, description="Compass heading, degrees")],
+) -> MapImage:
+    """Add a map image with its location. It goes through the indexer's own pipeline (decode,
+    features, vector, embedding, verification keypoints), gets a new id, and is searchable at once."""
+    limit = state.settings.max_upload_bytes
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "too_large", f"upload exceeds {limit} bytes")
+    live = _live(state)
+    try:
+        rec = await run_in_threadpool(live.add, data, MapLocation(easting, northing, heading))
+    except UnsupportedFormatError as e:
+        raise ApiError(415, "unsupported_format", str(e)) from e
+    except ImageTooLargeError as e:
+        raise ApiError(413, "image_too_large", str(e)) from e
+    except ImageDecodeError as e:
+        raise ApiError(400, "invalid_image", str(e)) from e
+    except NoKeypointsError as e:
+        raise ApiError(422, "no_keypoints", str(e)) from e
+    except NotReadyError as e:
+        raise ApiError(503, "not_ready", f"index not loaded: {e}") from e
+    return _image(rec)
+
+
+_ID = Annotated[int, Path(ge=0, le=2**62, description="The map image's id, as in /search results")]
+
+
+@router.get(
+    "/images/{image_id}",
+    response_model=MapImage,
+    responses={**_NOT_FOUND, **_NOT_READY},
+)
+def get_image(image_id: _ID, state: StateDep) -> MapImage:
+    """A map image of the served index: its path and location."""
+    rec = _live(state).searcher.images.get(image_id)  # type: ignore[union-attr]
+    if rec is None:
+        raise ApiError(404, "not_found", f"no map image with id {image_id}")
+    return _image(rec)
+
+
+@router.delete(
+    "/images/{image_id}",
+    status_code=204,
+    response_class=Response,
+    dependencies=[AdminDep],
+    responses={**_NOT_FOUND, **_AUTH, **_NOT_READY},
+)
+async def delete_image(image_id: _ID, state: StateDep) -> Response:
+    """Remove a map image from the served index; /search stops returning it at once."""
+    live = _live(state)
+    try:
+        await run_in_threadpool(live.delete, image_id)
+    except UnknownImageError as e:
+        raise ApiError(404, "not_found", f"no map image with id {image_id}") from e
+    except NotReadyError as e:
+        raise ApiError(503, "not_ready", f"index not loaded: {e}") from e
+    return Response(status_code=204)
+
+
+@router.post(
+    "/index/rollback",
+    response_model=RollbackResponse,
+    dependencies=[AdminDep],
+    responses={
+        409: error_response(
+            "No loadable previous version",
+            ("rollback_failed", "no version older than v20261127-190959-909011 is kept; nothing to roll back to"),
+        ),
+        **_AUTH,
+        **_NOT_READY,
+    },
+)
+async def rollback(state: StateDep) -> RollbackResponse:
+    """Serve the previous index version again (every server process switches within a request).
+    Online changes are kept: they are replayed on top of whatever version is served."""
+    live = _live(state)
+    previous = live.searcher.loaded.version  # type: ignore[union-attr]
+    try:
+        target = await run_in_threadpool(live.rollback)
+    except IndexLoadError as e:
+        raise ApiError(409, "rollback_failed", str(e)) from e
+    return RollbackResponse(index_version=target, previous=previous)
