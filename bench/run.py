@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             print(f"bench: cannot read {args.out}: {e}", file=sys.stderr)
             return 2
+        # The headline follows the configured default, if that run is in the table.
+        result |= next((h for h in result.get("http_by_workers", []) if h["server_workers"] == Settings().workers), {})
         result["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(result)]
         args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
         print(write_markdown(args.markdown, result))

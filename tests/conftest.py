@@ -59,7 +59,13 @@ class Server:
     def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = os.environ | env | {"IMGSEARCH_HOST": "127.0.0.1", "IMGSEARCH_PORT": str(self.port)}
+        # One uvicorn worker unless a test asks for more: tests look at one process's state and output.
+        full_env = (
+            os.environ
+            | {"IMGSEARCH_WORKERS": "1"}
+            | env
+            | {"IMGSEARCH_HOST": "127.0.0.1", "IMGSEARCH_PORT": str(self.port)}
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "serve"],
             cwd=ROOT,
