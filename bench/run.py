@@ -37,6 +37,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from procstat import cpu_seconds, process_tree, rss_mb  # bench/procstat.py: bench/ is sys.path[0] for these scripts
 
 from app.core.config import Settings
 from dataset.layout import DatasetError, load_dataset
@@ -130,39 +131,6 @@ def wrk(url: str, image_files: list[Path], connections: int, duration_s: int) ->
     s = r["socket_errors"]
     r["errors"] = r["non_2xx_3xx"] + s["connect"] + s["read"] + s["write"] + s["timeout"]
     return r
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants (uvicorn's supervisor and its worker processes)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by these processes."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
 
 
 def wait_ready(url: str, proc: subprocess.Popen, t0: float, server_workers: int) -> float:

@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from procstat import tree_rss_mb  # bench/procstat.py: bench/ is sys.path[0] for these scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 LONDON = ROOT.parent / "shared" / "datasets" / "london"
@@ -44,13 +45,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def query_photos(data: Path, n: int) -> list[bytes]:
@@ -250,14 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         reqs = [make_request(rng, photos, over_cap) for _ in range(args.requests)]
         print(f"warm-up: {len(warm)} requests, {args.clients} clients", flush=True)
         run_load(url, warm, args.clients)
-        rss_start = rss_mb(proc.pid)
+        rss_start = tree_rss_mb(proc.pid)
         samples = [(0.0, rss_start)]  # (seconds into the load, RSS MB)
         stop = threading.Event()
         t_load = time.monotonic()
 
         def sample() -> None:
             while not stop.wait(2.0):
-                samples.append((time.monotonic() - t_load, rss_mb(proc.pid)))
+                samples.append((time.monotonic() - t_load, tree_rss_mb(proc.pid)))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -266,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         sampler.join()
         alive = proc.poll() is None and httpx.get(url + "/healthz", timeout=5).status_code == 200
-        rss_end = rss_mb(proc.pid) if proc.poll() is None else float("nan")
+        rss_end = tree_rss_mb(proc.pid) if proc.poll() is None else float("nan")
         growth = (rss_end - rss_start) / rss_start
         res |= {
             "clients": args.clients,
