@@ -7,6 +7,7 @@ calls it for uploads and this stage calls it for the data folder, so both sides 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -65,7 +66,11 @@ def map_files(
     if workers == 1:
         results: Iterator[T] = map(_apply, jobs)
     else:
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=single_threaded_kernels)
+        # Spawned, not forked: a child forked after OpenCV's or OpenMP's thread pools have run in this
+        # process hangs in cv2.setNumThreads (`make run` did, right after generating the demo data).
+        pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=single_threaded_kernels
+        )
         results = pool.map(_apply, jobs, chunksize=16)
     try:
         for result in results:

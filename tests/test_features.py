@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ from features.extract import image_to_features
 from features.orb import NoKeypointsError, OrbFeatures, extract_orb
 from features.vectorize import Vectorizer, concat_bits
 from pipeline.presets import get_conf
+from tests.conftest import ROOT
 
 
 def image_to_vector(data: bytes, conf: dict) -> np.ndarray:
@@ -85,3 +90,38 @@ def test_probe_reads_format_from_content() -> None:
     Image.new("RGB", (8, 8)).save(buf, format="GIF")
     with pytest.raises(UnsupportedFormatError, match="GIF"):
         probe_image(buf.getvalue())
+
+
+_PARALLEL_AFTER_OPENCV = """
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+# Run OpenCV's own thread pool in this process first, as generating the demo data does.
+img = np.random.default_rng(0).integers(0, 256, (1500, 1500), dtype=np.uint8)
+for _ in range(5):
+    cv2.GaussianBlur(cv2.resize(img, (3000, 3000)), (31, 31), 0)
+
+from features.extract import _vector_of_file, map_files
+from pipeline.presets import get_conf
+
+files = sorted(Path(sys.argv[1]).glob("database/images/*.jpg"))[:8]
+out = list(map_files(_vector_of_file, files, get_conf("paper"), workers=2))
+print(len(out), sum(v is not None for v in out))
+"""
+
+
+def test_parallel_extraction_after_opencv_threads_ran(tiny_data: Path) -> None:
+    """Worker processes must not inherit OpenCV's thread pool: forked after it ran, they hung in
+    cv2.setNumThreads (make run on a fresh clone, right after generating the demo data)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PARALLEL_AFTER_OPENCV, str(tiny_data)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,  # a hang guard, not a speed test
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["8", "8"]
