@@ -19,7 +19,7 @@ from dataset.layout import DatasetError
 from indexer import store
 from pipeline.build import index_family
 from pipeline.live import LiveIndex
-from pipeline.runtime import single_threaded_kernels
+from pipeline.runtime import limit_malloc_arenas, single_threaded_kernels
 from pipeline.searcher import Searcher
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     # Library warnings (Pillow on corrupt EXIF, ...) go through logging, so stdout stays one JSON per line.
     logging.captureWarnings(True)
+    # Before the request threads exist: few malloc arenas keep a busy server's memory flat.
+    limit_malloc_arenas()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

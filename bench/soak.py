@@ -35,6 +35,8 @@ import httpx
 import numpy as np
 from procstat import tree_rss_mb  # bench/procstat.py: bench/ is sys.path[0] for these scripts
 
+from app.core.config import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 LONDON = ROOT.parent / "shared" / "datasets" / "london"
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
@@ -160,8 +162,8 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
 ## Soak (`make soak`)
 
 {res["requests"]} POST /search from {res["clients"]} concurrent clients against `imgsearch serve`
-(preset `{res["preset"]}`, data `{res["data"]}`, one worker, {res["machine"]}), mixing valid query photos
-(60%) and invalid uploads; written by `bench/soak.py` on {res["date"]}.
+(preset `{res["preset"]}`, data `{res["data"]}`, {res["workers"]} uvicorn worker(s), {res["machine"]}),
+mixing valid query photos (60%) and invalid uploads; written by `bench/soak.py` on {res["date"]}.
 
 | | |
 |---|---|
@@ -174,8 +176,8 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
 | server alive at the end | {res["server_alive"]} |
 | verdict | {"pass" if res["passed"] else "FAIL"} |
 
-Latency here is mostly queueing: {res["clients"]} clients keep one worker on 2 cores saturated, so a
-request waits for the ~{res["clients"]} ahead of it; the unloaded latency is in the benchmark above.
+Latency here is mostly queueing: {res["clients"]} clients keep 2 cores saturated, so a request waits
+behind the others; the unloaded latency is in the benchmark above.
 
 Statuses by kind of request:
 
@@ -264,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         growth = (rss_end - rss_start) / rss_start
         res |= {
             "clients": args.clients,
+            "workers": Settings().workers,  # what the server started with: the same environment
             "preset": preset,
             "data": data.name,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -56,3 +56,24 @@ def single_threaded() -> Iterator[None]:
     finally:
         faiss.omp_set_num_threads(omp)
         cv2.setNumThreads(ocv)
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+
+
+def limit_malloc_arenas(n: int = 2) -> bool:
+    """Cap glibc's malloc arenas for the threads started after this call. glibc gives each new thread
+    its own arena (up to 8 per core); the request threads' short-lived image buffers then fragment
+    them, and the resident memory of a busy server crept up for minutes (bench/soak.py). Returns
+    False where it does not apply (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(M_ARENA_MAX, n))
+    except (OSError, AttributeError):
+        return False

@@ -13,10 +13,9 @@ from fastapi import APIRouter, File, Form, Path, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import AdminDep, StateDep
+from app.api.uploads import IMAGE_ERRORS, image_errors, read_capped
 from app.errors import ApiError
 from app.schemas import Location, MapImage, RollbackResponse, error_response
-from features.decode import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
-from features.orb import NoKeypointsError
 from indexer.store import ImageRecord, IndexLoadError
 from pipeline.live import LiveIndex, NotReadyError, UnknownImageError
 from pipeline.live import Location as MapLocation
@@ -48,19 +47,7 @@ def _image(rec: ImageRecord) -> MapImage:
     response_model=MapImage,
     dependencies=[AdminDep],
     responses={
-        400: error_response(
-            "The upload is not a decodable image",
-            ("invalid_image", "not a decodable image (supported: JPEG, PNG, WebP, BMP, TIFF)"),
-        ),
-        413: error_response(
-            "The upload or its pixel count is too large",
-            ("too_large", "upload exceeds 10485760 bytes"),
-            ("image_too_large", "image of 12000x8000 pixels exceeds the limit of 40000000 pixels"),
-        ),
-        415: error_response(
-            "An image format outside JPEG, PNG, WebP, BMP, TIFF",
-            ("unsupported_format", "GIF images are not supported; send JPEG, PNG, WebP, BMP or TIFF"),
-        ),
+        **IMAGE_ERRORS,
         422: error_response(
             "Bad location fields, or no keypoints in the image",
             ("invalid_request", "heading: Input should be less than 360"),
@@ -79,21 +66,11 @@ async def add_image(
 ) -> MapImage:
     """Add a map image with its location. It goes through the indexer's own pipeline (decode,
     features, vector, embedding, verification keypoints), gets a new id, and is searchable at once."""
-    limit = state.settings.max_upload_bytes
-    data = await file.read(limit + 1)
-    if len(data) > limit:
-        raise ApiError(413, "too_large", f"upload exceeds {limit} bytes")
+    data = await read_capped(file, state.settings.max_upload_bytes)
     live = _live(state)
     try:
-        rec = await run_in_threadpool(live.add, data, MapLocation(easting, northing, heading))
-    except UnsupportedFormatError as e:
-        raise ApiError(415, "unsupported_format", str(e)) from e
-    except ImageTooLargeError as e:
-        raise ApiError(413, "image_too_large", str(e)) from e
-    except ImageDecodeError as e:
-        raise ApiError(400, "invalid_image", str(e)) from e
-    except NoKeypointsError as e:
-        raise ApiError(422, "no_keypoints", str(e)) from e
+        with image_errors():
+            rec = await run_in_threadpool(live.add, data, MapLocation(easting, northing, heading))
     except NotReadyError as e:
         raise ApiError(503, "not_ready", f"index not loaded: {e}") from e
     return _image(rec)

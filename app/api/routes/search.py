@@ -8,31 +8,18 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SearcherDep, StateDep
+from app.api.uploads import IMAGE_ERRORS, image_errors, read_capped
 from app.core.logs import annotate_request
 from app.core.observability import MetricsDep
 from app.errors import ApiError
 from app.schemas import Location, QueryLocation, SearchResponse, SearchResult, error_response
-from features.decode import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
-from features.orb import NoKeypointsError
 from pipeline.locate import estimate_location
 from pipeline.searcher import Hit
 
 router = APIRouter(tags=["search"])
 
 _ERRORS = {
-    400: error_response(
-        "The upload is not a decodable image",
-        ("invalid_image", "not a decodable image (supported: JPEG, PNG, WebP, BMP, TIFF)"),
-    ),
-    413: error_response(
-        "The upload or its pixel count is too large",
-        ("too_large", "upload exceeds 10485760 bytes"),
-        ("image_too_large", "image of 12000x8000 pixels exceeds the limit of 40000000 pixels"),
-    ),
-    415: error_response(
-        "An image format outside JPEG, PNG, WebP, BMP, TIFF",
-        ("unsupported_format", "GIF images are not supported; send JPEG, PNG, WebP, BMP or TIFF"),
-    ),
+    **IMAGE_ERRORS,
     422: error_response(
         "Bad parameters, or no keypoints in the image",
         ("invalid_request", "query.k: Input should be less than or equal to 100"),
@@ -40,13 +27,6 @@ _ERRORS = {
     ),
     503: error_response("No index loaded", ("not_ready", "index not loaded: starting")),
 }
-
-
-async def _read_capped(file: UploadFile, limit: int) -> bytes:
-    data = await file.read(limit + 1)
-    if len(data) > limit:
-        raise ApiError(413, "too_large", f"upload exceeds {limit} bytes")
-    return data
 
 
 @router.post("/search", response_model=SearchResponse, responses=_ERRORS)
@@ -65,23 +45,16 @@ async def search(
     n_files = len((await request.form()).getlist("file"))
     if n_files != 1:
         raise ApiError(422, "invalid_request", f"send exactly one multipart field 'file'; got {n_files}")
-    data = await _read_capped(file, state.settings.max_upload_bytes)
+    data = await read_capped(file, state.settings.max_upload_bytes)
     timings: dict[str, float] = {}  # seconds per pipeline stage, filled as the stages run
 
     def run() -> list[Hit]:
         return searcher.rank(searcher.analyze(data, timings), k, timings)
 
     try:
-        # OpenCV and numpy release the GIL: run the pipeline off the event loop.
-        hits = await run_in_threadpool(run)
-    except UnsupportedFormatError as e:
-        raise ApiError(415, "unsupported_format", str(e)) from e
-    except ImageTooLargeError as e:
-        raise ApiError(413, "image_too_large", str(e)) from e
-    except ImageDecodeError as e:
-        raise ApiError(400, "invalid_image", str(e)) from e
-    except NoKeypointsError as e:
-        raise ApiError(422, "no_keypoints", str(e)) from e
+        with image_errors():
+            # OpenCV and numpy release the GIL: run the pipeline off the event loop.
+            hits = await run_in_threadpool(run)
     finally:
         # Also the stages a refused image went through (e.g. decode before no_keypoints).
         metrics.observe_stages(timings)
