@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -44,3 +45,13 @@ def rss_mb(pid: int) -> float:
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of pid and all its descendants, in MB."""
     return round(sum(rss_mb(p) for p in process_tree(pid)), 1)
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the server (uvicorn stops its workers), SIGKILL if it has not exited in `timeout` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -37,7 +37,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-from procstat import cpu_seconds, process_tree, rss_mb  # bench/procstat.py: bench/ is sys.path[0] for these scripts
+
+# bench/procstat.py: bench/ is sys.path[0] for these scripts
+from procstat import cpu_seconds, process_tree, rss_mb, stop_server
 
 from app.core.config import Settings
 from dataset.layout import DatasetError, load_dataset
@@ -210,12 +212,7 @@ def serve_and_load(settings: Settings, image_files: list[Path], server_workers: 
             "ready_s": round(ready_s, 2),
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 # --- index build and ANN (subprocesses) --------------------------------------------------------------

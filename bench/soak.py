@@ -33,7 +33,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-from procstat import tree_rss_mb  # bench/procstat.py: bench/ is sys.path[0] for these scripts
+
+# bench/procstat.py: bench/ is sys.path[0] for these scripts
+from procstat import stop_server, tree_rss_mb
 
 from app.core.config import Settings
 
@@ -288,11 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res, indent=2))
         return 0 if res["passed"] else 1
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
 
 
