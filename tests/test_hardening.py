@@ -59,6 +59,16 @@ def multipart_prefix(boundary: str, name: str = "file") -> bytes:
     ).encode()
 
 
+def post_chunked(server: Server, chunks: Iterator[bytes]) -> httpx.Response:
+    """POST /search with a multipart body from a generator: httpx sends it chunked, without Content-Length."""
+    return httpx.post(
+        server.url + "/search",
+        content=chunks,
+        headers={"Content-Type": "multipart/form-data; boundary=bnd"},
+        timeout=60,
+    )
+
+
 def raw_http(server: Server, head: str, body_chunks: Iterator[bytes] | None = None) -> bytes:
     """Send a hand-written request on a socket (for headers httpx would not send) and read the answer."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
@@ -104,12 +114,7 @@ def test_chunked_upload_over_cap_is_413(server: Server) -> None:
             yield b"\xff" * (1 << 20)
         yield b"\r\n--bnd--\r\n"
 
-    r = httpx.post(
-        server.url + "/search",
-        content=body(),
-        headers={"Content-Type": "multipart/form-data; boundary=bnd"},
-        timeout=60,
-    )
+    r = post_chunked(server, body())
     assert r.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.request.headers
     assert r.status_code == 413, r.text
     assert r.json()["code"] == "too_large" and "exceeds" in r.json()["detail"]
@@ -127,12 +132,7 @@ def test_chunked_upload_under_cap_is_served(server: Server, tiny_data: Path) -> 
             yield photo[i : i + 4096]
         yield b"\r\n--bnd--\r\n"
 
-    r = httpx.post(
-        server.url + "/search",
-        content=body(),
-        headers={"Content-Type": "multipart/form-data; boundary=bnd"},
-        timeout=60,
-    )
+    r = post_chunked(server, body())
     assert r.request.headers.get("transfer-encoding") == "chunked"
     assert ids(r) == ids(search(server, photo))
 

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from app.errors import ApiError
+from app.schemas import error_response
 from app.state import ServiceState
 from pipeline.searcher import Searcher
 
@@ -42,3 +43,10 @@ def require_admin(state: StateDep, x_api_key: Annotated[str | None, Header()] = 
 
 
 AdminDep = Depends(require_admin)
+
+# How the dependencies above answer, for the `responses=` of the routes that use them.
+NOT_READY_ERRORS = {503: error_response("No index loaded", ("not_ready", "index not loaded: starting"))}
+ADMIN_ERRORS = {
+    401: error_response("No X-API-Key header", ("unauthorized", "this endpoint needs the X-API-Key header")),
+    403: error_response("Wrong X-API-Key", ("forbidden", "wrong X-API-Key")),
+}

@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Path, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import AdminDep, StateDep
+from app.api.deps import ADMIN_ERRORS, NOT_READY_ERRORS, AdminDep, StateDep
 from app.api.uploads import IMAGE_ERRORS, image_errors, read_capped
 from app.errors import ApiError
 from app.schemas import Location, MapImage, RollbackResponse, error_response
@@ -22,11 +22,6 @@ from pipeline.live import Location as MapLocation
 
 router = APIRouter(tags=["admin"])
 
-_AUTH = {
-    401: error_response("No X-API-Key header", ("unauthorized", "this endpoint needs the X-API-Key header")),
-    403: error_response("Wrong X-API-Key", ("forbidden", "wrong X-API-Key")),
-}
-_NOT_READY = {503: error_response("No index loaded", ("not_ready", "index not loaded: starting"))}
 _NOT_FOUND = {404: error_response("No map image with this id", ("not_found", "no map image with id 7"))}
 
 
@@ -53,8 +48,8 @@ def _image(rec: ImageRecord) -> MapImage:
             ("invalid_request", "heading: Input should be less than 360"),
             ("no_keypoints", "no ORB keypoints found in the image (blank or featureless?)"),
         ),
-        **_AUTH,
-        **_NOT_READY,
+        **ADMIN_ERRORS,
+        **NOT_READY_ERRORS,
     },
 )
 async def add_image(
@@ -82,7 +77,7 @@ _ID = Annotated[int, Path(ge=0, le=2**62, description="The map image's id, as in
 @router.get(
     "/images/{image_id}",
     response_model=MapImage,
-    responses={**_NOT_FOUND, **_NOT_READY},
+    responses={**_NOT_FOUND, **NOT_READY_ERRORS},
 )
 def get_image(image_id: _ID, state: StateDep) -> MapImage:
     """A map image of the served index: its path and location."""
@@ -97,7 +92,7 @@ def get_image(image_id: _ID, state: StateDep) -> MapImage:
     status_code=204,
     response_class=Response,
     dependencies=[AdminDep],
-    responses={**_NOT_FOUND, **_AUTH, **_NOT_READY},
+    responses={**_NOT_FOUND, **ADMIN_ERRORS, **NOT_READY_ERRORS},
 )
 async def delete_image(image_id: _ID, state: StateDep) -> Response:
     """Remove a map image from the served index; /search stops returning it at once."""
@@ -120,8 +115,8 @@ async def delete_image(image_id: _ID, state: StateDep) -> Response:
             "No loadable previous version",
             ("rollback_failed", "no version older than v20261127-190959-909011 is kept; nothing to roll back to"),
         ),
-        **_AUTH,
-        **_NOT_READY,
+        **ADMIN_ERRORS,
+        **NOT_READY_ERRORS,
     },
 )
 async def rollback(state: StateDep) -> RollbackResponse:

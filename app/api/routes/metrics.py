@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import AdminDep, SearcherDep
+from app.api.deps import ADMIN_ERRORS, NOT_READY_ERRORS, AdminDep, SearcherDep
 from app.errors import ApiError
 from app.schemas import PrecisionResponse, error_response
 
@@ -14,13 +14,12 @@ router = APIRouter(tags=["admin"])
     response_model=PrecisionResponse,
     dependencies=[AdminDep],
     responses={
-        401: error_response("No X-API-Key header", ("unauthorized", "this endpoint needs the X-API-Key header")),
-        403: error_response("Wrong X-API-Key", ("forbidden", "wrong X-API-Key")),
+        **ADMIN_ERRORS,
         404: error_response(
             "The data folder has no ground truth",
             ("no_metrics", "this index was built from data without ground truth"),
         ),
-        503: error_response("No index loaded", ("not_ready", "index not loaded: starting")),
+        **NOT_READY_ERRORS,
     },
 )
 def precision(searcher: SearcherDep) -> PrecisionResponse:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import SearcherDep, StateDep
+from app.api.deps import NOT_READY_ERRORS, SearcherDep, StateDep
 from app.api.uploads import IMAGE_ERRORS, image_errors, read_capped
 from app.core.logs import annotate_request
 from app.core.observability import MetricsDep
@@ -25,7 +25,7 @@ _ERRORS = {
         ("invalid_request", "query.k: Input should be less than or equal to 100"),
         ("no_keypoints", "no ORB keypoints found in the image (blank or featureless?)"),
     ),
-    503: error_response("No index loaded", ("not_ready", "index not loaded: starting")),
+    **NOT_READY_ERRORS,
 }
 
 

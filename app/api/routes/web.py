@@ -12,7 +12,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 from PIL import Image, ImageOps
 
-from app.api.deps import SearcherDep, StateDep
+from app.api.deps import NOT_READY_ERRORS, SearcherDep, StateDep
 from app.errors import ApiError
 from app.schemas import error_response
 from features.decode import MAX_PIXELS
@@ -71,7 +71,7 @@ def make_thumbnail(path: Path, side: int = THUMB_SIDE) -> bytes:
         422: error_response(
             "The id is not an integer", ("invalid_request", "path.image_id: Input should be a valid integer")
         ),
-        503: error_response("No index loaded", ("not_ready", "index not loaded: starting")),
+        **NOT_READY_ERRORS,
     },
 )
 def thumbnail(
