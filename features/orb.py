@@ -46,6 +46,11 @@ def extract_orb(gray: np.ndarray, conf: dict[str, Any]) -> OrbFeatures:
         # Dense descriptors of a flat image are all zeros and would match anything: refuse it.
         raise NoKeypointsError("no ORB keypoints: the image is a single colour (blank or featureless)")
     scale = float(conf["upsample"])
+    # ORB describes nothing within edge_threshold of a border, and its pyramid asserts inside OpenCV
+    # on images a few pixels thick (a corrupt header can decode to 1x341): refuse them here.
+    min_side = 2 * int(conf["edge_threshold"]) + 1
+    if min(gray.shape[:2]) * scale < min_side:
+        raise NoKeypointsError(f"no ORB keypoints: the image is too small (under {min_side} pixels on a side)")
     if scale != 1.0:
         gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
     orb = cv2.ORB_create(

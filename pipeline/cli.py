@@ -93,13 +93,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from app.core.logs import log_config
+    from app.core.logs import log_config, route_stderr_to_log
     from features.decode import MAX_PIXELS
 
     if args.workers is not None:
         os.environ["IMGSEARCH_WORKERS"] = str(args.workers)  # validated with the other settings
     s = _settings(args)
     logging.config.dictConfig(log_config(s.log_format))
+    if s.log_format == "json":
+        route_stderr_to_log()
     # The workers build their app with app.main:create_app() from the environment: hand the flags down.
     for name in ("data", "artifacts", "preset"):
         if getattr(args, name):

@@ -385,6 +385,8 @@ def tiny_and_blank() -> dict[str, bytes]:
         "1x1.png": encode(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"),
         "8x8-noise.png": encode(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)), "PNG"),
         "8x8-noise.jpg": encode(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)), "JPEG"),
+        # A corrupt JPEG header decoded to this once; ORB's pyramid asserted inside OpenCV (a 500).
+        "1x341-noise.png": encode(Image.fromarray(rng.integers(0, 256, (1, 341, 3), dtype=np.uint8)), "PNG"),
         "white-1024.jpg": encode(Image.new("RGB", (1024, 768), "white"), "JPEG"),
         "red-341.png": encode(Image.new("RGB", (341, 256), (200, 0, 0)), "PNG"),
         "black-16bit.png": encode(Image.new("I;16", (341, 256), 0), "PNG"),

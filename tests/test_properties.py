@@ -35,7 +35,8 @@ from tests.conftest import ADMIN_KEY, Server
 
 # Leading bytes of each format the service knows, so generated bodies reach the decoders too.
 MAGIC = [b"", b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"BM", b"II*\x00", b"GIF89a"]
-PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same examples every time, so a failure is reproducible, not a flake.
+PROPS = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")

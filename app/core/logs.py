@@ -7,7 +7,9 @@ server's own loggers (uvicorn.error) and ours share one format and one stream (s
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
 import uuid
 from contextvars import ContextVar
 from typing import Any, Literal
@@ -83,3 +85,23 @@ def log_config(fmt: LogFormat = "json", level: str = "INFO") -> dict[str, Any]:
         },
         "root": {"handlers": ["stdout"], "level": level},
     }
+
+
+def route_stderr_to_log() -> None:
+    """Make file descriptor 2 a pipe whose lines are logged (logger "stderr", WARNING), so the output
+    stays one JSON object per line. C libraries write there directly, past Python's logging: libpng
+    and libjpeg complain about every truncated upload. Worker processes inherit the descriptor, so
+    one call in `imgsearch serve` covers them all. The log handler writes to stdout, never back here."""
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    log = logging.getLogger("stderr")
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            for line in pipe:
+                text = line.decode(errors="replace").rstrip()
+                if text:
+                    log.warning(text)
+
+    threading.Thread(target=pump, name="stderr-to-log", daemon=True).start()
