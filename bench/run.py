@@ -274,7 +274,7 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
 
 
 def index_label(row: dict[str, Any]) -> str:
-    params = ", ".join(f"{k} {row[k]}" for k in ("nlist", "nprobe", "M", "efSearch") if k in row)
+    params = ", ".join(f"{k} {row[k]}" for k in ("nlist", "nprobe", "k_factor", "M", "efSearch") if k in row)
     return f"{row['index']} ({params})" if params else row["index"]
 
 

@@ -64,6 +64,23 @@ def test_recall_at_k_counts_shared_ids(ann: ModuleType) -> None:
     assert ann.recall_at_k(found, truth) == pytest.approx(0.75)
 
 
+def test_every_index_family_is_measured_and_the_fastest_accurate_one_chosen(ann: ModuleType) -> None:
+    gen = ann.Generator(_real(d=64), 150, 0.5, seed=0)
+    out = ann.run_size(gen, 3000, nq=50, n_time=5, hnsw_max=10**6, seed=0)
+    rows = out["indexes"]
+    families = {r["index"] for r in rows}
+    assert {"Flat (exact)", "IVF-Flat", "IVF-SQ8", "IVF-PQ64", "HNSW32-Flat"} <= families
+    assert {"PQ32x4 fast-scan + exact re-rank", "PQ64x4 fast-scan + exact re-rank"} <= families
+    # IVF-Flat computes exact distances, so with enough lists probed it finds the exact neighbours.
+    assert max(r["recall_at_10"] for r in rows if r["index"] == "IVF-Flat") >= 0.999
+    for m in (32, 64):  # re-ranking more PQ candidates exactly never loses a neighbour
+        recalls = [r["recall_at_10"] for r in rows if r["index"] == f"PQ{m}x4 fast-scan + exact re-rank"]
+        assert recalls == sorted(recalls) and len(recalls) >= 2
+    best = out["fastest_at_recall_0.95"]
+    accurate = [r for r in rows if r["recall_at_10"] >= 0.95]
+    assert best in accurate and best["p50_ms"] == min(r["p50_ms"] for r in accurate)
+
+
 def _result(**over: object) -> dict:
     r = {
         "preset": "p",
