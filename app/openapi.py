@@ -71,4 +71,3 @@ def install_docs(app: FastAPI) -> None:
             swagger_css_url="/docs-static/swagger-ui.css",
             swagger_favicon_url="/docs-static/favicon.png",
         )
-

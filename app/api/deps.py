@@ -20,11 +20,20 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
+def not_ready(reason: object) -> ApiError:
+    """The 503 that NOT_READY_ERRORS documents."""
+    return ApiError(503, "not_ready", f"index not loaded: {reason}")
+
+
+def image_not_found(image_id: int) -> ApiError:
+    return ApiError(404, "not_found", f"no map image with id {image_id}")
+
+
 def get_searcher(state: StateDep) -> Searcher:
     # The request keeps this searcher to the end, even if a new version or change is swapped in meanwhile.
     searcher = state.refresh()
     if searcher is None:
-        raise ApiError(503, "not_ready", f"index not loaded: {state.reason}")
+        raise not_ready(state.reason)
     return searcher
 
 

@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Path, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ADMIN_ERRORS, NOT_READY_ERRORS, AdminDep, StateDep
+from app.api.deps import ADMIN_ERRORS, NOT_READY_ERRORS, AdminDep, StateDep, image_not_found, not_ready
 from app.api.uploads import IMAGE_ERRORS, image_errors, read_capped
 from app.errors import ApiError
 from app.schemas import Location, MapImage, RollbackResponse, error_response
@@ -27,7 +27,7 @@ _NOT_FOUND = {404: error_response("No map image with this id", ("not_found", "no
 
 def _live(state: StateDep) -> LiveIndex:
     if state.live is None or state.refresh() is None:
-        raise ApiError(503, "not_ready", f"index not loaded: {state.reason}")
+        raise not_ready(state.reason)
     return state.live
 
 
@@ -67,7 +67,7 @@ async def add_image(
         with image_errors():
             rec = await run_in_threadpool(live.add, data, MapLocation(easting, northing, heading))
     except NotReadyError as e:
-        raise ApiError(503, "not_ready", f"index not loaded: {e}") from e
+        raise not_ready(e) from e
     return _image(rec)
 
 
@@ -83,7 +83,7 @@ def get_image(image_id: _ID, state: StateDep) -> MapImage:
     """A map image of the served index: its path and location."""
     rec = _live(state).searcher.images.get(image_id)  # type: ignore[union-attr]
     if rec is None:
-        raise ApiError(404, "not_found", f"no map image with id {image_id}")
+        raise image_not_found(image_id)
     return _image(rec)
 
 
@@ -100,9 +100,9 @@ async def delete_image(image_id: _ID, state: StateDep) -> Response:
     try:
         await run_in_threadpool(live.delete, image_id)
     except UnknownImageError as e:
-        raise ApiError(404, "not_found", f"no map image with id {image_id}") from e
+        raise image_not_found(image_id) from e
     except NotReadyError as e:
-        raise ApiError(503, "not_ready", f"index not loaded: {e}") from e
+        raise not_ready(e) from e
     return Response(status_code=204)
 
 

@@ -12,7 +12,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 from PIL import Image, ImageOps
 
-from app.api.deps import NOT_READY_ERRORS, SearcherDep, StateDep
+from app.api.deps import NOT_READY_ERRORS, SearcherDep, StateDep, image_not_found
 from app.errors import ApiError
 from app.schemas import error_response
 from features.decode import MAX_PIXELS
@@ -81,7 +81,7 @@ def thumbnail(
 ) -> Response:
     """A small JPEG of a map image of the served index."""
     if image_id not in searcher.images:
-        raise ApiError(404, "not_found", f"no map image with id {image_id}")
+        raise image_not_found(image_id)
     # The path comes from the index's id map, yet is still confined to its folder (Searcher.image_file).
     path = searcher.image_file(image_id, state.settings.data_root)
     if path is None:
