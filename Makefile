@@ -2,14 +2,17 @@
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Optional dependency groups of pyproject.toml: train (TensorFlow, plots), dev (tests, linters).
+# The serving image installs none (make venv EXTRAS=), the indexer image only train.
+EXTRAS ?= train,dev
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv build run serve test lint bench soak clean
+.PHONY: venv build run serve test test-unit lint bench soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".$(if $(EXTRAS),[$(EXTRAS)])"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -24,10 +27,17 @@ serve: venv
 ## run: build what is missing, then serve on IMGSEARCH_HOST:IMGSEARCH_PORT
 run: build serve
 
-## test: the whole test suite
-test: venv
-	$(BIN)/ruff check .
+## test: the whole test suite: lint, the import contract (layers, no cycles), then every test
+test: lint
 	$(BIN)/python -m pytest
+
+## test-unit: the fast tests alone (no server, no browser, no container, no London data)
+test-unit: lint
+	$(BIN)/python -m pytest tests/unit
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 ## bench: the benchmark suite on the London data and generated vectors (bench/results.json, BENCHMARKS.md)
 LONDON ?= ../shared/datasets/london

@@ -1,4 +1,8 @@
-"""The FastAPI application: the index is loaded once, in the lifespan, never at import time."""
+"""The FastAPI application: the index is loaded once, in the lifespan, never at import time.
+
+The server imports the query path (search/) and what it stands on, never the build stack: no
+training, demo-data generation, evaluation or TensorFlow (tests/unit/test_layers.py checks).
+"""
 
 from __future__ import annotations
 
@@ -15,23 +19,13 @@ from app.core.limits import MULTIPART_OVERHEAD, BodySizeLimitMiddleware
 from app.errors import install_handlers
 from app.openapi import install_docs, install_openapi
 from app.state import ServiceState
+from common.threads import limit_malloc_arenas, single_threaded_kernels
 from dataset.layout import DatasetError
 from indexer import store
-from pipeline.build import index_family
-from pipeline.live import LiveIndex
-from pipeline.runtime import limit_malloc_arenas, single_threaded_kernels
-from pipeline.searcher import Searcher
+from retrieval.live import LiveIndex
+from retrieval.query import warm_up
 
 log = logging.getLogger(__name__)
-
-
-def load_searcher(settings: Settings) -> Searcher:
-    """The searcher of the current index version for the configured data folder and preset."""
-    root = settings.data_root
-    if not (root / "database" / "database.json").is_file():
-        raise DatasetError(f"data folder {root} not found or not in the course layout")
-    family = index_family(settings.artifacts, root, settings.preset)
-    return Searcher(store.load(store.current_version(family)))
 
 
 def live_index(settings: Settings) -> LiveIndex:
@@ -39,7 +33,7 @@ def live_index(settings: Settings) -> LiveIndex:
     root = settings.data_root
     if not (root / "database" / "database.json").is_file():
         raise DatasetError(f"data folder {root} not found or not in the course layout")
-    return LiveIndex(index_family(settings.artifacts, root, settings.preset))
+    return LiveIndex(store.index_family(settings.artifacts, root, settings.preset))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -53,18 +47,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServiceState(settings=settings)
         app.state.service = state
-        # Per process, so in every uvicorn worker (measured faster on 2 cores, see pipeline/runtime.py).
+        # Per process, so in every uvicorn worker (measured faster on 2 cores, see common/threads.py).
         single_threaded_kernels()
         try:
             # Kept even when the load fails: it picks up the next version published.
             state.live = live_index(settings)
             # Count and size every version this worker swaps in later, not only the first.
-            state.live.on_swap = lambda s: app.state.metrics.index_loaded(s.conf["preset"], s.size)
+            state.live.on_swap = lambda s: app.state.metrics.index_loaded(s.preset, s.size)
             searcher = state.live.load_now()
-            searcher.warm_up()
+            warm_up(searcher)
             state.not_ready_reason = None
-            app.state.metrics.index_loaded(searcher.conf["preset"], searcher.size)
-            log.info("serving index %s (%d images)", searcher.loaded.version, searcher.size)
+            app.state.metrics.index_loaded(searcher.preset, searcher.size)
+            log.info("serving index %s (%d images)", searcher.version, searcher.size)
         except (store.IndexLoadError, DatasetError, OSError, ValueError) as e:
             # Stay up and say why on /readyz rather than serve a missing or corrupt index.
             state.not_ready_reason = str(e)
@@ -85,11 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
     # Cap the body as it streams in, before Starlette spools a multipart part to disk.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
-    # After the other middleware, so it is outermost: request id, request log line, HTTP metrics, /metrics.
+    # After the other middleware, so it is outermost: request id, request log line, HTTP metrics.
     observability.install(app)
-    app.include_router(search.router)
-    app.include_router(metrics.router)
-    app.include_router(health.router)
-    app.include_router(web.router)
-    app.include_router(images.router)
+    for routes in (search, metrics, health, web, images):
+        app.include_router(routes.router)
     return app

@@ -14,7 +14,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.schemas import error_response
+from app.errors import documented
 
 _FASTAPI_422 = "#/components/schemas/HTTPValidationError"
 
@@ -24,7 +24,7 @@ def _invalid(op: dict[str, Any]) -> dict[str, Any]:
     params = op.get("parameters") or [{"in": "body", "name": "file", "schema": {}}]
     p = params[0]
     detail = f"{p['in']}.{p['name']}: Input should be a valid {p.get('schema', {}).get('type', 'value')}"
-    out = error_response("Invalid parameters", ("invalid_request", detail))
+    out = documented("invalid_request", example={"invalid_request": detail})[422]
     del out["model"]  # a plain OpenAPI entry here, not FastAPI's shorthand
     out["content"]["application/json"]["schema"] = {"$ref": "#/components/schemas/ErrorResponse"}
     return out

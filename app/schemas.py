@@ -1,4 +1,4 @@
-"""Response bodies of the HTTP API (kept apart from the domain types in pipeline/)."""
+"""Response bodies of the HTTP API (kept apart from the domain types of search/ and indexer/)."""
 
 from __future__ import annotations
 
@@ -48,12 +48,6 @@ _UNKNOWN = dict.fromkeys(("easting", "northing", "heading", "latitude", "longitu
 
 def _examples(*examples: dict) -> ConfigDict:
     return ConfigDict(json_schema_extra={"examples": list(examples)})
-
-
-def error_response(description: str, *examples: tuple[str, str]) -> dict:
-    """An entry of a route's `responses`: the error body, with one named example per (code, detail)."""
-    named = {code: {"value": {"code": code, "detail": detail}} for code, detail in examples}
-    return {"model": ErrorResponse, "description": description, "content": {"application/json": {"examples": named}}}
 
 
 class Location(BaseModel):

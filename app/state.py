@@ -5,26 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app.core.config import Settings
-from pipeline.live import LiveIndex
-from pipeline.searcher import Searcher
+from retrieval.live import LiveIndex
+from retrieval.searcher import Searcher
 
 
 @dataclass
 class ServiceState:
     settings: Settings
-    # Follows CURRENT and the change log of the index family (pipeline/live.py); None when the data
+    # Follows CURRENT and the change log of the index family (retrieval/live.py); None when the data
     # folder itself is missing.
     live: LiveIndex | None = None
     not_ready_reason: str | None = "starting"
 
-    @property
-    def searcher(self) -> Searcher | None:
-        """The searcher as of the last refresh; a request should keep the one it got."""
-        return None if self.live is None else self.live.searcher
-
-    def refresh(self) -> Searcher | None:
-        """Catch up with versions and changes published by any process (cheap when there are none)."""
-        return None if self.live is None else self.live.refresh()
+    def sync(self) -> Searcher | None:
+        """The searcher as of now, with versions and changes published by any process (two stat calls
+        when there are none); a request should keep the one it got."""
+        return None if self.live is None else self.live.sync()
 
     @property
     def reason(self) -> str | None:

@@ -32,6 +32,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from common.clock import utc_timestamp
+
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
 CHUNK = 65536
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         gen = Generator(real, max(1, n // args.per_place), args.spread, args.seed)
         ann["sizes"][str(n)] = run_size(gen, n, args.queries, args.timed, args.hnsw_max, args.seed)
-    ann["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    ann["created"] = utc_timestamp()
     ann["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     results = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
     results["ann"] = ann

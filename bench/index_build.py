@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Index build time of all map images, from their files, with N worker processes.
 
-    python bench/index_build.py --data ../shared/datasets/london --workers 2
+    python bench/index_build.py --data ../shared/datasets/london --jobs 2
 
 What `imgsearch index` does per map image, with the fitted vocabulary and encoder of the served
 index version (so no k-means or training is timed), in a fresh temporary folder so no cache helps:
@@ -29,14 +29,14 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from app.core.config import Settings
+from common.parallel import map_files
 from dataset.layout import DatasetError, load_dataset
 from features.decode import ImageDecodeError
-from features.extract import image_to_features, map_files
+from features.extract import image_to_features
 from features.orb import NoKeypointsError
-from features.vectorize import Vectorizer
 from indexer import store
 from indexer.build import build_map_features
-from pipeline.build import index_family
+from model.vectorize import Vectorizer
 
 BATCH = 64
 
@@ -55,9 +55,11 @@ def _map_vector(path: str, conf: dict[str, Any]) -> np.ndarray | None:
     return _vectorizer(conf["vectorizer_path"], json.dumps(conf["vector"], sort_keys=True))(features)
 
 
-def build(settings: Settings, workers: int) -> dict[str, Any]:
+def build(settings: Settings, jobs: int) -> dict[str, Any]:
     dataset = load_dataset(settings.data_root)
-    loaded = store.load(store.current_version(index_family(settings.artifacts, settings.data_root, settings.preset)))
+    loaded = store.load(
+        store.current_version(store.index_family(settings.artifacts, settings.data_root, settings.preset))
+    )
     conf = dict(loaded.manifest["conf"]) | {"vectorizer_path": str(loaded.directory / "vectorizer.npz")}
     files = [dataset.image_path(p) for p in dataset.database.paths]
     for f in files:  # the same page cache for every run: read each file once before timing
@@ -71,14 +73,14 @@ def build(settings: Settings, workers: int) -> dict[str, Any]:
 
     def flush() -> None:
         if batch:
-            # While the workers run, one BLAS thread here: the cores are theirs.
-            with threadpool_limits(1 if workers > 1 else None):
+            # While the worker processes run, one BLAS thread here: the cores are theirs.
+            with threadpool_limits(1 if jobs > 1 else None):
                 emb = encoder.embed(np.stack(batch))
             index.add_with_ids(emb, np.array(ids, dtype=np.int64))
             batch.clear()
             ids.clear()
 
-    for i, vec in enumerate(map_files(_map_vector, files, conf, workers, desc="vectors")):
+    for i, vec in enumerate(map_files(_map_vector, files, conf, jobs, desc="vectors")):
         batch.append(vec if vec is not None else np.zeros(encoder.input_dim, np.float32))
         ids.append(i)
         if len(batch) == BATCH:
@@ -87,12 +89,12 @@ def build(settings: Settings, workers: int) -> dict[str, Any]:
     vectors_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="imgsearch-bench-") as tmp:
         t1 = time.perf_counter()
-        map_features = build_map_features(loaded.manifest["conf"], dataset, vectorizer, Path(tmp), workers)
+        map_features = build_map_features(loaded.manifest["conf"], dataset, vectorizer, Path(tmp), jobs)
         verify_s = time.perf_counter() - t1
     self_, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime - cpu0
     return {
-        "workers": workers,
+        "jobs": jobs,
         "images": len(files),
         "indexed": int(index.ntotal),
         "verify_keypoints": len(map_features.xy),
@@ -109,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--artifacts", type=Path, default=Path(__file__).resolve().parents[1] / "artifacts")
     p.add_argument("--preset", default=Settings().preset)
-    p.add_argument("--workers", type=int, required=True)
+    p.add_argument("-j", "--jobs", type=int, required=True, help="feature extraction processes")
     args = p.parse_args(argv)
-    if args.workers < 1:
-        p.error("--workers must be >= 1")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     try:
-        result = build(Settings(data=args.data, artifacts=args.artifacts, preset=args.preset), args.workers)
+        result = build(Settings(data=args.data, artifacts=args.artifacts, preset=args.preset), args.jobs)
     except (DatasetError, store.IndexLoadError, OSError, ValueError) as e:
         print(f"index_build: {e} (build the index first: imgsearch build)", file=sys.stderr)
         return 2

@@ -42,19 +42,19 @@ import numpy as np
 from procstat import cpu_seconds, process_tree, rss_mb, stop_server
 
 from app.core.config import Settings
+from common.clock import utc_timestamp
+from common.presets import confs
+from common.threads import single_threaded_kernels
 from dataset.layout import DatasetError, load_dataset
 from dataset.split import load_split
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
 from indexer import store
-from pipeline.build import index_family
-from pipeline.presets import confs
-from pipeline.runtime import single_threaded_kernels
-from pipeline.searcher import Searcher
+from retrieval.query import STAGES, search_image, warm_up
+from retrieval.searcher import Searcher
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-STAGES = ("decode", "features", "encode", "search", "verify")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 WRK_HINT = "wrk is not installed: apt-get install -y wrk (Debian), or run `make bench` as root"
 
@@ -67,7 +67,7 @@ def free_port() -> int:
 
 def load_searcher(settings: Settings) -> Searcher:
     """The served index version, loaded as the service loads it (without importing the app)."""
-    family = index_family(settings.artifacts, settings.data_root, settings.preset)
+    family = store.index_family(settings.artifacts, settings.data_root, settings.preset)
     return Searcher(store.load(store.current_version(family)))
 
 
@@ -95,15 +95,16 @@ def machine() -> dict[str, Any]:
 def inprocess(settings: Settings, images: list[bytes]) -> dict[str, Any]:
     single_threaded_kernels()  # as every `imgsearch serve` worker runs it
     searcher = load_searcher(settings)
-    for data in images[:5]:  # warm-up: first calls allocate
+    warm_up(searcher)  # as the service does before it is ready
+    for data in images[:5]:  # and a few real queries: first calls allocate
         with contextlib.suppress(ImageDecodeError, NoKeypointsError):
-            searcher.search(data, 10)
+            search_image(searcher, data, 10)
     totals, cpu, stages = [], [], {s: [] for s in STAGES}
     for data in images:
         t: dict[str, float] = {}
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
-            searcher.rank(searcher.analyze(data, t), 10, t)
+            search_image(searcher, data, 10, timings=t)
         except (ImageDecodeError, NoKeypointsError):
             continue
         totals.append(time.perf_counter() - t0)
@@ -166,7 +167,7 @@ def serve_and_load(settings: Settings, image_files: list[Path], server_workers: 
     }
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve"],
+        [sys.executable, "-m", "cli.main", "serve"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -219,12 +220,12 @@ def serve_and_load(settings: Settings, image_files: list[Path], server_workers: 
 
 
 def index_build(args: argparse.Namespace) -> dict[str, Any]:
-    """All cores (one worker process per core), then one worker pinned to one core."""
+    """All cores (one extraction process per core), then one process pinned to one core."""
     cores = os.cpu_count() or 1
     runs = {}
-    for workers, cpus in ((cores, None), (1, {min(os.sched_getaffinity(0))})):
+    for jobs, cpus in ((cores, None), (1, {min(os.sched_getaffinity(0))})):
         cmd = [sys.executable, str(BENCH / "index_build.py"), "--data", str(args.data)]
-        cmd += ["--artifacts", str(args.artifacts), "--preset", args.preset, "--workers", str(workers)]
+        cmd += ["--artifacts", str(args.artifacts), "--preset", args.preset, "--jobs", str(jobs)]
         # Pinned before exec, so BLAS, OpenMP and OpenCV size their thread pools for one core.
         pin = (lambda c=cpus: os.sched_setaffinity(0, c)) if cpus else None
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, preexec_fn=pin).stdout
@@ -232,7 +233,7 @@ def index_build(args: argparse.Namespace) -> dict[str, Any]:
         if m is None:
             raise RuntimeError(f"no result from index_build.py:\n{out}")
         runs["all_cores" if cpus is None else "one_core"] = json.loads(m.group(1))
-        print(f"index build, {workers} worker(s): {runs['all_cores' if cpus is None else 'one_core']}", flush=True)
+        print(f"index build, {jobs} process(es): {runs['all_cores' if cpus is None else 'one_core']}", flush=True)
     return {
         "index_build_s": runs["all_cores"]["total_s"],
         "index_build_one_core_s": runs["one_core"]["total_s"],
@@ -434,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(ValueError, KeyError):
             result["ann"] = json.loads(args.out.read_text(encoding="utf-8"))["ann"]
     result["machine"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
-    result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result["created"] = utc_timestamp()
     result["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(result)]
     args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(write_markdown(args.markdown, result))

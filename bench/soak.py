@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     args = p.parse_args(argv)
 
-    from pipeline.presets import DEFAULT_PRESET
+    from common.presets import DEFAULT_PRESET
 
     data = args.data or (LONDON if (LONDON / "database" / "database.json").is_file() else None)
     if data is None:
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("IMGSEARCH_MAX_UPLOAD_MB", None)  # the default 10 MB cap: the over-cap uploads below rely on it
     # The server's request log (about 7 MB for 20,000 requests) goes to the temp folder, not the repo.
     log = open(Path(tempfile.gettempdir()) / "imgsearch-soak-server.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve"], cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 600
         while True:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,24 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
+class Location:
+    """Where a camera stood and looked: UTM metres and a compass heading in degrees (0 = north)."""
+
+    easting: float
+    northing: float
+    heading: float
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Location:
+        """From [easting, northing, heading] (a row of `ImageSet.loc`, a JSON list)."""
+        e, n, h = (float(v) for v in values)
+        return cls(e, n, h)
+
+    def as_list(self) -> list[float]:
+        return [self.easting, self.northing, self.heading]
+
+
+@dataclass(frozen=True)
 class ImageSet:
     """One side of the data set (map images or queries): paths relative to the root, and locations."""
 
@@ -27,6 +46,9 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def location(self, i: int) -> Location:
+        return Location.of(self.loc[i])
 
 
 @dataclass(frozen=True)

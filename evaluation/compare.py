@@ -1,9 +1,10 @@
 """Evaluation stage: compare presets on the same held-out area split, in one table and two figures.
 
-For each preset: build whatever is missing, then rank the test queries through the served pipeline
-(`Searcher.search`), and report R@1/5/10, P@5/10/20/50, mAP, nDCG@10 on fov, query latency and a
-per-query sign test of AP against the baseline preset; write a recall@k plot and a contact sheet of
-a few queries with their top 10 (relevant hits framed in green).
+For each preset's served index version (built beforehand: `imgsearch evaluate` builds what is
+missing), rank the queries of one split through the query path (retrieval/query.py) and report
+R@1/5/10, P@5/10/20/50, mAP, nDCG@10 on fov, query latency and a per-query sign test of AP against
+the baseline preset; write a recall@k plot and a contact sheet of a few queries with their top 10
+(relevant hits framed in green).
 """
 
 from __future__ import annotations
@@ -11,20 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common import plots
+from common.clock import utc_timestamp
+from common.metrics import recall_at_k, sign_test
 from dataset.layout import Dataset
 from dataset.split import load_split
-from evaluation import plots
-from evaluation.metrics import recall_at_k, sign_test
 from evaluation.run import Evaluation, evaluate_searcher
 from indexer import store
-from pipeline.build import index_family, run_index
-from pipeline.searcher import Searcher
+from retrieval.searcher import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +108,20 @@ def contact_sheet(
 
 
 def main(
-    presets: list[str],
+    versions: dict[str, Path],
     dataset: Dataset,
-    artifacts: Path,
     out_dir: Path,
     baseline: str = "orb-bow",
     split_name: str = "test",
-    workers: int | None = None,
 ) -> Path:
-    """Build (if needed) and evaluate every preset; write results.{md,json}, recall_at_k.png and a
-    contact sheet per preset into out_dir. Returns the markdown file."""
+    """Evaluate the index version of every preset (preset -> version folder); write results.{md,json},
+    recall_at_k.png and a contact sheet per preset into out_dir. Returns the markdown file."""
     out_dir.mkdir(parents=True, exist_ok=True)
     evals: dict[str, Evaluation] = {}
     results: dict[str, dict[str, Any]] = {}
     rows: np.ndarray | None = None
-    for preset in presets:
-        run_index(preset, dataset, artifacts, workers)
-        loaded = store.load(store.current_version(index_family(artifacts, dataset.root, preset)))
+    for preset, version in versions.items():
+        loaded = store.load(version)
         split = load_split(loaded.directory / "split.json", dataset.queries.paths)[split_name]
         if rows is not None and not np.array_equal(rows, split):
             raise ValueError(f"preset {preset} was split differently: presets must share the held-out split")
@@ -144,7 +141,7 @@ def main(
         "split": split_name,
         "queries": len(rows),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": utc_timestamp(),
     }
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "presets": results}, indent=1), encoding="utf-8")
     md = out_dir / "results.md"

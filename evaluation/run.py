@@ -1,4 +1,4 @@
-"""Evaluate a Searcher on ground-truth queries, through the same code path as POST /search."""
+"""Evaluate a Searcher on ground-truth queries, through the query path POST /search runs."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from common.clock import utc_timestamp
+from common.metrics import accuracy_within_margin, average_precision, summarize
 from dataset.layout import Dataset
-from evaluation.metrics import accuracy_within_margin, average_precision, summarize
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
-from pipeline.locate import estimate_location
-from pipeline.searcher import Searcher
+from retrieval.query import search_image
+from retrieval.searcher import Searcher
 
 KS = (1, 5, 10, 20, 50)
 MARGINS = (0.1, 0.05, 0.01)
@@ -41,7 +42,7 @@ def localisation_summary(error_m: np.ndarray) -> dict[str, float | None]:
 def evaluate_searcher(
     searcher: Searcher, dataset: Dataset, query_rows: np.ndarray, split_name: str, k_max: int = 50
 ) -> Evaluation:
-    """Rank every query with `searcher.search` (what POST /search runs) and score the rankings:
+    """Rank every query with `search_image` (what POST /search runs) and score the rankings:
     P@k and R@k, mAP, nDCG@10 on fov, and the published accuracy within margin of the predicted
     score against fov over every (query, map image) pair. Queries the pipeline rejects (no
     keypoints) count as returning nothing."""
@@ -57,16 +58,16 @@ def evaluate_searcher(
         t0 = time.perf_counter()
         data = dataset.image_path(dataset.queries.paths[q]).read_bytes()
         try:
-            query = searcher.analyze(data)
-            hits = searcher.rank(query, k_max)
+            # Location errors are in UTM metres, whatever the zone: the default zone will do.
+            result = search_image(searcher, data, k_max)
         except (ImageDecodeError, NoKeypointsError):
             rejected += 1
             continue
         finally:
             latency[qi] = (time.perf_counter() - t0) * 1000
-        ranked[qi, : len(hits)] = [h.id for h in hits]
-        all_scores[qi] = searcher.score_all(query)
-        est = estimate_location(hits, utm_epsg=32630)  # errors are in UTM metres; the zone does not matter
+        ranked[qi, : len(result.hits)] = [h.id for h in result.hits]
+        all_scores[qi] = searcher.score_all(result.query)
+        est = result.location
         if est.status == "estimated":
             truth = dataset.queries.loc[q]
             loc_error[qi] = np.hypot(est.easting - truth[0], est.northing - truth[1])
@@ -80,5 +81,5 @@ def evaluate_searcher(
     out.update(localisation_summary(loc_error))
     out["latency_ms_p50"] = round(float(np.median(latency)), 2) if len(latency) else None
     out["latency_ms_mean"] = round(float(latency.mean()), 2) if len(latency) else None
-    out["computed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out["computed_at"] = utc_timestamp()
     return Evaluation(out, ranked, average_precision(ranked, sim), latency)

@@ -1,28 +1,27 @@
 """Local ORB features of every image, packed in one file keyed by image path.
 
 Aggregated presets learn a vocabulary from them and the verification stage matches them; the service
-extracts the same features from an upload with `features.extract.image_to_features`.
+extracts the same features from an upload through the same `features.extract` functions.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.files import atomic_savez, sha256_bytes
+from common.parallel import map_files
+from common.presets import conf_hash
 from dataset.layout import Dataset
 from features.decode import ImageDecodeError
+from features.extract import image_to_features
 from features.orb import NoKeypointsError, OrbFeatures
-from pipeline.presets import conf_hash
 
 
 def _local_of_file(path: str, conf: dict[str, Any]) -> OrbFeatures | None:
-    from features.extract import image_to_features
-
     try:
         return image_to_features(Path(path).read_bytes(), conf)
     except (ImageDecodeError, NoKeypointsError):
@@ -60,17 +59,14 @@ class LocalStore:
         )
 
     def save(self, path: Path) -> Path:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(
-            tmp,
+        return atomic_savez(
+            path,
             names=np.array(self.names),
             offsets=self.offsets,
             xy=self.xy,
             descriptors=self.descriptors,
             heights=self.heights,
         )
-        os.replace(tmp, path)
-        return path
 
     @classmethod
     def load(cls, path: Path) -> LocalStore:
@@ -79,17 +75,15 @@ class LocalStore:
 
 
 def local_name(conf: dict[str, Any], names: list[str] | None = None) -> str:
-    which = "" if names is None else "-" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
+    which = "" if names is None else "-" + sha256_bytes("\n".join(names).encode())[:8]
     return f"local-orb-v2-{conf_hash(conf, 'image', 'features')}{which}.npz"
 
 
 def main(
-    conf: dict[str, Any], dataset: Dataset, out_dir: Path, workers: int | None = None, names: list[str] | None = None
+    conf: dict[str, Any], dataset: Dataset, out_dir: Path, jobs: int | None = None, names: list[str] | None = None
 ) -> Path:
-    """ORB keypoints and descriptors of `names` (default: all map and query images); returns the file
-    (reused if present)."""
-    from features.extract import map_files
-
+    """ORB keypoints and descriptors of `names` (default: all map and query images) in `jobs`
+    processes; returns the file (reused if present)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / local_name(conf, names)
     if out.exists():
@@ -97,7 +91,7 @@ def main(
     names = names if names is not None else dataset.database.paths + dataset.queries.paths
     files = [dataset.image_path(n) for n in names]
     xy, desc, counts, heights = [], [], [], []
-    for feats in map_files(_local_of_file, files, conf, workers, desc="ORB"):
+    for feats in map_files(_local_of_file, files, conf, jobs, desc="ORB"):
         n = 0 if feats is None else len(feats.xy)
         if n:
             xy.append(feats.xy)

@@ -1,46 +1,45 @@
-"""Indexing stage: embed every map image, build the FAISS index, store the verification keypoints,
-calibrate the scores and evaluate on held-out queries, then publish it all atomically."""
+"""Indexing stage: embed every map image, build the FAISS index and the verification keypoints
+(`build`), then publish it all as a new version, atomically (`publish`).
+
+Between the two, the caller may fit the verification head and measure the index on held-out queries
+through the query path (cli/stages.py does): both need the retrieval layer, which sits above this one.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.clock import utc_timestamp
+from common.files import sha256_bytes
+from common.presets import verify_features_conf
+from common.threads import single_threaded
 from dataset.layout import Dataset
-from dataset.split import load_split
-from evaluation.run import evaluate_searcher
 from features import local
-from features.decode import ImageDecodeError
-from features.extract import load_vectors, vectorizer_path
-from features.orb import NoKeypointsError
-from features.vectorize import Vectorizer
 from indexer import store
-from model.calibrate import fit_logistic
-from pipeline.encoder import NumpyEncoder
-from pipeline.presets import verify_features_conf
-from pipeline.runtime import single_threaded
-from pipeline.searcher import Searcher
-from verification.geometric import MapFeatures, Verifier
+from model.encoder import NumpyEncoder
+from model.vectorize import Vectorizer
+from model.vectors import load_vectors, vectorizer_path
+from model.verify import MapFeatures, Verifier
 
 log = logging.getLogger(__name__)
 
-
-def family_dir(artifacts_data_dir: Path, preset: str) -> Path:
-    return artifacts_data_dir / f"index-{preset}"
+# Until validation queries calibrate it: closer and more inliers = more relevant.
+PRIOR_VERIFY_HEAD = [-2.0, 1.0, 0.0]
 
 
 def build_map_features(
-    conf: dict[str, Any], dataset: Dataset, vectorizer: Vectorizer, out_root: Path, workers: int | None
+    conf: dict[str, Any], dataset: Dataset, vectorizer: Vectorizer, out_root: Path, jobs: int | None
 ) -> MapFeatures:
     """Verification keypoints of every map image, with their visual words."""
     vconf = verify_features_conf(conf)
-    local_store = local.LocalStore.load(local.main(vconf, dataset, out_root, workers, names=dataset.database.paths))
+    local_store = local.LocalStore.load(local.main(vconf, dataset, out_root, jobs, names=dataset.database.paths))
     row = local_store.row_of()
     feats = [local_store.get(row[p]) for p in dataset.database.paths]
     with single_threaded():  # thousands of small searches: library threads only add overhead
@@ -48,32 +47,31 @@ def build_map_features(
     return MapFeatures.build(list(range(len(dataset.database))), feats, words)
 
 
-def calibrate_verification(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> list[float]:
-    """Logistic head over (distance, log1p(inliers)) fitted on the shortlists of validation queries."""
-    feats, labels = [], []
-    for q in rows:
-        try:
-            query = searcher.analyze(dataset.image_path(dataset.queries.paths[q]).read_bytes())
-        except (ImageDecodeError, NoKeypointsError):
-            continue  # nothing to learn from this query
-        hits = searcher.search_embedding(query.embedding, searcher.verifier.conf["n"])
-        ids = [h.id for h in hits]
-        inl = searcher.verifier.inliers(query.verify_features, query.verify_words, ids)
-        feats.append(np.column_stack([[h.distance for h in hits], np.log1p(inl)]))
-        labels.append(dataset.sim[q, ids])
-    w = fit_logistic(np.concatenate(feats), np.concatenate(labels).astype(np.float64))
-    return [float(v) for v in w]
+@dataclass
+class StagedIndex:
+    """A complete index in memory, searchable, not yet published."""
+
+    loaded: store.LoadedIndex
+    family: Path
+    files: dict[str, Path]  # version file name -> where it is now
+    staged: list[Path] = field(default_factory=list)  # files written only to be copied in, removed after
+    t0: float = field(default_factory=time.time)
+
+    def set_verify_head(self, head: list[float]) -> None:
+        assert self.loaded.verifier is not None
+        self.loaded.verifier.head = np.asarray(head, np.float64)
+        self.loaded.manifest["verify_head"] = [float(v) for v in head]
 
 
-def main(
+def build(
     conf: dict[str, Any],
     dataset: Dataset,
     vectors_path: Path,
     model_dir: Path,
     out_root: Path,
-    workers: int | None = None,
-) -> Path:
-    """Build and publish a new index version of all map images; returns its folder."""
+    jobs: int | None = None,
+) -> StagedIndex:
+    """Embed all map images with the model in `model_dir` and stage a new index version of them."""
     t0 = time.time()
     encoder = NumpyEncoder.load(model_dir / "encoder.npz")
     vectorizer = Vectorizer.load(vectorizer_path(vectors_path), conf["vector"])
@@ -83,10 +81,7 @@ def main(
     # FAISS ids are the map images' rows in database.json, kept in the id map file as well.
     ids = np.arange(len(dataset.database), dtype=np.int64)
     index.add_with_ids(emb, ids)
-    images = [
-        store.ImageRecord(int(i), dataset.database.paths[i], tuple(float(v) for v in dataset.database.loc[i]))
-        for i in ids
-    ]
+    images = {int(i): store.ImageRecord(int(i), dataset.database.paths[i], dataset.database.location(i)) for i in ids}
     files = {
         "vectorizer.npz": vectorizer_path(vectors_path),
         "encoder.npz": model_dir / "encoder.npz",
@@ -100,30 +95,34 @@ def main(
         "model": model_dir.name,
         # The model's files and their hashes, as its own manifest lists them.
         "model_files": json.loads(model_manifest)["files"],
-        "model_manifest_sha256": hashlib.sha256(model_manifest.encode()).hexdigest(),
+        "model_manifest_sha256": sha256_bytes(model_manifest.encode()),
         "images_without_features": int((~ok).sum()),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    verifier = None
+    verifier, staged = None, []
     if conf["verify"] is not None:
-        map_features = build_map_features(conf, dataset, vectorizer, out_root, workers)
+        map_features = build_map_features(conf, dataset, vectorizer, out_root, jobs)
         files["verify.npz"] = map_features.save(out_root / f".verify-{conf['preset']}.npz")
-        # A prior head (closer and more inliers = more relevant) until validation queries calibrate it.
-        verifier = Verifier(conf["verify"], map_features, vectorizer.n_words, head=[-2.0, 1.0, 0.0])
-    by_id = {r.id: r for r in images}
-    loaded = store.LoadedIndex("unpublished", model_dir, manifest, index, by_id, vectorizer, encoder, verifier)
-    if dataset.sim is not None:
-        split = load_split(model_dir / "split.json", dataset.queries.paths)
-        # One query at a time, as the service runs them: single-threaded kernels are faster per query.
-        with single_threaded():
-            if verifier is not None:
-                verifier.head = np.asarray(calibrate_verification(Searcher(loaded), dataset, split["val"]))
-                manifest["verify_head"] = verifier.head.tolist()
-            # Retrieval quality of this index on held-out queries, computed once here, served by the API.
-            manifest["metrics"] = evaluate_searcher(Searcher(loaded), dataset, split["test"], "test").summary
-    manifest["build_seconds"] = round(time.time() - t0, 2)
-    out = store.publish(family_dir(out_root, conf["preset"]), index, images, files, manifest)
-    if "verify.npz" in files:
-        files["verify.npz"].unlink()  # staged here only to be copied into the version folder
-    log.info("published index %s (%d images)", out, index.ntotal)
+        staged.append(files["verify.npz"])
+        verifier = Verifier(conf["verify"], map_features, vectorizer.n_words, head=PRIOR_VERIFY_HEAD)
+        manifest["verify_head"] = PRIOR_VERIFY_HEAD
+    family = store.family_dir(out_root, conf["preset"])
+    loaded = store.LoadedIndex(
+        "unpublished", family / "unpublished", manifest, index, images, vectorizer, encoder, verifier
+    )
+    return StagedIndex(loaded, family, files, staged, t0)
+
+
+def publish(staged: StagedIndex, metrics: dict[str, Any] | None = None) -> Path:
+    """Publish a staged index as the family's new current version (with its held-out `metrics`,
+    if measured); returns the version folder."""
+    manifest = dict(staged.loaded.manifest, created=utc_timestamp(), build_seconds=round(time.time() - staged.t0, 2))
+    if metrics is not None:
+        manifest["metrics"] = metrics
+    images = [staged.loaded.images[i] for i in sorted(staged.loaded.images)]
+    try:
+        out = store.publish(staged.family, staged.loaded.index, images, staged.files, manifest)
+    finally:
+        for f in staged.staged:
+            f.unlink(missing_ok=True)
+    log.info("published index %s (%d images)", out, staged.loaded.index.ntotal)
     return out

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.store import fsync_directory
+from common.files import atomic_write, confined_file, fsync_directory, json_digest, npz_bytes, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +43,7 @@ class ChangeLogError(RuntimeError):
 
 
 def _digest(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    return json_digest(body, 16, compact=True)
 
 
 def encode_line(body: dict[str, Any]) -> bytes:
@@ -84,29 +82,19 @@ class Tail:
     bad_lines: int = 0
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write a file under its final name atomically and durably (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of its own per writer: two threads may store the same content at once.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
-
-
 class ChangeLog:
     def __init__(self, family: Path) -> None:
         self.family = family
         self.path = family / LOG_NAME
 
-    def size(self) -> int:
+    def key(self) -> tuple[int, int] | None:
+        """(size, mtime) of the log, None while there is none: it changes with every append (and with
+        the cut of a torn line), so a reader can tell with one stat call whether to read again."""
         try:
-            return os.stat(self.path).st_size
+            st = os.stat(self.path)
         except FileNotFoundError:
-            return 0
+            return None
+        return (st.st_size, st.st_mtime_ns)
 
     def read(self, offset: int = 0) -> Tail:
         """Complete lines from `offset` on; a torn last line (no newline yet) is left for later."""
@@ -164,20 +152,18 @@ class ChangeLog:
 
     def store_upload(self, data: bytes, ext: str) -> str:
         """Keep the bytes of an added image; returns its path relative to the family folder."""
-        rel = f"{UPLOADS}/{hashlib.sha256(data).hexdigest()}.{ext}"
+        rel = f"{UPLOADS}/{sha256_bytes(data)}.{ext}"
         path = self.family / rel
         if not path.is_file() or path.stat().st_size != len(data):
-            _write_durably(path, data)
+            atomic_write(path, data)
         return rel
 
     def store_arrays(self, arrays: dict[str, np.ndarray]) -> tuple[str, str]:
         """Keep an added image's embedding and keypoints; returns (relative path, sha256)."""
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        data = buf.getvalue()
-        digest = hashlib.sha256(data).hexdigest()
+        data = npz_bytes(**arrays)
+        digest = sha256_bytes(data)
         rel = f"{CACHE}/{digest}.npz"
-        _write_durably(self.family / rel, data)
+        atomic_write(self.family / rel, data)
         return rel, digest
 
     def load_arrays(self, rel: str, digest: str) -> dict[str, np.ndarray] | None:
@@ -189,13 +175,11 @@ class ChangeLog:
             data = path.read_bytes()
         except OSError:
             return None
-        if hashlib.sha256(data).hexdigest() != digest:
+        if sha256_bytes(data) != digest:
             return None
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
     def resolve(self, rel: str) -> Path | None:
         """A side file named in the log, confined to the family folder."""
-        root = self.family.resolve()
-        path = (root / rel).resolve()
-        return path if path.is_relative_to(root) and path.is_file() else None
+        return confined_file(self.family, rel)

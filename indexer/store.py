@@ -1,33 +1,36 @@
 """Index persistence: versioned folders with a manifest and checksums, published by atomic rename.
 
-Layout of one index family (one data folder, one preset):
+Layout of one index family (one data folder, one preset), under <artifacts>/<data tag>/:
     index-<preset>/CURRENT            name of the served version (replaced atomically)
     index-<preset>/v<time>/index.faiss
                           /images.json   FAISS id -> map image (path, location): the saved id map
                           /vectorizer.npz the fitted vectorizer (vocabulary, idf) for queries
                           /encoder.npz   the encoder the embeddings came from (queries use the same)
+                          /verify.npz    verification keypoints of the map images (presets that verify)
                           /split.json    the model's train/val/test queries (metrics use the test ones)
                           /manifest.json preset, conf, model hash, count, dim, checksums, metrics
+    index-<preset>/changes.log, uploads/, changes/   online changes (indexer/changes.py)
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from features.vectorize import Vectorizer
-from pipeline.encoder import NumpyEncoder
-from verification.geometric import MapFeatures, Verifier
+from common.clock import version_stamp
+from common.files import atomic_write_text, confined_file, fsync_directory, fsync_files, json_digest, sha256_file
+from dataset.layout import Location, data_tag
+from model.encoder import NumpyEncoder
+from model.vectorize import Vectorizer
+from model.verify import MapFeatures, Verifier
 
 KEEP_VERSIONS = 2  # the served one and the previous one, for rollback
 
@@ -36,32 +39,50 @@ class IndexLoadError(RuntimeError):
     """The index on disk is missing, corrupt, or does not match its manifest."""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+class RollbackError(IndexLoadError):
+    """There is no kept version to roll back to, or it does not load."""
+
+
+def data_dir(artifacts: Path, data_root: Path) -> Path:
+    """Where the artifacts of one data folder live (named by the folder and a hash of its index files)."""
+    return artifacts / data_tag(data_root)
+
+
+def family_dir(data_artifacts: Path, preset: str) -> Path:
+    """The index family of a preset in a data folder's artifacts: its versions, CURRENT, change log."""
+    return data_artifacts / f"index-{preset}"
+
+
+def index_family(artifacts: Path, data_root: Path, preset: str) -> Path:
+    """The index family served for a data folder and preset (what IMGSEARCH_* settings name)."""
+    return family_dir(data_dir(artifacts, data_root), preset)
 
 
 @dataclass(frozen=True)
 class ImageRecord:
     id: int
     path: str
-    loc: tuple[float, float, float]  # easting, northing, heading
+    loc: Location
     # Added online (POST /images): path is then relative to the index family folder
     # (uploads/<sha256>.<ext>), not to the data folder.
     uploaded: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "path": self.path, "loc": list(self.loc)}
+        out: dict[str, Any] = {"id": self.id, "path": self.path, "loc": self.loc.as_list()}
         if self.uploaded:
             out["uploaded"] = True
         return out
 
     @classmethod
     def from_json(cls, r: dict[str, Any]) -> ImageRecord:
-        return cls(int(r["id"]), str(r["path"]), tuple(float(v) for v in r["loc"]), bool(r.get("uploaded", False)))
+        return cls(int(r["id"]), str(r["path"]), Location.of(r["loc"]), bool(r.get("uploaded", False)))
+
+
+def image_file(rec: ImageRecord, family: Path, data_root: Path) -> Path | None:
+    """The file of a map image, or None if it is missing. Map images resolve under the data folder,
+    images added online under the index family (their stored upload); either way the path is
+    confined to that folder: paths from an id map are still not trusted."""
+    return confined_file(family if rec.uploaded else data_root, rec.path)
 
 
 @dataclass
@@ -74,6 +95,19 @@ class LoadedIndex:
     vectorizer: Vectorizer
     encoder: NumpyEncoder
     verifier: Verifier | None = None
+
+    @property
+    def family(self) -> Path:
+        """The index family folder (versions, CURRENT, change log, uploads)."""
+        return self.directory.parent
+
+    @property
+    def embedding_key(self) -> str:
+        """Identifies what turns image bytes into this index's vectors: embeddings stored with an online
+        change are reused only by a version with the same key; other versions embed the image again."""
+        sums = self.manifest.get("checksums", {})
+        parts = [sums.get("encoder.npz"), sums.get("vectorizer.npz"), self.manifest["conf"]]
+        return json_digest(parts, 16, default=str)
 
 
 def new_flat_index(dim: int) -> faiss.Index:
@@ -102,7 +136,7 @@ def _publish_locked(
     family: Path, index: faiss.Index, images: list[ImageRecord], files: dict[str, Path], manifest: dict[str, Any]
 ) -> Path:
     # Names sort by creation time, so pruning and rollback can go by name.
-    version = "v" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+    version = version_stamp()
     while (family / version).exists():
         version += "x"
     tmp = family / f".{version}.tmp"
@@ -114,38 +148,13 @@ def _publish_locked(
     manifest = dict(manifest, version=version, count=int(index.ntotal), dim=int(index.d))
     manifest["checksums"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    _fsync_dir(tmp)
+    fsync_files(tmp)
     final = family / version
     os.replace(tmp, final)
     fsync_directory(family)
-    _write_atomic(family / "CURRENT", version)
+    atomic_write_text(family / "CURRENT", version)
     _prune(family, keep=KEEP_VERSIONS)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def fsync_directory(path: Path) -> None:
-    """Make renames and new entries in a folder durable (the files' own data needs its own fsync)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
 
 
 def _prune(family: Path, keep: int) -> None:
@@ -175,10 +184,13 @@ def rollback(family: Path) -> Path:
     current = current_version(family)
     older = [v for v in versions(family) if v.name < current.name]
     if not older:
-        raise IndexLoadError(f"no version older than {current.name} is kept in {family}; nothing to roll back to")
+        raise RollbackError(f"no version older than {current.name} is kept in {family}; nothing to roll back to")
     target = older[-1]
-    load(target)  # refuse to point at a version that would not serve
-    _write_atomic(family / "CURRENT", target.name)
+    try:
+        load(target)  # refuse to point at a version that would not serve
+    except IndexLoadError as e:
+        raise RollbackError(f"the previous version {target.name} does not load: {e}") from e
+    atomic_write_text(family / "CURRENT", target.name)
     return target
 
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from common import plots
+from common.metrics import recall_at_k
 from dataset.layout import Dataset
 from dataset.relevance import fov_matrix
-from evaluation import plots
+from model.encoder import NumpyEncoder
 from model.projection import pca_projection
-from pipeline.encoder import NumpyEncoder
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,7 @@ def _recall(emb_q: np.ndarray, emb_d: np.ndarray, sim: np.ndarray) -> float:
     index = faiss.IndexFlatL2(emb_d.shape[1])
     index.add(np.ascontiguousarray(emb_d))
     _, top = index.search(np.ascontiguousarray(emb_q[keep]), 10)
-    hits = np.take_along_axis(sim[keep], top, axis=1)
-    return float(hits[:, :1].any(axis=1).mean() + hits.any(axis=1).mean())
+    return float(recall_at_k(top, sim[keep], 1).mean() + recall_at_k(top, sim[keep], 10).mean())
 
 
 def train_gcl(

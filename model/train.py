@@ -12,14 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from common import plots
+from common.clock import utc_timestamp
+from common.files import sha256_file
+from common.presets import conf_hash
 from dataset.layout import Dataset
 from dataset.split import save_split, split_queries
-from evaluation import plots
-from features.extract import load_vectors
-from indexer.store import sha256_file
 from model.calibrate import fit_sigmoid, pair_distances
-from pipeline.encoder import NumpyEncoder
-from pipeline.presets import conf_hash
+from model.encoder import NumpyEncoder
+from model.vectors import load_vectors
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, out_root: P
         **details,
         "train_seconds": round(time.time() - t0, 1),
         "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": utc_timestamp(),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     if out.exists():

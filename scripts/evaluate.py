@@ -21,11 +21,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from common.metrics import summarize
+from common.presets import DEFAULT_PRESET
 from dataset.layout import DatasetError, load_dataset
 from dataset.split import load_split
-from evaluation.metrics import summarize
 from evaluation.run import localisation_summary
-from pipeline.presets import DEFAULT_PRESET
 
 KS = (5, 10, 20, 50)
 
@@ -35,8 +35,7 @@ def split_rows(args: argparse.Namespace, query_paths: list[str]) -> np.ndarray:
         return np.arange(len(query_paths))
     split_file = args.split_file
     if split_file is None:
-        from indexer.store import current_version
-        from pipeline.build import index_family
+        from indexer.store import current_version, index_family
 
         split_file = current_version(index_family(args.artifacts, args.data, args.preset)) / "split.json"
     return load_split(split_file, query_paths)[args.split]

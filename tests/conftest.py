@@ -1,4 +1,10 @@
-"""Shared fixtures: real data folders, real artifacts, a real server on loopback."""
+"""Shared fixtures: real data folders, real artifacts, a real server on loopback.
+
+Tests are filed by kind, and each folder's tests carry its marker (registered in pyproject.toml):
+tests/unit (no server: functions, files, in-process), tests/service (real processes: the server over
+HTTP on loopback, the command line), tests/e2e (the London data, a real browser, real containers).
+`make test-unit` runs the first alone; `make test` runs everything.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LONDON = ROOT.parent / "shared" / "datasets" / "london"
+KINDS = ("unit", "service", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = item.path.parent.name
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/service or tests/e2e")
+        item.add_marker(getattr(pytest.mark, kind))
 
 
 def london_or_fail() -> Path:
@@ -42,10 +57,10 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Artifacts (features, model, index) of the paper preset built on the tiny synthetic data."""
-    from pipeline.build import build_all
+    from cli.stages import build_all
 
     artifacts = tmp_path_factory.mktemp("artifacts")
-    build_all(tiny_data, artifacts, "paper", workers=1)
+    build_all(tiny_data, artifacts, "paper", jobs=1)
     return artifacts
 
 
@@ -67,7 +82,7 @@ class Server:
             | {"IMGSEARCH_HOST": "127.0.0.1", "IMGSEARCH_PORT": str(self.port)}
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "serve"],
+            [sys.executable, "-m", "cli.main", "serve"],
             cwd=ROOT,
             env=full_env,
             stdout=subprocess.PIPE,

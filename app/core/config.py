@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.presets import DEFAULT_PRESET, confs
+from common.presets import DEFAULT_PRESET, confs
 
 MIN_ADMIN_KEY_LEN = 16
 

@@ -14,6 +14,8 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.errors import ERRORS, error_body
+
 log = logging.getLogger(__name__)
 
 # Multipart boundaries, part headers and small form fields around the one file of max_upload bytes.
@@ -35,13 +37,11 @@ def _declared_length(scope: Scope) -> int | None:
 
 
 async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps(
-        {"code": "too_large", "detail": f"request body exceeds {limit} bytes"}, separators=(",", ":")
-    ).encode()
+    body = json.dumps(error_body("too_large", f"request body exceeds {limit} bytes"), separators=(",", ":")).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": ERRORS["too_large"].status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

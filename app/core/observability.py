@@ -1,4 +1,5 @@
-"""Prometheus metrics (`GET /metrics`) and the request middleware: request id, one log line per request.
+"""Prometheus metrics (served at `GET /metrics` by app/api/routes/metrics.py) and the request middleware:
+request id, one log line per request.
 
 Metrics live in a registry of their own per app (several apps in one process do not collide).
 With several uvicorn workers, `imgsearch serve` sets PROMETHEUS_MULTIPROC_DIR before the workers
@@ -14,10 +15,9 @@ import time
 from collections.abc import Mapping
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
     PROCESS_COLLECTOR,
@@ -37,7 +37,6 @@ from app.core.logs import accept_request_id, request_fields_var, request_id_var
 
 log = logging.getLogger("imgsearch.request")
 
-STAGES = ("decode", "features", "encode", "search", "verify")
 # Stages take from well under a millisecond (search) to ~100 ms (features, verify) on the London data.
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -111,36 +110,6 @@ def get_metrics(request: Request) -> ServiceMetrics:
 
 
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
-
-router = APIRouter(tags=["observability"])
-
-_EXAMPLE = """\
-# HELP imgsearch_search_stage_seconds Time spent in each stage of the /search query pipeline
-# TYPE imgsearch_search_stage_seconds histogram
-imgsearch_search_stage_seconds_bucket{le="0.05",stage="features"} 12.0
-imgsearch_search_stage_seconds_count{stage="features"} 14.0
-# HELP http_requests_total Total number of requests by method, status and handler.
-# TYPE http_requests_total counter
-http_requests_total{handler="/search",method="POST",status="200"} 14.0
-"""
-
-
-@router.get(
-    "/metrics",
-    response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {"example": _EXAMPLE}}, "description": "Prometheus text"}},
-)
-def prometheus_metrics(request: Request, metrics: MetricsDep) -> Response:
-    """Prometheus metrics: requests and their latency by handler, method and status
-    (`http_requests_total`, `http_request_duration_seconds`), the latency of each stage of the query
-    pipeline (`imgsearch_search_stage_seconds{stage=decode|features|encode|search|verify}`), hits per
-    search and the index size. Summed over all worker processes."""
-    state = getattr(request.app.state, "service", None)
-    # The index changes while serving (new versions, online adds and deletes): report it as of now.
-    searcher = state.refresh() if state is not None else None
-    if searcher is not None:
-        metrics.index_size.labels(searcher.conf["preset"]).set(searcher.size)
-    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 class RequestContextMiddleware:
@@ -223,5 +192,4 @@ def install(app: FastAPI) -> ServiceMetrics:
     ).instrument(app)
     # Added last, so outermost: its id and its timing cover everything inside, the metrics included.
     app.add_middleware(RequestContextMiddleware)
-    app.include_router(router)
     return metrics

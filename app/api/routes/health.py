@@ -18,15 +18,15 @@ def healthz() -> Health:
 @router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
 def readyz(state: StateDep) -> Ready | JSONResponse:
     """An index is loaded and searchable; 503 with the reason otherwise."""
-    s = state.refresh()
+    s = state.sync()
     if s is None:
         body = Ready(status="not_ready", reason=state.reason, preset=state.settings.preset)
         return JSONResponse(body.model_dump(), status_code=503)
     warning = state.live.error if state.live is not None else None
     return Ready(
         status="ready",
-        preset=s.conf["preset"],
-        index_version=s.loaded.version,
+        preset=s.preset,
+        index_version=s.version,
         size=s.size,
         last_change=s.applied.seq,
         warning=warning,

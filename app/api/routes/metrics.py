@@ -1,33 +1,61 @@
+"""Both metrics endpoints: `/metrics` (Prometheus, how the service runs) and `/metrics/precision`
+(admin, how well it retrieves, measured on held-out queries when the index was built)."""
+
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.deps import ADMIN_ERRORS, NOT_READY_ERRORS, AdminDep, SearcherDep
-from app.errors import ApiError
-from app.schemas import PrecisionResponse, error_response
+from app.api.deps import AdminDep, SearcherDep
+from app.core.observability import MetricsDep
+from app.errors import ADMIN_ERRORS, ApiError, documented
+from app.schemas import PrecisionResponse
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["metrics"])
+
+_EXAMPLE = """\
+# HELP imgsearch_search_stage_seconds Time spent in each stage of the /search query pipeline
+# TYPE imgsearch_search_stage_seconds histogram
+imgsearch_search_stage_seconds_bucket{le="0.05",stage="features"} 12.0
+imgsearch_search_stage_seconds_count{stage="features"} 14.0
+# HELP http_requests_total Total number of requests by method, status and handler.
+# TYPE http_requests_total counter
+http_requests_total{handler="/search",method="POST",status="200"} 14.0
+"""
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"example": _EXAMPLE}}, "description": "Prometheus text"}},
+)
+def prometheus_metrics(request: Request, metrics: MetricsDep) -> Response:
+    """Prometheus metrics: requests and their latency by handler, method and status
+    (`http_requests_total`, `http_request_duration_seconds`), the latency of each stage of the query
+    pipeline (`imgsearch_search_stage_seconds{stage=decode|features|encode|search|verify}`), hits per
+    search and the index size. Summed over all worker processes."""
+    # The index changes while serving (new versions, online adds and deletes): report it as of now.
+    # (An app without the service state, e.g. observability's own tests, still reports the rest.)
+    state = getattr(request.app.state, "service", None)
+    searcher = state.sync() if state is not None else None
+    if searcher is not None:
+        metrics.index_size.labels(searcher.preset).set(searcher.size)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get(
     "/metrics/precision",
     response_model=PrecisionResponse,
     dependencies=[AdminDep],
-    responses={
-        **ADMIN_ERRORS,
-        404: error_response(
-            "The data folder has no ground truth",
-            ("no_metrics", "this index was built from data without ground truth"),
-        ),
-        **NOT_READY_ERRORS,
-    },
+    responses=documented(*ADMIN_ERRORS, "no_metrics", "not_ready"),
 )
 def precision(searcher: SearcherDep) -> PrecisionResponse:
     """Retrieval quality of the served index on the held-out test queries, computed at index time
-    through the same pipeline as /search."""
+    through the same query path as /search."""
     m = searcher.loaded.manifest.get("metrics")
     if not m:
-        raise ApiError(404, "no_metrics", "this index was built from data without ground truth")
+        raise ApiError("no_metrics", "this index was built from data without ground truth")
     return PrecisionResponse(
         split=m["split"],
         n_queries=m["n_queries"],
@@ -40,6 +68,6 @@ def precision(searcher: SearcherDep) -> PrecisionResponse:
             k.removeprefix("accuracy_within_"): v for k, v in m.items() if k.startswith("accuracy_within_")
         },
         computed_at=m["computed_at"],
-        index_version=searcher.loaded.version,
-        preset=searcher.conf["preset"],
+        index_version=searcher.version,
+        preset=searcher.preset,
     )

@@ -7,29 +7,20 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import NOT_READY_ERRORS, SearcherDep, StateDep
-from app.api.uploads import IMAGE_ERRORS, image_errors, read_capped
+from app.api.deps import SearcherDep, StateDep
+from app.api.uploads import read_capped
 from app.core.logs import annotate_request
 from app.core.observability import MetricsDep
-from app.errors import ApiError
-from app.schemas import Location, QueryLocation, SearchResponse, SearchResult, error_response
-from pipeline.locate import estimate_location
-from pipeline.searcher import Hit
+from app.errors import IMAGE_ERRORS, ApiError, documented
+from app.schemas import Location, QueryLocation, SearchResponse, SearchResult
+from retrieval.query import search_image
 
 router = APIRouter(tags=["search"])
 
-_ERRORS = {
-    **IMAGE_ERRORS,
-    422: error_response(
-        "Bad parameters, or no keypoints in the image",
-        ("invalid_request", "query.k: Input should be less than or equal to 100"),
-        ("no_keypoints", "no ORB keypoints found in the image (blank or featureless?)"),
-    ),
-    **NOT_READY_ERRORS,
-}
 
-
-@router.post("/search", response_model=SearchResponse, responses=_ERRORS)
+@router.post(
+    "/search", response_model=SearchResponse, responses=documented(*IMAGE_ERRORS, "invalid_request", "not_ready")
+)
 async def search(
     request: Request,
     searcher: SearcherDep,
@@ -44,24 +35,21 @@ async def search(
     # (The form is already parsed and cached on the request; this reads it, it does not re-parse.)
     n_files = len((await request.form()).getlist("file"))
     if n_files != 1:
-        raise ApiError(422, "invalid_request", f"send exactly one multipart field 'file'; got {n_files}")
+        raise ApiError("invalid_request", f"send exactly one multipart field 'file'; got {n_files}")
     data = await read_capped(file, state.settings.max_upload_bytes)
     timings: dict[str, float] = {}  # seconds per pipeline stage, filled as the stages run
-
-    def run() -> list[Hit]:
-        return searcher.rank(searcher.analyze(data, timings), k, timings)
-
     try:
-        with image_errors():
-            # OpenCV and numpy release the GIL: run the pipeline off the event loop.
-            hits = await run_in_threadpool(run)
+        # OpenCV and numpy release the GIL: run the pipeline off the event loop.
+        result = await run_in_threadpool(
+            search_image, searcher, data, k, utm_epsg=state.settings.utm_epsg, timings=timings
+        )
     finally:
         # Also the stages a refused image went through (e.g. decode before no_keypoints).
         metrics.observe_stages(timings)
         if timings:
             annotate_request(timings_ms={stage: round(sec * 1000, 2) for stage, sec in timings.items()})
-    metrics.search_hits.observe(len(hits))
-    annotate_request(hits=len(hits))
+    metrics.search_hits.observe(len(result.hits))
+    annotate_request(hits=len(result.hits))
     results = [
         SearchResult(
             rank=h.rank,
@@ -70,16 +58,15 @@ async def search(
             score=h.score,
             distance=h.distance,
             inliers=h.inliers,
-            location=Location(easting=h.loc[0], northing=h.loc[1], heading=h.loc[2]),
+            location=Location.model_validate(h.location, from_attributes=True),
         )
-        for h in hits
+        for h in result.hits
     ]
-    estimate = estimate_location(hits, state.settings.utm_epsg)
     return SearchResponse(
         results=results,
-        query_location=QueryLocation(**dataclasses.asdict(estimate)),
+        query_location=QueryLocation(**dataclasses.asdict(result.location)),
         k=k,
-        preset=searcher.conf["preset"],
-        index_version=searcher.loaded.version,
+        preset=result.preset,
+        index_version=result.index_version,
         took_ms=round((time.perf_counter() - t0) * 1000, 2),
     )

@@ -12,10 +12,11 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 from PIL import Image, ImageOps
 
-from app.api.deps import NOT_READY_ERRORS, SearcherDep, StateDep, image_not_found
-from app.errors import ApiError
-from app.schemas import error_response
+from app.api.deps import SearcherDep, StateDep
+from app.errors import ApiError, documented
 from features.decode import MAX_PIXELS
+from indexer.store import image_file
+from retrieval.live import UnknownImageError
 
 router = APIRouter(tags=["web"])
 
@@ -39,7 +40,7 @@ def page() -> FileResponse:
 @router.get("/web/{name}", include_in_schema=False)
 def asset(name: str) -> FileResponse:
     if name not in _ASSETS:
-        raise ApiError(404, "not_found", f"no such file: {name}")
+        raise ApiError("not_found", f"no such file: {name}")
     return FileResponse(WEB_DIR / name, media_type=_ASSETS[name], headers={"Cache-Control": "no-cache"})
 
 
@@ -63,15 +64,13 @@ def make_thumbnail(path: Path, side: int = THUMB_SIDE) -> bytes:
     response_class=Response,
     responses={
         200: {"content": {"image/jpeg": {}}, "description": f"JPEG, longer side at most {THUMB_SIDE} px"},
-        404: error_response(
-            "No map image with this id, or its file is unavailable",
-            ("not_found", "no map image with id 7"),
-            ("image_unavailable", "the file of map image 7 is not available"),
+        **documented(
+            "not_found",
+            "image_unavailable",
+            "invalid_request",
+            "not_ready",
+            example={"invalid_request": "path.image_id: Input should be a valid integer"},
         ),
-        422: error_response(
-            "The id is not an integer", ("invalid_request", "path.image_id: Input should be a valid integer")
-        ),
-        **NOT_READY_ERRORS,
     },
 )
 def thumbnail(
@@ -80,14 +79,15 @@ def thumbnail(
     state: StateDep,
 ) -> Response:
     """A small JPEG of a map image of the served index."""
-    if image_id not in searcher.images:
-        raise image_not_found(image_id)
-    # The path comes from the index's id map, yet is still confined to its folder (Searcher.image_file).
-    path = searcher.image_file(image_id, state.settings.data_root)
+    rec = searcher.images.get(image_id)
+    if rec is None:
+        raise UnknownImageError(image_id)
+    # The path comes from the index's id map, yet is still confined to its folder.
+    path = image_file(rec, searcher.loaded.family, state.settings.data_root)
     if path is None:
-        raise ApiError(404, "image_unavailable", f"the file of map image {image_id} is not available")
+        raise ApiError("image_unavailable", f"the file of map image {image_id} is not available")
     try:
         data = make_thumbnail(path)
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ApiError(404, "image_unavailable", f"the file of map image {image_id} cannot be read") from e
+        raise ApiError("image_unavailable", f"the file of map image {image_id} cannot be read") from e
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})

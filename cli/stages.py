@@ -1,0 +1,76 @@
+"""Build whatever is missing, in order: demo data -> features -> vectors -> model -> index.
+
+Each stage is skipped when its artifact (named by the settings that produced it) already exists.
+The index stage is composed here because it spans layers: the indexer stages the index, the search
+layer fits the verification head through the query path, the evaluation measures it on the held-out
+test queries, and only then does the indexer publish it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.presets import get_conf
+from common.threads import single_threaded
+from dataset import synthetic
+from dataset.layout import Dataset, load_dataset
+from dataset.split import load_split
+from evaluation.run import evaluate_searcher
+from indexer import build as index_build
+from indexer import store
+from model import train, vectors
+from retrieval.calibrate import fit_verify_head
+from retrieval.searcher import Searcher
+
+
+def ensure_data(data: Path | None, demo_dir: Path) -> Path:
+    """The data folder to use: the given one, or the demo data (generated when missing)."""
+    if data is not None:
+        return data
+    return synthetic.main(demo_dir, synthetic.confs["demo"])
+
+
+def run_vectors(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None = None) -> Path:
+    return vectors.main(get_conf(preset), dataset, store.data_dir(artifacts, dataset.root), jobs)
+
+
+def run_train(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None = None) -> Path:
+    vectors_path = run_vectors(preset, dataset, artifacts, jobs)
+    return train.main(get_conf(preset), dataset, vectors_path, store.data_dir(artifacts, dataset.root))
+
+
+def _current_matches(family: Path, model_dir: Path, conf: dict) -> Path | None:
+    try:
+        current = store.current_version(family)
+        manifest = json.loads((current / "manifest.json").read_text(encoding="utf-8"))
+    except (store.IndexLoadError, OSError, json.JSONDecodeError):
+        return None  # nothing usable yet: build it
+    return current if manifest.get("model") == model_dir.name and manifest.get("conf") == conf else None
+
+
+def run_index(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None = None, force: bool = False) -> Path:
+    """The current index version of `preset`, built and published unless one of the same model and
+    settings is current already (or `force`)."""
+    conf = get_conf(preset)
+    out_root = store.data_dir(artifacts, dataset.root)
+    vectors_path = vectors.main(conf, dataset, out_root, jobs)
+    model_dir = train.main(conf, dataset, vectors_path, out_root)
+    if not force and (current := _current_matches(store.family_dir(out_root, preset), model_dir, conf)):
+        return current
+    staged = index_build.build(conf, dataset, vectors_path, model_dir, out_root, jobs)
+    metrics = None
+    if dataset.sim is not None:
+        split = load_split(model_dir / "split.json", dataset.queries.paths)
+        # One query at a time, as the service runs them: single-threaded kernels are faster per query.
+        with single_threaded():
+            if staged.loaded.verifier is not None:
+                staged.set_verify_head(fit_verify_head(Searcher(staged.loaded), dataset, split["val"]))
+            # Retrieval quality of this index on held-out queries, computed once here, served by the API.
+            metrics = evaluate_searcher(Searcher(staged.loaded), dataset, split["test"], "test").summary
+    return index_build.publish(staged, metrics)
+
+
+def build_all(data: Path | None, artifacts: Path, preset: str, jobs: int | None = None) -> Path:
+    root = ensure_data(data, artifacts / "demo-data")
+    return run_index(preset, load_dataset(root), artifacts, jobs)

@@ -1,0 +1,100 @@
+"""Files written whole or not at all, checksums, and paths that must stay inside a folder.
+
+Every artifact (feature caches, models, index versions, the change log's side files) is written
+through here: to a temporary name in the same folder, then renamed over the final name, so a crash
+never leaves a half-written file under a name a reader trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def fsync_directory(path: Path) -> None:
+    """Make renames and new entries in a folder durable (the files' own data needs its own fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_files(folder: Path) -> None:
+    """fsync every file directly in `folder` (before the folder is renamed into place)."""
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> Path:
+    """Write `data` under `path` atomically; `durable` also fsyncs the file and its folder, so the
+    write survives a power cut once this returns (what an acknowledged change needs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A name of its own per writer: two threads or processes may write the same file at once.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_directory(path.parent)
+    return path
+
+
+def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> Path:
+    return atomic_write(path, text.encode("utf-8"), durable=durable)
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    """The bytes of an uncompressed .npz holding `arrays` (no pickles: every reader passes
+    allow_pickle=False)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def atomic_savez(path: Path, *, durable: bool = False, **arrays: np.ndarray) -> Path:
+    """np.savez to `path` atomically. Caches default to not durable: a lost one is recomputed."""
+    return atomic_write(path, npz_bytes(**arrays), durable=durable)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def json_digest(obj: Any, length: int, *, compact: bool = False, default: Any = None) -> str:
+    """The first `length` hex digits of the sha256 of `obj` as sorted-key JSON: a short, stable name
+    for settings (artifact names) or a record's checksum. `compact` drops the separators' spaces."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":") if compact else None, default=default)
+    return sha256_bytes(text.encode())[:length]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def confined_file(root: Path, rel: str) -> Path | None:
+    """The file at `rel` under `root`, or None when it is missing or would lie outside the folder
+    (`..`, an absolute path, a symlink leading out): paths read from our own files are still not trusted."""
+    base = root.resolve()
+    path = (base / rel).resolve()
+    return path if path.is_relative_to(base) and path.is_file() else None

@@ -1,0 +1,158 @@
+"""Named pipeline presets (hloc style): each preset is merged over DEFAULTS.
+
+A preset fixes everything that must agree between the map images in the index and a query:
+image decoding, ORB settings, the fixed-length vector and the encoder that was trained on it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from common.files import json_digest
+
+DEFAULTS: dict[str, Any] = {
+    "image": {
+        # Longer side in pixels; larger uploads are shrunk to the scale of the map images.
+        "max_side": 341,
+    },
+    "features": {
+        "name": "orb",
+        "nfeatures": 500,
+        "scale_factor": 1.2,
+        "nlevels": 8,
+        "edge_threshold": 31,
+        "patch_size": 31,
+        "fast_threshold": 20,
+        "upsample": 1.0,
+        # "fast": detected keypoints; "dense": a grid every dense_step pixels at the dense_octaves scales
+        "detector": "fast",
+        "dense_step": 10,
+        "dense_octaves": [0, 3],
+    },
+    "vector": {"name": "concat", "n_descriptors": 10},
+    "model": {
+        "name": "siamese-mlp",
+        "hidden": [100, 50],
+        "embed_dim": 10,
+        "activation": "sigmoid",
+        "l2": 1e-3,
+        "dropout": 0.2,
+        "loss": "mse",
+        "target": "fov",
+        "lr": 1e-3,
+        "batch_size": 32,
+        "epochs": 30,
+        "patience": 5,
+        "negatives_per_positive": 1,
+        "seed": 0,
+    },
+    # Held-out areas: queries grouped into 250 m cells, whole cells per split.
+    "split": {"train": 0.8, "val": 0.1, "test": 0.1, "cell_m": 250.0, "seed": 0},
+    "index": {"type": "flat-l2"},
+    # Geometric verification of the shortlist (None: off). Its "features" override the ORB settings.
+    "verify": None,
+}
+
+VERIFY_DEFAULTS: dict[str, Any] = {
+    "n": 50,  # shortlist length that is verified
+    "features": {"nfeatures": 1000, "upsample": 1.0, "detector": "fast"},
+    "max_hamming": 64,
+    "ratio": 0.9,
+    "ransac_px": 8.0,
+    "ransac_iters": 200,
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+confs: dict[str, dict[str, Any]] = {
+    # The published design: the first 10 ORB descriptors in detection order, concatenated as 0/1 bits,
+    # into a sigmoid MLP Siamese trained with MSE on the graded fov target.
+    "paper": {},
+    # The same with the binary sim target.
+    "paper-sim": {"model": {"target": "sim"}},
+    # The published comparison baseline: ORB bag of visual words, sqrt-tf x idf, cosine ranking.
+    "orb-bow": {
+        "features": {"nfeatures": 1000},
+        "vector": {"name": "bow", "words": 4096},
+        "model": {"name": "identity"},
+    },
+    # VLAD of many ORB descriptors from the image up-sampled x2, 128 words.
+    "orb-vlad": {
+        "features": {"nfeatures": 3000, "upsample": 2.0, "fast_threshold": 10},
+        "vector": {"name": "vlad", "words": 128, "power": 0.5},
+        "model": {"name": "identity"},
+    },
+    # VLAD of dense ORB: upright descriptors every 10 px of the x2 image, at 2 scales (~4,400 per image).
+    "orb-dense-vlad": {
+        "features": {"detector": "dense", "upsample": 2.0, "edge_threshold": 16, "nlevels": 4, "nfeatures": 100000},
+        "vector": {"name": "vlad", "words": 128, "power": 0.5},
+        "model": {"name": "identity"},
+    },
+}
+# The dense VLAD through a Siamese encoder trained with the Generalized Contrastive Loss on fov.
+confs["orb-dense-vlad-gcl"] = _merge(
+    confs["orb-dense-vlad"],
+    {
+        "model": {
+            "name": "gcl-linear",
+            "embed_dim": 512,
+            "tau": 0.8,
+            "lr": 3e-5,
+            "epochs": 4,
+            "positives": 4,
+            "negatives": 8,
+            "map_pairs": False,
+        }
+    },
+)
+# Dense VLAD of the whole image and of its top and bottom halves, PCA-whitened to 1,024 values.
+confs["orb-dense-rvlad"] = _merge(
+    confs["orb-dense-vlad"],
+    {
+        "vector": {"regions": [[0.0, 0.5], [0.5, 1.0]]},
+        "model": {"name": "pca-whiten", "embed_dim": 1024, "whiten_power": 0.2},
+    },
+)
+# The same first stages with geometric verification of the top 50.
+confs["orb-vlad-verify"] = _merge(confs["orb-vlad"], {"verify": {"n": 50}})
+confs["orb-dense-vlad-verify"] = _merge(confs["orb-dense-vlad"], {"verify": {"n": 50}})
+confs["orb-dense-rvlad-verify"] = _merge(confs["orb-dense-rvlad"], {"verify": {"n": 50}})
+
+DEFAULT_PRESET = "orb-dense-rvlad-verify"
+
+
+class UnknownPresetError(ValueError):
+    pass
+
+
+def get_conf(preset: str) -> dict[str, Any]:
+    """The full configuration of a named preset (a fresh copy)."""
+    if preset not in confs:
+        raise UnknownPresetError(f"unknown preset {preset!r}; choose one of: {', '.join(sorted(confs))}")
+    conf = _merge(DEFAULTS, confs[preset])
+    if conf["verify"] is not None:
+        conf["verify"] = _merge(VERIFY_DEFAULTS, conf["verify"])
+    conf["preset"] = preset
+    return conf
+
+
+def verify_features_conf(conf: dict[str, Any]) -> dict[str, Any]:
+    """The conf that extracts verification keypoints: the preset's image and ORB settings with the
+    verification overrides."""
+    return {**conf, "features": _merge(conf["features"], conf["verify"]["features"])}
+
+
+def conf_hash(conf: dict[str, Any], *sections: str) -> str:
+    """Short stable hash of some sections of a conf, for artifact names that encode the settings."""
+    part = {s: conf[s] for s in sections} if sections else conf
+    return json_digest(part, 8)

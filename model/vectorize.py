@@ -1,0 +1,153 @@
+"""Local ORB features -> one fixed-length vector per image, as the preset says.
+
+- `concat`: the published representation, the first n descriptors in detection order as 0/1 bits.
+- `bow`: bag of visual words, sqrt-tf x idf, L2-normalised (the published comparison baseline).
+- `vlad`: sums of residuals to a visual vocabulary, intra-normalised, power-normalised, L2-normalised.
+
+The learned parts (vocabulary, idf) are fitted once on training images and saved as `vectorizer.npz`
+next to the model and the index, so the service vectorises uploads with exactly those.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from common.files import atomic_savez
+from features.orb import OrbFeatures
+
+EPS = 1e-12
+
+
+def concat_bits(features: OrbFeatures, n_descriptors: int) -> np.ndarray:
+    """The first n descriptors in detection order, as 0/1 bits; fewer keypoints are zero-padded."""
+    bits = np.unpackbits(features.descriptors[:n_descriptors], axis=1).astype(np.float32)
+    out = np.zeros((n_descriptors, 256), dtype=np.float32)
+    out[: len(bits)] = bits
+    return out.reshape(-1)
+
+
+def unpack(descriptors: np.ndarray) -> np.ndarray:
+    """(n, 32) uint8 ORB descriptors -> (n, 256) float32 bits, where L2^2 equals Hamming distance."""
+    return np.unpackbits(descriptors, axis=1).astype(np.float32)
+
+
+def train_vocabulary(descriptors: np.ndarray, k: int, seed: int, niter: int = 20, max_points: int = 300_000):
+    """k-means centroids (k, 256) of descriptors in bit space, on a seeded sample."""
+    rng = np.random.default_rng(seed)
+    if len(descriptors) > max_points:
+        descriptors = descriptors[rng.choice(len(descriptors), max_points, replace=False)]
+    if len(descriptors) < k:
+        raise ValueError(f"need at least {k} descriptors to train a {k}-word vocabulary, got {len(descriptors)}")
+    km = faiss.Kmeans(256, k, niter=niter, seed=seed, verbose=False, max_points_per_centroid=max_points // k + 1)
+    km.train(unpack(descriptors))
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def _sum_by_word(words: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    out = np.zeros((k, rows.shape[1]), np.float32)
+    order = np.argsort(words, kind="stable")
+    w = words[order]
+    uniq, start = np.unique(w, return_index=True)
+    out[uniq] = np.add.reduceat(rows[order], start, axis=0)
+    return out
+
+
+class Vectorizer:
+    """Turns the local features of one image into its global vector."""
+
+    def __init__(self, conf: dict[str, Any], centroids: np.ndarray | None = None, idf: np.ndarray | None = None):
+        self.conf = conf
+        self.name = conf["name"]
+        if self.name not in ("concat", "bow", "vlad"):
+            raise ValueError(f"unknown vector representation {self.name!r}")
+        self.centroids = centroids
+        self.idf = idf
+        self._index: faiss.Index | None = None
+        if centroids is not None:
+            self._index = faiss.IndexFlatL2(centroids.shape[1])
+            self._index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.name != "concat"
+
+    @property
+    def dim(self) -> int:
+        if self.name == "concat":
+            return int(self.conf["n_descriptors"]) * 256
+        k = int(self.conf["words"])
+        return k if self.name == "bow" else k * 256 * (1 + len(self.conf.get("regions", [])))
+
+    def fit(self, descriptor_sets: list[np.ndarray], seed: int) -> Vectorizer:
+        """Learn the vocabulary (and the idf, for bow) from the descriptors of training images."""
+        if not self.needs_fit:
+            return self
+        vocab = train_vocabulary(np.concatenate(descriptor_sets), int(self.conf["words"]), seed)
+        fitted = Vectorizer(self.conf, vocab)
+        if self.name == "bow":
+            # idf over images: a word seen in every image tells nothing about the place.
+            df = np.zeros(len(vocab), np.float64)
+            for desc in descriptor_sets:
+                df[np.unique(fitted.words(desc))] += 1
+            fitted = Vectorizer(self.conf, vocab, np.log((len(descriptor_sets) + 1) / (df + 1)).astype(np.float32))
+        return fitted
+
+    @property
+    def n_words(self) -> int:
+        return 0 if self.centroids is None else len(self.centroids)
+
+    def words(self, descriptors: np.ndarray) -> np.ndarray:
+        """Nearest visual word of each descriptor, (n,) int64."""
+        if self._index is None:
+            raise RuntimeError("vectorizer has no vocabulary")
+        _, words = self._index.search(unpack(descriptors), 1)
+        return words[:, 0]
+
+    def __call__(self, features: OrbFeatures) -> np.ndarray:
+        if self.name == "concat":
+            return concat_bits(features, int(self.conf["n_descriptors"]))
+        if self.centroids is None:
+            raise RuntimeError("vectorizer is not fitted")
+        k = len(self.centroids)
+        words = self.words(features.descriptors)
+        if self.name == "bow":
+            tf = np.bincount(words, minlength=k).astype(np.float32)
+            v = np.sqrt(tf) * self.idf  # sqrt: bursts of one repeated pattern should not dominate
+        else:
+            resid = unpack(features.descriptors) - self.centroids[words]
+            # The whole image, then each horizontal band (fractions of the height): where a pattern
+            # sits, sky-line or street level, tells places apart.
+            y = features.xy[:, 1] / max(features.height, EPS)
+            masks = [np.ones(len(words), bool)] + [(y >= a) & (y < b) for a, b in self.conf.get("regions", [])]
+            blocks = [self._vlad(words[m], resid[m], k) for m in masks]
+            v = np.concatenate(blocks)
+        return (v / max(float(np.linalg.norm(v)), EPS)).astype(np.float32)
+
+    def _vlad(self, words: np.ndarray, resid: np.ndarray, k: int) -> np.ndarray:
+        """Intra-normalised, power-normalised, L2-normalised sums of residuals per word."""
+        if len(words) == 0:
+            return np.zeros(k * 256, np.float32)
+        v = _sum_by_word(words, resid, k)
+        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)
+        v = v.ravel()
+        v = np.sign(v) * np.abs(v) ** float(self.conf.get("power", 0.5))
+        return v / max(float(np.linalg.norm(v)), EPS)
+
+    def save(self, path: Path) -> Path:
+        arrays: dict[str, np.ndarray] = {"name": np.array(self.name)}
+        if self.centroids is not None:
+            arrays["centroids"] = self.centroids
+        if self.idf is not None:
+            arrays["idf"] = self.idf
+        return atomic_savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path, conf: dict[str, Any]) -> Vectorizer:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["name"]) != conf["name"]:
+                raise ValueError(f"{path}: holds a {z['name']} vectorizer, the preset wants {conf['name']}")
+            return cls(conf, z.get("centroids"), z.get("idf"))

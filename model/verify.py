@@ -1,0 +1,204 @@
+"""Geometric verification of the shortlist.
+
+ORB keypoints of every map image are extracted and stored at index time, sorted by visual word. At
+query time the query's keypoints are matched to each shortlisted map image within the same visual
+word (a coarse Hamming embedding: only descriptors of one word are compared), filtered by a ratio test,
+and a similarity transform is fitted by RANSAC; its inlier count is evidence that the two images show
+the same scene. A logistic head fitted on validation queries folds inliers and embedding distance into
+one relevance score, and the shortlist is re-ranked by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from common.files import atomic_savez
+from features.orb import OrbFeatures
+
+
+@dataclass(frozen=True)
+class MapFeatures:
+    """Verification keypoints of all map images; image row r owns offsets[r]:offsets[r+1], sorted by word."""
+
+    ids: np.ndarray  # (n,) int64 map image ids, in row order
+    offsets: np.ndarray  # (n + 1,) int64
+    xy: np.ndarray  # (N, 2) float32
+    descriptors: np.ndarray  # (N, 32) uint8
+    words: np.ndarray  # (N,) int32
+
+    @classmethod
+    def build(cls, ids: list[int], features: list[OrbFeatures], words: list[np.ndarray]) -> MapFeatures:
+        xy, desc, ws, counts = [], [], [], []
+        for f, w in zip(features, words, strict=True):
+            order = np.argsort(w, kind="stable")
+            xy.append(f.xy[order])
+            desc.append(f.descriptors[order])
+            ws.append(w[order].astype(np.int32))
+            counts.append(len(order))
+        return cls(
+            ids=np.asarray(ids, np.int64),
+            offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            xy=np.concatenate(xy).astype(np.float32) if xy else np.zeros((0, 2), np.float32),
+            descriptors=np.ascontiguousarray(np.concatenate(desc)) if desc else np.zeros((0, 32), np.uint8),
+            words=np.concatenate(ws) if ws else np.zeros(0, np.int32),
+        )
+
+    def save(self, path: Path) -> Path:
+        arrays = {"ids": self.ids, "offsets": self.offsets, "xy": self.xy, "descriptors": self.descriptors}
+        return atomic_savez(path, **arrays, words=self.words)
+
+    @classmethod
+    def load(cls, path: Path) -> MapFeatures:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["ids"], z["offsets"], z["xy"], np.ascontiguousarray(z["descriptors"]), z["words"])
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated aranges [s, e) for each pair, and their lengths."""
+    lens = ends - starts
+    if lens.sum() == 0:
+        return np.zeros(0, np.int64), lens
+    base = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return base + np.arange(lens.sum()), lens
+
+
+def match_by_word(
+    q_desc: np.ndarray,
+    q_words: np.ndarray,
+    store: MapFeatures,
+    rows: np.ndarray,
+    n_words: int,
+    max_hamming: int,
+    ratio: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tentative matches of the query to the map images at `rows`, all candidates at once.
+
+    Each map keypoint is compared with every query keypoint of the same word; the nearest is kept if
+    its Hamming distance is <= max_hamming and < ratio x the second nearest; each query keypoint then
+    keeps its best map keypoint per image. Returns (candidate position, query index, map index).
+    Hamming distances of one word's keypoints come from one matrix product of their bits
+    (|a| + |b| - 2 a.b), which BLAS does far faster than pairwise popcounts.
+    """
+    empty = np.zeros(0, np.int64)
+    midx, mlen = _ranges(store.offsets[rows], store.offsets[rows + 1])
+    if len(midx) == 0 or len(q_words) == 0:
+        return empty, empty, empty
+    cpos_all = np.repeat(np.arange(len(rows)), mlen)
+    mwords = store.words[midx]
+    q_bits = np.unpackbits(q_desc, axis=1).astype(np.float32)
+    q_order = np.argsort(q_words, kind="stable")
+    q_start = np.searchsorted(q_words[q_order], np.arange(n_words + 1))
+    m_order = np.argsort(mwords, kind="stable")
+    m_start = np.searchsorted(mwords[m_order], np.arange(n_words + 1))
+    out_c, out_q, out_m, out_h = [], [], [], []
+    for w in range(n_words):
+        qs = q_order[q_start[w] : q_start[w + 1]]
+        ms = m_order[m_start[w] : m_start[w + 1]]
+        if len(qs) == 0 or len(ms) == 0:
+            continue
+        mb = np.unpackbits(store.descriptors[midx[ms]], axis=1).astype(np.float32)
+        qb = q_bits[qs]
+        ham = qb.sum(axis=1)[:, None] + mb.sum(axis=1)[None, :] - 2.0 * (qb @ mb.T)  # (nq_w, nm_w)
+        best_q = np.argmin(ham, axis=0)
+        best = ham[best_q, np.arange(len(ms))]
+        # With one query keypoint in the word there is no second nearest: the ratio test passes.
+        second = np.partition(ham, 1, axis=0)[1] if len(qs) > 1 else np.full(len(ms), np.inf, np.float32)
+        ok = (best <= max_hamming) & (best < ratio * second)
+        out_c.append(cpos_all[ms[ok]])
+        out_q.append(qs[best_q[ok]])
+        out_m.append(midx[ms[ok]])
+        out_h.append(best[ok])
+    if not out_c:
+        return empty, empty, empty
+    cpos, qi, mi, hb = (np.concatenate(a) for a in (out_c, out_q, out_m, out_h))
+    o = np.lexsort((hb, qi, cpos))
+    cpos, qi, mi = cpos[o], qi[o], mi[o]
+    first = np.ones(len(o), bool)
+    first[1:] = (cpos[1:] != cpos[:-1]) | (qi[1:] != qi[:-1])
+    return cpos[first], qi[first], mi[first]
+
+
+def ransac_inliers(p_query: np.ndarray, p_map: np.ndarray, px: float, iters: int, min_matches: int = 6) -> int:
+    """Inliers of a similarity transform (rotation, scale, shift) fitted by RANSAC: street views of one
+    facade from nearby poses are related by it closely enough, and 2-point samples keep RANSAC cheap."""
+    if len(p_query) < min_matches:
+        return 0
+    _, mask = cv2.estimateAffinePartial2D(
+        p_query, p_map, method=cv2.RANSAC, ransacReprojThreshold=px, maxIters=iters, confidence=0.99, refineIters=0
+    )
+    return 0 if mask is None else int(mask.sum())
+
+
+class Verifier:
+    def __init__(
+        self,
+        conf: dict[str, Any],
+        store: MapFeatures,
+        n_words: int,
+        head: list[float],
+        extra: dict[int, tuple[OrbFeatures, np.ndarray]] | None = None,
+    ) -> None:
+        self.conf = conf
+        self.store = store
+        self.n_words = n_words
+        self.head = np.asarray(head, np.float64)  # logistic weights for [distance, log1p(inliers), 1]
+        self.row_of = {int(i): r for r, i in enumerate(store.ids)}
+        # Keypoints (and their words) of images added online, kept apart so adding one does not copy
+        # the keypoints of every map image; they take precedence over the stored ones of the same id.
+        self.extra = dict(extra or {})
+        ids = list(self.extra)
+        self.extra_store = MapFeatures.build(
+            ids, [f for f, _ in self.extra.values()], [w for _, w in self.extra.values()]
+        )
+        self.extra_row_of = {i: r for r, i in enumerate(ids)}
+
+    def with_extra(self, extra: dict[int, tuple[OrbFeatures, np.ndarray]]) -> Verifier:
+        """The same verifier with another set of online-added images (the stored keypoints are shared)."""
+        return Verifier(self.conf, self.store, self.n_words, self.head.tolist(), extra)
+
+    def features_of(self, image_id: int) -> tuple[OrbFeatures, np.ndarray]:
+        if image_id in self.extra:
+            return self.extra[image_id]
+        r = self.row_of[image_id]
+        a, b = self.store.offsets[r], self.store.offsets[r + 1]
+        return OrbFeatures(self.store.xy[a:b], self.store.descriptors[a:b]), self.store.words[a:b]
+
+    def features(self, ids: list[int]) -> MapFeatures:
+        """Keypoints of these images as one store (to save a version with online changes folded in)."""
+        feats = [self.features_of(i) for i in ids]
+        return MapFeatures.build(ids, [f for f, _ in feats], [w for _, w in feats])
+
+    def inliers(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
+        out = np.zeros(len(ids), np.int64)
+        in_extra = np.array([i in self.extra for i in ids], bool)
+        for mask, store, row_of in (
+            (~in_extra, self.store, self.row_of),
+            (in_extra, self.extra_store, self.extra_row_of),
+        ):
+            pos = np.flatnonzero(mask)
+            if len(pos):
+                out[pos] = self._inliers(q, q_words, store, np.array([row_of[ids[p]] for p in pos], np.int64))
+        return out
+
+    def _inliers(self, q: OrbFeatures, q_words: np.ndarray, store: MapFeatures, rows: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(rows), np.int64)
+        if len(rows) == 0 or len(q.descriptors) == 0:
+            return out
+        c = self.conf
+        cpos, qi, mi = match_by_word(
+            np.ascontiguousarray(q.descriptors), q_words, store, rows, self.n_words, c["max_hamming"], c["ratio"]
+        )
+        bounds = np.searchsorted(cpos, np.arange(len(rows) + 1))
+        for p in range(len(rows)):
+            a, b = bounds[p], bounds[p + 1]
+            out[p] = ransac_inliers(q.xy[qi[a:b]], store.xy[mi[a:b]], c["ransac_px"], c["ransac_iters"])
+        return out
+
+    def score(self, distance: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+        z = self.head[0] * distance + self.head[1] * np.log1p(inliers) + self.head[2]
+        return 1.0 / (1.0 + np.exp(-z))

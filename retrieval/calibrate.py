@@ -1,0 +1,32 @@
+"""The verification head, fitted through the query path: relevance = sigmoid(w . [distance,
+log1p(inliers)] + b), by logistic regression on the verified shortlists of validation queries."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dataset.layout import Dataset
+from features.decode import ImageDecodeError
+from features.orb import NoKeypointsError
+from model.calibrate import fit_logistic
+from retrieval.searcher import Searcher
+
+
+def fit_verify_head(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> list[float]:
+    """Weights for [distance, log1p(inliers), 1] from the queries at `rows` (with ground truth)."""
+    if searcher.verifier is None or dataset.sim is None:
+        raise ValueError("fitting the verification head needs a verifying index and ground truth")
+    feats, labels = [], []
+    n = int(searcher.verifier.conf["n"])
+    for q in rows:
+        try:
+            query = searcher.analyze(dataset.image_path(dataset.queries.paths[q]).read_bytes())
+        except (ImageDecodeError, NoKeypointsError):
+            continue  # nothing to learn from this query
+        hits = searcher.search_embedding(query.embedding, n)
+        ids = [h.id for h in hits]
+        inl = searcher.verifier.inliers(query.verify_features, query.verify_words, ids)
+        feats.append(np.column_stack([[h.distance for h in hits], np.log1p(inl)]))
+        labels.append(dataset.sim[q, ids])
+    w = fit_logistic(np.concatenate(feats), np.concatenate(labels).astype(np.float64))
+    return [float(v) for v in w]

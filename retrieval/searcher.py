@@ -1,0 +1,134 @@
+"""Ranking against one index snapshot: image bytes -> features -> vector -> embedding -> FAISS
+shortlist -> geometric verification -> ranked hits.
+
+A Searcher is built from a loaded index version (preset conf, fitted vectorizer, encoder and
+verification keypoints are stored with it), so a query goes through exactly what the map images went
+through. It never changes: online changes (retrieval/replay.py) make a new one, so a request keeps a
+consistent view while another thread swaps in the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from common.clock import StageClock
+from common.presets import verify_features_conf
+from common.threads import kernels_for_this_thread
+from dataset.layout import Location
+from features.extract import query_features
+from features.orb import OrbFeatures
+from indexer.store import ImageRecord, LoadedIndex
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    id: int
+    path: str
+    score: float  # predicted relevance in [0, 1]
+    distance: float  # Euclidean distance of the embeddings
+    location: Location
+    inliers: int | None = None  # RANSAC inliers with the query, when the hit was verified
+
+
+@dataclass(frozen=True)
+class Query:
+    features: OrbFeatures
+    embedding: np.ndarray  # (1, dim)
+    verify_features: OrbFeatures | None = None
+    verify_words: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Applied:
+    """How far into its family's change log (indexer/changes.py) a searcher is."""
+
+    offset: int = 0  # bytes of the log read
+    seq: int = 0  # last change seen
+    max_id: int = -1  # highest image id ever seen, in the version or the log: never given out again
+
+
+class Searcher:
+    def __init__(self, loaded: LoadedIndex, applied: Applied | None = None) -> None:
+        self.loaded = loaded
+        self.conf: dict[str, Any] = loaded.manifest["conf"]
+        self.vectorizer = loaded.vectorizer
+        self.encoder = loaded.encoder
+        self.verifier = loaded.verifier
+        self.index = loaded.index
+        self.images: dict[int, ImageRecord] = loaded.images
+        self.applied = applied or Applied(max_id=max(loaded.images, default=-1))
+        self._verify_conf = verify_features_conf(self.conf) if self.verifier is not None else None
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def preset(self) -> str:
+        return str(self.conf["preset"])
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+    def analyze(self, data: bytes, timings: dict[str, float] | None = None) -> Query:
+        """Features and embedding of image bytes; raises ImageDecodeError / NoKeypointsError.
+        `timings`, if given, receives each stage's seconds (decode, features, encode)."""
+        kernels_for_this_thread()  # the service calls this from its request thread pool
+        clock = StageClock(timings)
+        qf = query_features(data, self.conf, self._verify_conf, clock)
+        embedding = self.encoder.embed(self.vectorizer(qf.features)[None, :])
+        words = None if qf.verify is None else self.vectorizer.words(qf.verify.descriptors)
+        clock.lap("encode")
+        return Query(qf.features, embedding, qf.verify, words)
+
+    def search_embedding(self, emb: np.ndarray, k: int) -> list[Hit]:
+        k = min(k, self.size)
+        if k <= 0:
+            return []
+        d2, ids = self.index.search(emb, k)
+        dist = np.sqrt(np.maximum(d2[0], 0.0))
+        scores = self.encoder.score(dist)
+        hits = []
+        for rank, (i, d, s) in enumerate(zip(ids[0], dist, scores, strict=True), start=1):
+            if i < 0:
+                break
+            rec = self.images[int(i)]
+            hits.append(Hit(rank, rec.id, rec.path, float(s), float(d), rec.loc))
+        return hits
+
+    def rank(self, query: Query, k: int, timings: dict[str, float] | None = None) -> list[Hit]:
+        """The top k map images; with verification, the first `verify.n` of the shortlist are
+        re-ranked by a score that folds their RANSAC inliers into the embedding distance."""
+        clock = StageClock(timings)
+        if self.verifier is None or query.verify_features is None:
+            hits = self.search_embedding(query.embedding, k)
+            clock.lap("search")
+            return hits
+        n = int(self.verifier.conf["n"])
+        hits = self.search_embedding(query.embedding, max(k, n))
+        clock.lap("search")
+        head, tail = hits[:n], hits[n:]
+        inliers = self.verifier.inliers(query.verify_features, query.verify_words, [h.id for h in head])
+        scores = self.verifier.score(np.array([h.distance for h in head]), inliers)
+        order = np.argsort(-scores, kind="stable")
+        clock.lap("verify")
+        verified = [
+            Hit(0, head[i].id, head[i].path, float(scores[i]), head[i].distance, head[i].location, int(inliers[i]))
+            for i in order
+        ]
+        return [
+            Hit(r, h.id, h.path, h.score, h.distance, h.location, h.inliers)
+            for r, h in enumerate((verified + tail)[:k], start=1)
+        ]
+
+    def score_all(self, query: Query) -> np.ndarray:
+        """Embedding-based relevance of the query to every map image, indexed by id."""
+        hits = self.search_embedding(query.embedding, self.size)
+        out = np.zeros(max(self.images) + 1, dtype=np.float32)
+        out[[h.id for h in hits]] = [h.score for h in hits]
+        return out

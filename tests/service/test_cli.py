@@ -1,0 +1,84 @@
+"""The imgsearch command line: help for each stage, clear exit codes for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+SUBCOMMANDS = ["data", "train", "index", "build", "evaluate", "serve"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        cwd=ROOT,
+        env=os.environ | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_help(sub: str) -> None:
+    out = run(sub, "--help")
+    assert out.returncode == 0 and f"imgsearch {sub}" in out.stdout
+
+
+def test_console_script_installed() -> None:
+    exe = Path(sys.executable).parent / "imgsearch"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and all(s in out.stdout for s in SUBCOMMANDS)
+
+
+def test_missing_data_folder_exits_2_with_message(tmp_path: Path) -> None:
+    out = run("train", "--data", str(tmp_path / "nowhere"), "--artifacts", str(tmp_path))
+    assert out.returncode == 2
+    assert "data folder not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_env_setting_exits_2(tmp_path: Path) -> None:
+    out = run("index", env={"IMGSEARCH_PRESET": "nonsense", "IMGSEARCH_ARTIFACTS": str(tmp_path)})
+    assert out.returncode == 2
+    assert "IMGSEARCH_PRESET" in out.stderr and "unknown preset" in out.stderr and "Traceback" not in out.stderr
+    out = run("serve", env={"IMGSEARCH_PORT": "99999"})
+    assert out.returncode == 2 and "IMGSEARCH_PORT" in out.stderr
+
+
+def test_bad_jobs_and_workers_flags(tmp_path: Path) -> None:
+    # --jobs counts feature extraction processes, --workers the server's processes: both must be >= 1.
+    out = run("build", "--jobs", "0", "--artifacts", str(tmp_path))
+    assert out.returncode == 2 and "--jobs" in out.stderr
+    out = run("serve", "--workers", "0")
+    assert out.returncode == 2 and "--workers" in out.stderr
+    out = run("build", "--workers", "2")
+    assert out.returncode == 2 and "unrecognized arguments: --workers" in out.stderr
+    out = run("build", "--preset", "nope")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_evaluate_compares_presets_in_one_table(tiny_data: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "report"
+    args = ["--data", str(tiny_data), "--artifacts", str(tmp_path / "a"), "--out", str(out_dir)]
+    out = run("evaluate", *args, "--presets", "paper", "paper-sim", "--baseline", "paper")
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = (out_dir / "results.md").read_text()
+    assert "| `paper` |" in table and "| `paper-sim` |" in table and "p=" in table
+    results = json.loads((out_dir / "results.json").read_text())["presets"]
+    assert set(results) == {"paper", "paper-sim"} and "sign_test" in results["paper-sim"]
+    for png in ("recall_at_k.png", "contact_sheet-paper.png", "contact_sheet-paper-sim.png"):
+        assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("key", ["secret", "aaaaaaaaaaaaaaaaaaaaaaaa"])
+def test_serve_refuses_a_weak_admin_key(key: str) -> None:
+    out = run("serve", env={"IMGSEARCH_ADMIN_KEY": key})
+    assert out.returncode == 2
+    assert "IMGSEARCH_ADMIN_KEY" in out.stderr and "too weak" in out.stderr and key not in out.stderr

@@ -1,0 +1,145 @@
+"""The benchmark scripts' own logic (no timing): generated ANN data, recall, targets, the report."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+BENCH = ROOT / "bench"
+
+
+def _module(name: str) -> ModuleType:
+    if str(BENCH) not in sys.path:  # the scripts import their sibling bench/procstat.py
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def ann() -> ModuleType:
+    return _module("ann")
+
+
+@pytest.fixture(scope="module")
+def run() -> ModuleType:
+    return _module("run")
+
+
+def _real(n: int = 300, d: int = 16) -> np.ndarray:
+    x = np.random.default_rng(1).standard_normal((n, d)).astype(np.float32) * np.linspace(2, 0.2, d)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_generated_vectors_are_seeded_unit_and_clustered(ann: ModuleType) -> None:
+    a = np.concatenate(list(ann.Generator(_real(), 50, 0.5, seed=3).database(2000)))
+    b = np.concatenate(list(ann.Generator(_real(), 50, 0.5, seed=3).database(2000)))
+    c = np.concatenate(list(ann.Generator(_real(), 50, 0.5, seed=4).database(2000)))
+    assert a.shape == (2000, 16) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    # Photos of one place are closer to each other than to other places: the nearest neighbour of a
+    # query is much closer than a random vector.
+    q = ann.Generator(_real(), 50, 0.5, seed=3).queries(100)
+    d2 = ((q[:, None, :] - a[None, :, :]) ** 2).sum(-1)
+    assert np.median(d2.min(1)) < 0.5 * np.median(d2)
+
+
+def test_recall_at_k_counts_shared_ids(ann: ModuleType) -> None:
+    truth = np.arange(20).reshape(2, 10)
+    found = truth.copy()
+    assert ann.recall_at_k(found, truth) == 1.0
+    found[0, :5] = -1  # FAISS pads missing results with -1
+    found[1] = found[1][::-1]  # order does not matter
+    assert ann.recall_at_k(found, truth) == pytest.approx(0.75)
+
+
+def test_every_index_family_is_measured_and_the_fastest_accurate_one_chosen(ann: ModuleType) -> None:
+    gen = ann.Generator(_real(d=64), 150, 0.5, seed=0)
+    out = ann.run_size(gen, 3000, nq=50, n_time=5, hnsw_max=10**6, seed=0)
+    rows = out["indexes"]
+    families = {r["index"] for r in rows}
+    assert {"Flat (exact)", "IVF-Flat", "IVF-SQ8", "IVF-PQ64", "HNSW32-Flat"} <= families
+    assert {"PQ32x4 fast-scan + exact re-rank", "PQ64x4 fast-scan + exact re-rank"} <= families
+    # IVF-Flat computes exact distances, so with enough lists probed it finds the exact neighbours.
+    assert max(r["recall_at_10"] for r in rows if r["index"] == "IVF-Flat") >= 0.999
+    for m in (32, 64):  # re-ranking more PQ candidates exactly never loses a neighbour
+        recalls = [r["recall_at_10"] for r in rows if r["index"] == f"PQ{m}x4 fast-scan + exact re-rank"]
+        assert recalls == sorted(recalls) and len(recalls) >= 2
+    best = out["fastest_at_recall_0.95"]
+    accurate = [r for r in rows if r["recall_at_10"] >= 0.95]
+    assert best in accurate and best["p50_ms"] == min(r["p50_ms"] for r in accurate)
+
+
+def _result(**over: object) -> dict:
+    r = {
+        "preset": "p",
+        "queries": 3,
+        "inproc_floor_ms": 60.0,
+        "stages_ms": {"decode": 1.0, "features": 9.0, "encode": 20.0, "search": 1.0, "verify": 29.0},
+        "server_workers": 2,
+        "http_p50_ms_c1": 70.0,
+        "http_p99_ms_c1": 90.0,
+        "rps_c1": 14.0,
+        "rps_c8": 25.0,
+        "http_p99_ms_c8": 400.0,
+        "errors_c1": 0,
+        "errors_c8": 0,
+        "rss_mb": 1600.0,
+        "ready_s": 2.0,
+        "machine": {"cpu": "x", "cores": 2, "memory_gb": 24, "python": "3.11", "load_avg_start": [0.1, 0, 0]},
+        "created": "t",
+        "command": "python bench/run.py",
+    }
+    r["machine"]["load_avg_end"] = [0.2, 0, 0]
+    return r | over
+
+
+def test_targets_say_met_or_missed(run: ModuleType) -> None:
+    met = {t: ok for t, _, ok in run.targets(_result())}
+    assert met["http_p50_ms_c1 <= 1.25 x inproc_floor_ms"] is True  # 70 / 60 = 1.17
+    assert met["rps_c8 >= 1.7 x rps_c1, no errors"] is True  # 25 / 14 = 1.79
+    missed = {t: ok for t, _, ok in run.targets(_result(http_p50_ms_c1=80.0, errors_c8=1))}
+    assert missed["http_p50_ms_c1 <= 1.25 x inproc_floor_ms"] is False
+    assert missed["rps_c8 >= 1.7 x rps_c1, no errors"] is False  # fast enough, but an error
+    ann = {"dim": 4, "sizes": {"1000000": {"queries": 1, "indexes": [], "fastest_at_recall_0.95": None}}}
+    assert (
+        dict((t, ok) for t, _, ok in run.targets(_result(ann=ann)))["1M vectors: p50 <= 2 ms at recall@10 >= 0.95"]
+        is False
+    )
+
+
+def test_report_rewrites_only_its_section(run: ModuleType, tmp_path: Path) -> None:
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(f"# B\nbefore\n{run.BEGIN}\nold table\n{run.END}\nafter\n", encoding="utf-8")
+    run.write_markdown(md, _result())
+    text = md.read_text(encoding="utf-8")
+    assert text.startswith("# B\nbefore\n") and text.endswith(f"{run.END}\nafter\n")
+    assert "old table" not in text
+    assert "| http_p50_ms_c1 | 70.0 |" in text
+    assert "Command: `python bench/run.py`" in text
+
+
+def test_process_tree_finds_children(run: ModuleType) -> None:
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        tree = run.process_tree(os.getpid())
+        assert tree[0] == os.getpid() and child.pid in tree
+        assert run.rss_mb(child.pid) > 0
+    finally:
+        child.kill()
+        child.wait()

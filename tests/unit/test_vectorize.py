@@ -1,0 +1,105 @@
+"""Order-free aggregates (bag of words, VLAD) and the calibrated score head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from features.orb import OrbFeatures
+from model.calibrate import fit_sigmoid
+from model.encoder import NumpyEncoder
+from model.vectorize import Vectorizer, unpack
+
+
+def random_sets(n_images: int, n_desc: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # Each image draws its descriptors around 3 of 24 prototypes: a vocabulary has structure to find
+    # and images differ in which words they use.
+    protos = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    sets = []
+    for _ in range(n_images):
+        mine = rng.choice(24, 3, replace=False)
+        base = protos[mine[rng.integers(0, 3, n_desc)]]
+        flips = rng.random((n_desc, 256)) < 0.05
+        sets.append(np.packbits(np.unpackbits(base, axis=1) ^ flips, axis=1))
+    return sets
+
+
+def feats(desc: np.ndarray) -> OrbFeatures:
+    return OrbFeatures(xy=np.zeros((len(desc), 2), np.float32), descriptors=desc)
+
+
+def test_unpack_makes_l2_equal_hamming() -> None:
+    a, b = random_sets(1, 2)[0]
+    hamming = int(np.unpackbits(a ^ b).sum())
+    assert np.sum((unpack(a[None]) - unpack(b[None])) ** 2) == hamming
+
+
+@pytest.mark.parametrize("name", ["bow", "vlad"])
+def test_aggregate_is_order_free_normalised_and_discriminative(name: str) -> None:
+    sets = random_sets(30, 200)
+    v = Vectorizer({"name": name, "words": 16, "power": 0.5}).fit(sets, seed=0)
+    x = v(feats(sets[0]))
+    assert x.shape == (v.dim,) and abs(np.linalg.norm(x) - 1) < 1e-5
+    # The published flaw was order dependence: an aggregate must not care about keypoint order.
+    shuffled = sets[0][np.random.default_rng(1).permutation(len(sets[0]))]
+    assert np.allclose(v(feats(shuffled)), x, atol=1e-6)
+    # A noisy copy of an image is closer to it than another image is.
+    noisy = np.packbits(np.unpackbits(sets[0], axis=1) ^ (np.random.default_rng(2).random((200, 256)) < 0.02), axis=1)
+    assert np.linalg.norm(v(feats(noisy)) - x) < np.linalg.norm(v(feats(sets[1])) - x)
+
+
+def test_bow_idf_downweights_words_seen_everywhere() -> None:
+    sets = random_sets(30, 200)
+    v = Vectorizer({"name": "bow", "words": 16}).fit(sets, seed=0)
+    common = np.bincount(np.concatenate([np.unique(v.words(s)) for s in sets]), minlength=16)
+    assert v.idf[np.argmax(common)] <= v.idf[np.argmin(common)]
+
+
+def test_vectorizer_save_load_roundtrip(tmp_path: Path) -> None:
+    sets = random_sets(20, 100)
+    conf = {"name": "vlad", "words": 8, "power": 0.5}
+    v = Vectorizer(conf).fit(sets, seed=0)
+    loaded = Vectorizer.load(v.save(tmp_path / "v.npz"), conf)
+    assert np.array_equal(loaded(feats(sets[3])), v(feats(sets[3])))
+    with pytest.raises(ValueError, match="holds a vlad vectorizer"):
+        Vectorizer.load(tmp_path / "v.npz", {"name": "bow", "words": 8})
+
+
+def test_unfitted_or_unknown() -> None:
+    with pytest.raises(ValueError, match="unknown vector representation"):
+        Vectorizer({"name": "nope"})
+    with pytest.raises(RuntimeError, match="not fitted"):
+        Vectorizer({"name": "bow", "words": 8})(feats(random_sets(1, 10)[0]))
+
+
+def test_fit_sigmoid_recovers_parameters() -> None:
+    rng = np.random.default_rng(0)
+    d = rng.uniform(0, 2, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-(-6.0 * d + 3.0)))).astype(float)
+    w, b = fit_sigmoid(d, y)
+    assert w == pytest.approx(-6.0, rel=0.1) and b == pytest.approx(3.0, rel=0.1)
+
+
+def test_identity_encoder_passes_vectors_through(tmp_path: Path) -> None:
+    enc = NumpyEncoder([], [], [], -4.0, 2.0, identity_dim=5)
+    x = np.random.default_rng(0).random((3, 5)).astype(np.float32)
+    assert np.array_equal(enc.embed(x), x) and enc.dim == enc.input_dim == 5
+    loaded = NumpyEncoder.load(enc.save(tmp_path / "e.npz"))
+    assert loaded.dim == 5 and loaded.head_w == -4.0
+    assert 0 < loaded.score(np.array([0.5]))[0] < 1
+
+
+def test_vlad_regions_describe_each_band() -> None:
+    sets = random_sets(20, 200)
+    conf = {"name": "vlad", "words": 8, "power": 0.5, "regions": [[0.0, 0.5], [0.5, 1.0]]}
+    v = Vectorizer(conf).fit(sets, seed=0)
+    assert v.dim == 3 * 8 * 256
+    top_only = OrbFeatures(np.column_stack([np.zeros(200), np.full(200, 10.0)]).astype(np.float32), sets[0], height=100)
+    x = v(top_only).reshape(3, -1)
+    # All keypoints lie in the top band: its block equals the whole-image block, the bottom one is empty.
+    assert np.allclose(x[0], x[1]) and not x[2].any()
+    plain = Vectorizer({"name": "vlad", "words": 8, "power": 0.5}, v.centroids)
+    assert np.allclose(plain(top_only), x[0] * np.sqrt(2), atol=1e-5)

@@ -1,0 +1,60 @@
+"""Geometric verification: matching within visual words, RANSAC inliers, the stored keypoints
+(tests/service/test_verification.py re-ranks through the API)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from common.presets import get_conf, verify_features_conf
+from features.orb import OrbFeatures, extract_orb
+from model.verify import MapFeatures, match_by_word, ransac_inliers
+
+
+def scene(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.full((256, 341), 120, np.uint8)
+    for _ in range(120):
+        x, y = int(rng.integers(0, 320)), int(rng.integers(0, 240))
+        cv2.rectangle(
+            img, (x, y), (x + int(rng.integers(4, 20)), y + int(rng.integers(4, 16))), int(rng.integers(0, 255)), -1
+        )
+    return img
+
+
+def test_ransac_counts_inliers_of_a_similarity() -> None:
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 300, (60, 2)).astype(np.float32)
+    a = np.deg2rad(10)
+    rot = 1.1 * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], np.float32)
+    q = p @ rot.T + np.array([15, -4], np.float32)
+    q[40:] = rng.uniform(0, 300, (20, 2))  # a third are wrong matches
+    assert 38 <= ransac_inliers(p, q, px=3.0, iters=500) <= 42
+    assert ransac_inliers(p[:5], q[:5], px=3.0, iters=500) == 0  # too few matches to say anything
+
+
+def test_matching_finds_the_same_scene_and_not_another() -> None:
+    conf = verify_features_conf(get_conf("orb-vlad-verify"))["features"]
+    base = scene(1)
+    shifted = np.roll(base, (6, 9), axis=(0, 1))  # the same scene, moved
+    feats = [extract_orb(base, conf), extract_orb(scene(2), conf)]
+    q = extract_orb(shifted, conf)
+    # One word for every descriptor: matching compares all of them (the word only narrows the search).
+    words = [np.zeros(len(f.descriptors), np.int64) for f in feats]
+    store = MapFeatures.build([10, 20], feats, words)
+    cpos, qi, mi = match_by_word(
+        q.descriptors, np.zeros(len(q.descriptors), np.int64), store, np.array([0, 1]), 1, 64, 0.9
+    )
+    inl = [ransac_inliers(q.xy[qi[cpos == c]], store.xy[mi[cpos == c]], 8.0, 200) for c in (0, 1)]
+    assert inl[0] > 30 and inl[0] > 5 * max(inl[1], 1)
+
+
+def test_map_features_roundtrip_and_sorted_by_word(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    f = OrbFeatures(rng.random((5, 2)).astype(np.float32), rng.integers(0, 255, (5, 32), dtype=np.uint8))
+    store = MapFeatures.build([7], [f], [np.array([3, 1, 2, 1, 0])])
+    assert store.words.tolist() == [0, 1, 1, 2, 3]
+    loaded = MapFeatures.load(store.save(tmp_path / "v.npz"))
+    assert np.array_equal(loaded.descriptors, store.descriptors) and loaded.ids.tolist() == [7]
