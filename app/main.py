@@ -1,6 +1,6 @@
 """The FastAPI application: the index is loaded once, in the lifespan, never at import time.
 
-The server imports the query path (search/) and what it stands on, never the build stack: no
+The server imports the query path (retrieval/) and what it stands on, never the build stack: no
 training, demo-data generation, evaluation or TensorFlow (tests/unit/test_layers.py checks).
 """
 

@@ -1,4 +1,4 @@
-"""Response bodies of the HTTP API (kept apart from the domain types of search/ and indexer/)."""
+"""Response bodies of the HTTP API (kept apart from the domain types of retrieval/, indexer/ and dataset/)."""
 
 from __future__ import annotations
 

@@ -17,10 +17,19 @@ from app.core.config import Settings
 from common.presets import UnknownPresetError, confs
 from dataset.layout import DatasetError, load_dataset
 from indexer.store import IndexLoadError
-from model.train import TrainingError
 
 # What the `train` extra of pyproject.toml installs: Keras models and the evaluation's figures.
 TRAIN_EXTRA = ("tensorflow", "keras", "matplotlib")
+
+
+def _domain_errors(command: str) -> tuple[type[Exception], ...]:
+    """The errors that end a command with a message and exit code 2 rather than a traceback."""
+    errors: tuple[type[Exception], ...] = (DatasetError, IndexLoadError, UnknownPresetError)
+    if command != "serve":  # `imgsearch serve` (the server's own process) never loads training code
+        from model.train import TrainingError
+
+        errors += (TrainingError,)
+    return errors
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -210,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         msgs = "; ".join(f"IMGSEARCH_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
         print(f"imgsearch: invalid settings: {msgs}", file=sys.stderr)
-    except (DatasetError, IndexLoadError, TrainingError, UnknownPresetError) as e:
+    except _domain_errors(args.command) as e:
         print(f"imgsearch: error: {e}", file=sys.stderr)
     except ModuleNotFoundError as e:
         if e.name is None or e.name.split(".")[0] not in TRAIN_EXTRA:
