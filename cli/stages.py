@@ -31,13 +31,14 @@ def ensure_data(data: Path | None, demo_dir: Path) -> Path:
     return synthetic.main(demo_dir, synthetic.confs["demo"])
 
 
-def run_vectors(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None = None) -> Path:
-    return vectors.main(get_conf(preset), dataset, store.data_dir(artifacts, dataset.root), jobs)
+def _vectors_and_model(conf: dict, dataset: Dataset, out_root: Path, jobs: int | None) -> tuple[Path, Path]:
+    vectors_path = vectors.main(conf, dataset, out_root, jobs)
+    return vectors_path, train.main(conf, dataset, vectors_path, out_root)
 
 
 def run_train(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None = None) -> Path:
-    vectors_path = run_vectors(preset, dataset, artifacts, jobs)
-    return train.main(get_conf(preset), dataset, vectors_path, store.data_dir(artifacts, dataset.root))
+    """The preset's model folder, with the vectors it needs, made when missing."""
+    return _vectors_and_model(get_conf(preset), dataset, store.data_dir(artifacts, dataset.root), jobs)[1]
 
 
 def _current_matches(family: Path, model_dir: Path, conf: dict) -> Path | None:
@@ -54,8 +55,7 @@ def run_index(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None =
     settings is current already (or `force`)."""
     conf = get_conf(preset)
     out_root = store.data_dir(artifacts, dataset.root)
-    vectors_path = vectors.main(conf, dataset, out_root, jobs)
-    model_dir = train.main(conf, dataset, vectors_path, out_root)
+    vectors_path, model_dir = _vectors_and_model(conf, dataset, out_root, jobs)
     if not force and (current := _current_matches(store.family_dir(out_root, preset), model_dir, conf)):
         return current
     staged = index_build.build(conf, dataset, vectors_path, model_dir, out_root, jobs)

@@ -31,9 +31,10 @@ def get_searcher(state: StateDep) -> Searcher:
 SearcherDep = Annotated[Searcher, Depends(get_searcher)]
 
 
-def get_live(state: StateDep, searcher: SearcherDep) -> LiveIndex:
-    """The living index, for the routes that change it (ready: a searcher is loaded)."""
-    assert state.live is not None  # a searcher comes only from a live index
+def get_live(state: StateDep) -> LiveIndex:
+    """The living index, for the routes that change it (its own methods check it is ready)."""
+    if state.live is None:
+        raise NotReadyError(f"index not loaded: {state.reason}")
     return state.live
 
 

@@ -82,3 +82,23 @@ def test_serve_refuses_a_weak_admin_key(key: str) -> None:
     out = run("serve", env={"IMGSEARCH_ADMIN_KEY": key})
     assert out.returncode == 2
     assert "IMGSEARCH_ADMIN_KEY" in out.stderr and "too weak" in out.stderr and key not in out.stderr
+
+
+_WITHOUT_TRAIN_EXTRA = """
+import sys
+
+# An install without the `train` extra: importing Keras or TensorFlow fails as it would there.
+sys.modules["keras"] = sys.modules["tensorflow"] = None
+from cli.main import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_training_without_the_train_extra_says_what_to_install(tiny_data: Path, tmp_path: Path) -> None:
+    args = ["train", "--data", str(tiny_data), "--artifacts", str(tmp_path), "--preset", "paper", "--jobs", "1"]
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRAIN_EXTRA, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "train needs keras: pip install '.[train]'" in out.stderr and "Traceback" not in out.stderr

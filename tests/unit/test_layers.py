@@ -105,3 +105,14 @@ def test_the_server_loads_no_training_demo_data_evaluation_or_tensorflow(tiny_da
     for line in (imported, served):
         assert _loaded(line, FORBIDDEN) == []
         assert _loaded(line, FORBIDDEN_EXTERNAL) == []
+
+
+def test_import_graph_prints_the_layers_and_refuses_a_bad_root(tmp_path: Path) -> None:
+    script = str(ROOT / "scripts" / "import_graph.py")
+    out = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    graph = {a.strip(): b for a, b in (line.split(" -> ") for line in out.stdout.splitlines() if " -> " in line)}
+    assert graph["common"].strip() == "(nothing)" and "retrieval" in graph["app"] and "app" not in graph["retrieval"]
+    assert "package cycles: 0" in out.stdout
+    bad = subprocess.run([sys.executable, script, "--root", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no pyproject.toml there" in bad.stderr
