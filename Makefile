@@ -12,6 +12,9 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	@# opencv-python-headless (before TEBLID) and the contrib build share the cv2 folder: drop both, install one.
+	@if $(BIN)/python -m pip show -q opencv-python-headless 2>/dev/null; then \
+		$(BIN)/python -m pip uninstall -y -q opencv-python-headless opencv-contrib-python-headless; fi
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".$(if $(EXTRAS),[$(EXTRAS)])"
 	touch $(STAMP)
 
@@ -41,12 +44,15 @@ lint: venv
 
 ## bench: the benchmark suite on the London data and generated vectors (bench/results.json, BENCHMARKS.md)
 LONDON ?= ../shared/datasets/london
-BENCH_ARGS ?= --server-workers 1 2 3
+# The preset whose in-process floor the default's is compared with, query by query in one run (issue 12).
+FLOOR_BASELINE ?= orb-dense-rvlad-verify
+BENCH_ARGS ?= --server-workers 1 2 3 --floor-baseline $(FLOOR_BASELINE)
 bench: venv
 	@# The load generator is Debian's wrk: installed here when missing and root; bench/run.py says so otherwise.
 	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk; }
 	IMGSEARCH_DATA=$(LONDON) $(BIN)/imgsearch build
+	IMGSEARCH_DATA=$(LONDON) IMGSEARCH_PRESET=$(FLOOR_BASELINE) $(BIN)/imgsearch build
 	$(BIN)/python bench/run.py --data $(LONDON) $(BENCH_ARGS)
 
 ## soak: 20,000 mixed valid/invalid uploads, 16 clients: 0 x 5xx, RSS growth < 10% (bench/soak.json, BENCHMARKS.md)

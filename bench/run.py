@@ -118,6 +118,31 @@ def inprocess(settings: Settings, images: list[bytes]) -> dict[str, Any]:
     }
 
 
+def floor_versus(settings: Settings, baseline: str, images: list[bytes]) -> dict[str, Any]:
+    """The in-process floor of the preset against another preset's, one query of each in turn over
+    the same images (machines and minutes differ, so only a ratio within one run means anything)."""
+    single_threaded_kernels()
+    pair = {name: load_searcher(settings.model_copy(update={"preset": name})) for name in (settings.preset, baseline)}
+    for s in pair.values():
+        warm_up(s)
+    totals: dict[str, list[float]] = {name: [] for name in pair}
+    for data in images:
+        for name, s in pair.items():
+            t0 = time.perf_counter()
+            try:
+                search_image(s, data, 10)
+            except (ImageDecodeError, NoKeypointsError):
+                continue
+            totals[name].append(time.perf_counter() - t0)
+    ms = {name: round(1000 * float(np.median(v)), 2) for name, v in totals.items()}
+    return {
+        "baseline": baseline,
+        "baseline_ms": ms[baseline],
+        "preset_ms": ms[settings.preset],
+        "ratio": round(ms[settings.preset] / ms[baseline], 3),
+    }
+
+
 # --- HTTP -------------------------------------------------------------------------------------------
 
 
@@ -254,6 +279,10 @@ def ann(args: argparse.Namespace, index_dir: Path) -> dict[str, Any]:
 
 def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     out: list[tuple[str, str, bool | None]] = []
+    if "floor_vs_baseline" in r:
+        f = r["floor_vs_baseline"]
+        text = f"{f['ratio']:.3f} x ({f['preset_ms']} ms against {f['baseline_ms']} ms, queries in turn)"
+        out.append((f"inproc floor <= 1.3 x `{f['baseline']}` (issue 12)", text, f["ratio"] <= 1.3))
     if "http_p50_ms_c1" in r:
         ratio = r["http_p50_ms_c1"] / r["inproc_floor_ms"]
         text = f"{ratio:.3f} x"
@@ -288,6 +317,13 @@ def markdown(r: dict[str, Any]) -> str:
         ("in-process CPU ms per query (median)", r.get("inproc_floor_cpu_ms", "–")),
         *((f"stages_ms.{s} (median)", v) for s, v in r["stages_ms"].items()),
     ]
+    if "floor_vs_baseline" in r:
+        f = r["floor_vs_baseline"]
+        rows += [
+            (f"floor of `{f['baseline']}`, queries in turn (median ms)", f["baseline_ms"]),
+            (f"floor of `{r['preset']}`, same run (median ms)", f["preset_ms"]),
+            ("floor ratio (preset / baseline)", f["ratio"]),
+        ]
     if "http_p50_ms_c1" in r:
         rows += [
             ("uvicorn workers (IMGSEARCH_WORKERS)", r["server_workers"]),
@@ -377,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--server-workers", type=int, nargs="+", default=None, help="uvicorn workers to compare (default: the setting)"
     )
+    p.add_argument(
+        "--floor-baseline",
+        choices=sorted(confs),
+        default=None,
+        help="also time this preset's floor, query by query in turn with --preset (its index must be built)",
+    )
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--skip-index-build", action="store_true")
     p.add_argument("--skip-ann", action="store_true")
@@ -420,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     result["command"] = shlex.join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])])
     result |= inprocess(settings, [f.read_bytes() for f in files])
     print(f"in-process: {result['inproc_floor_ms']} ms {result['stages_ms']}", flush=True)
+    if args.floor_baseline:
+        result["floor_vs_baseline"] = floor_versus(settings, args.floor_baseline, [f.read_bytes() for f in files])
+        print(f"floor against {args.floor_baseline}: {json.dumps(result['floor_vs_baseline'])}", flush=True)
     if not args.skip_http:
         by_workers = []
         for n in server_workers:

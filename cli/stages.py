@@ -20,7 +20,7 @@ from evaluation.run import evaluate_searcher
 from indexer import build as index_build
 from indexer import store
 from model import train, vectors
-from retrieval.calibrate import fit_verify_head
+from retrieval.calibrate import fit_expand_prior, fit_verify_head
 from retrieval.searcher import Searcher
 
 
@@ -66,6 +66,8 @@ def run_index(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None =
         with single_threaded():
             if staged.loaded.verifier is not None:
                 staged.set_verify_head(fit_verify_head(Searcher(staged.loaded), dataset, split["val"]))
+                if conf["verify"].get("expand"):
+                    staged.set_expand_prior(fit_expand_prior(Searcher(staged.loaded), dataset, split["val"]))
             # Retrieval quality of this index on held-out queries, computed once here, served by the API.
             metrics = evaluate_searcher(Searcher(staged.loaded), dataset, split["test"], "test").summary
     return index_build.publish(staged, metrics)

@@ -31,6 +31,11 @@ def _pairwise(loc_a: np.ndarray, loc_b: np.ndarray) -> tuple[np.ndarray, np.ndar
     return dist, heading_diff(loc_a[:, None, 2], loc_b[None, :, 2])
 
 
+def pairwise_distance(loc_a: np.ndarray, loc_b: np.ndarray) -> np.ndarray:
+    """Camera-to-camera distances (na, nb) in metres."""
+    return _pairwise(loc_a, loc_b)[0]
+
+
 def sim_matrix(loc_a: np.ndarray, loc_b: np.ndarray) -> np.ndarray:
     """Binary relevance (na, nb) bool."""
     dist, dh = _pairwise(loc_a, loc_b)

@@ -32,6 +32,8 @@ COLUMNS = [
     ("R@1", "recall@1"),
     ("R@5", "recall@5"),
     ("R@10", "recall@10"),
+    ("R@20", "recall@20"),
+    ("R@50", "recall@50"),  # with verification: what the verified shortlist of 50 holds
     ("P@5", "precision@5"),
     ("P@10", "precision@10"),
     ("P@20", "precision@20"),

@@ -1,4 +1,10 @@
-"""Stage 2: grayscale pixels -> ORB keypoints and binary descriptors."""
+"""Stage 2: grayscale pixels -> ORB keypoints and binary descriptors.
+
+The keypoints are always ORB's (FAST corners of its pyramid, or a dense grid at ORB's scales); the
+256-bit descriptor on them is ORB's own or TEBLID (Suarez et al., 2021: learned by boosting on
+patch pairs, shipped with OpenCV contrib), which matches far better across seasons and lighting at
+the same size and the same Hamming distance.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +42,14 @@ def dense_keypoints(shape: tuple[int, ...], conf: dict[str, Any]) -> list[cv2.Ke
     return out
 
 
+DESCRIPTORS = ("orb", "teblid")
+
+
+def _teblid() -> cv2.Feature2D:
+    # Scale factor 1.0 is TEBLID's setting for ORB keypoints (their size is ORB's patch size).
+    return cv2.xfeatures2d.TEBLID_create(1.0)
+
+
 def extract_orb(gray: np.ndarray, conf: dict[str, Any]) -> OrbFeatures:
     """Detect ORB keypoints and compute descriptors; raises NoKeypointsError when there are none.
 
@@ -61,12 +75,15 @@ def extract_orb(gray: np.ndarray, conf: dict[str, Any]) -> OrbFeatures:
         patchSize=int(conf["patch_size"]),
         fastThreshold=int(conf["fast_threshold"]),
     )
-    if conf.get("detector", "fast") == "dense":
-        # Descriptors on a regular grid at a few scales, upright: every image region is described,
-        # not only the corners FAST finds, which is what an aggregate over the image needs.
-        keypoints, descriptors = orb.compute(gray, dense_keypoints(gray.shape, conf))
-    else:
-        keypoints, descriptors = orb.detectAndCompute(gray, None)
+    dense = conf.get("detector", "fast") == "dense"
+    # Dense: descriptors on a regular grid at a few scales, upright: every image region is described,
+    # not only the corners FAST finds, which is what an aggregate over the image needs.
+    keypoints = dense_keypoints(gray.shape, conf) if dense else orb.detect(gray, None)
+    name = conf.get("descriptor", "orb")
+    if name not in DESCRIPTORS:
+        raise ValueError(f"unknown descriptor {name!r}; known: {', '.join(DESCRIPTORS)}")
+    describer = orb if name == "orb" else _teblid()
+    keypoints, descriptors = describer.compute(gray, keypoints)
     if descriptors is None or len(keypoints) == 0:
         raise NoKeypointsError("no ORB keypoints found in the image (blank or featureless?)")
     # Positions in the (decoded, not up-sampled) image's pixels.

@@ -62,6 +62,11 @@ class StagedIndex:
         self.loaded.verifier.head = np.asarray(head, np.float64)
         self.loaded.manifest["verify_head"] = [float(v) for v in head]
 
+    def set_expand_prior(self, prior: float) -> None:
+        assert self.loaded.verifier is not None
+        self.loaded.verifier.expand_prior = float(prior)
+        self.loaded.manifest["verify_expand_prior"] = float(prior)
+
 
 def build(
     conf: dict[str, Any],

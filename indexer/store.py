@@ -246,5 +246,7 @@ def load(directory: Path) -> LoadedIndex:
         features = MapFeatures.load(directory / "verify.npz")
         if set(int(i) for i in features.ids) != set(images):
             raise IndexLoadError(f"{directory}: verification keypoints cover other images than the index")
-        verifier = Verifier(vconf, features, vectorizer.n_words, manifest["verify_head"])
+        verifier = Verifier(
+            vconf, features, vectorizer.n_words, manifest["verify_head"], None, manifest.get("verify_expand_prior", 0.0)
+        )
     return LoadedIndex(directory.name, directory, manifest, index, images, vectorizer, encoder, verifier)

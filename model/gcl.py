@@ -29,7 +29,7 @@ from model.projection import pca_projection
 log = logging.getLogger(__name__)
 
 
-def _recall(emb_q: np.ndarray, emb_d: np.ndarray, sim: np.ndarray) -> float:
+def validation_recall(emb_q: np.ndarray, emb_d: np.ndarray, sim: np.ndarray) -> float:
     """R@1 + R@10 of queries that have a relevant map image."""
     import faiss
 
@@ -81,7 +81,7 @@ def train_gcl(
     best = (-1.0, encoder.get_weights(), 0)
     for epoch in range(int(m["epochs"]) + 1):
         emb = encoder.predict(np.concatenate([xd, xq]), batch_size=512, verbose=0)
-        score = _recall(emb[ndb:][val], emb[:ndb], dataset.sim[val])
+        score = validation_recall(emb[ndb:][val], emb[:ndb], dataset.sim[val])
         history["val_recall"].append(score)
         log.info("GCL epoch %d: validation R@1+R@10 = %.3f", epoch, score)
         if score > best[0]:
@@ -98,7 +98,7 @@ def train_gcl(
     encoder.set_weights(best[1])
     w, b = linear.get_weights()
     (tmp / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
-    _plot(history, tmp / "loss.png")
+    plot_history(history, tmp / "loss.png", "GCL loss (train)", "epoch (0 = PCA start)")
     NumpyEncoder([w], [b], ["linear_l2"], 0.0, 0.0).save(tmp / "encoder.npz")
     return {"best_epoch": best[2], "val_recall_by_epoch": history["val_recall"], "anchors": len(anchors)}
 
@@ -130,12 +130,13 @@ def _mine_pairs(
     return np.concatenate(ia), np.concatenate(ib), np.concatenate(psi).astype(np.float32)
 
 
-def _plot(history: dict[str, list[float]], out: Path) -> Path:
+def plot_history(history: dict[str, list[float]], out: Path, loss_label: str, start_label: str) -> Path:
+    """Training loss by epoch and validation recall by epoch (0: before training), side by side."""
     fig, ax = plots.pyplot().subplots(1, 2, figsize=(9, 3.5))
     ax[0].plot(range(1, len(history["loss"]) + 1), history["loss"])
     ax[0].set_xlabel("epoch")
-    ax[0].set_ylabel("GCL loss (train)")
+    ax[0].set_ylabel(loss_label)
     ax[1].plot(range(len(history["val_recall"])), history["val_recall"])
-    ax[1].set_xlabel("epoch (0 = PCA start)")
+    ax[1].set_xlabel(start_label)
     ax[1].set_ylabel("validation R@1 + R@10")
     return plots.save(fig, out)

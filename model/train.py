@@ -164,7 +164,26 @@ def _pca_whiten(
     return _with_calibrated_head(enc, conf, dataset, xq, xd, split["val"], tmp)
 
 
-TRAINERS = {"siamese-mlp": _train_siamese, "identity": _identity, "gcl-linear": _gcl, "pca-whiten": _pca_whiten}
+def _siamese_diag(
+    conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
+) -> dict[str, Any]:
+    from model.siamese_diag import train_siamese_diag
+
+    try:
+        details = train_siamese_diag(conf, dataset, xq, xd, split, tmp)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    enc = NumpyEncoder.load(tmp / "encoder.npz")
+    return details | _with_calibrated_head(enc, conf, dataset, xq, xd, split["val"], tmp)
+
+
+TRAINERS = {
+    "siamese-mlp": _train_siamese,
+    "identity": _identity,
+    "gcl-linear": _gcl,
+    "pca-whiten": _pca_whiten,
+    "siamese-diag": _siamese_diag,
+}
 
 
 def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, out_root: Path) -> Path:

@@ -142,11 +142,14 @@ class Verifier:
         n_words: int,
         head: list[float],
         extra: dict[int, tuple[OrbFeatures, np.ndarray]] | None = None,
+        expand_prior: float = 0.0,
     ) -> None:
         self.conf = conf
         self.store = store
         self.n_words = n_words
         self.head = np.asarray(head, np.float64)  # logistic weights for [distance, log1p(inliers), 1]
+        # P(relevant) of a map image near a strongly verified top hit (0: no spatial expansion).
+        self.expand_prior = float(expand_prior)
         self.row_of = {int(i): r for r, i in enumerate(store.ids)}
         # Keypoints (and their words) of images added online, kept apart so adding one does not copy
         # the keypoints of every map image; they take precedence over the stored ones of the same id.
@@ -159,7 +162,7 @@ class Verifier:
 
     def with_extra(self, extra: dict[int, tuple[OrbFeatures, np.ndarray]]) -> Verifier:
         """The same verifier with another set of online-added images (the stored keypoints are shared)."""
-        return Verifier(self.conf, self.store, self.n_words, self.head.tolist(), extra)
+        return Verifier(self.conf, self.store, self.n_words, self.head.tolist(), extra, self.expand_prior)
 
     def features_of(self, image_id: int) -> tuple[OrbFeatures, np.ndarray]:
         if image_id in self.extra:

@@ -1,5 +1,6 @@
-"""The verification head, fitted through the query path: relevance = sigmoid(w . [distance,
-log1p(inliers)] + b), by logistic regression on the verified shortlists of validation queries."""
+"""Fitted through the query path on validation queries: the verification head, relevance =
+sigmoid(w . [distance, log1p(inliers)] + b), by logistic regression on the verified shortlists; and
+the prior of the verified spatial expansion."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataset.layout import Dataset
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
 from model.calibrate import fit_logistic
-from retrieval.searcher import Searcher
+from retrieval.searcher import Searcher, expand_place
 
 
 def fit_verify_head(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> list[float]:
@@ -30,3 +31,26 @@ def fit_verify_head(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> l
         labels.append(dataset.sim[q, ids])
     w = fit_logistic(np.concatenate(feats), np.concatenate(labels).astype(np.float64))
     return [float(v) for v in w]
+
+
+def fit_expand_prior(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> float:
+    """The share of relevant map images among those the expansion would lift (near a top hit with
+    enough inliers), over the queries at `rows`, with add-one smoothing; the verifier's head must be
+    fitted first (the top hit depends on it)."""
+    spec = None if searcher.verifier is None else searcher.verifier.conf.get("expand")
+    if spec is None or dataset.sim is None:
+        raise ValueError("fitting the expansion prior needs a preset that expands and ground truth")
+    relevant = lifted = 0
+    for q in rows:
+        try:
+            query = searcher.analyze(dataset.image_path(dataset.queries.paths[q]).read_bytes())
+        except (ImageDecodeError, NoKeypointsError):
+            continue
+        hits = searcher.rank(query, int(spec["pool"]), expand=False)
+        n = sum(h.inliers is not None for h in hits)
+        # With prior 1 every neighbour of a strong top hit is lifted: exactly the ones to count.
+        block, _ = expand_place(hits[:n], hits[n:], spec, 1.0)
+        ids = [h.id for h in block[1:] if h.score >= block[0].score]
+        relevant += int(dataset.sim[q, ids].sum())
+        lifted += len(ids)
+    return (relevant + 1) / (lifted + 2)

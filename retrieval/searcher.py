@@ -9,7 +9,7 @@ consistent view while another thread swaps in the next.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from common.clock import StageClock
 from common.presets import verify_features_conf
 from common.threads import kernels_for_this_thread
 from dataset.layout import Location
+from dataset.relevance import heading_diff
 from features.extract import query_features
 from features.orb import OrbFeatures
 from indexer.store import ImageRecord, LoadedIndex
@@ -101,16 +102,18 @@ class Searcher:
             hits.append(Hit(rank, rec.id, rec.path, float(s), float(d), rec.loc))
         return hits
 
-    def rank(self, query: Query, k: int, timings: dict[str, float] | None = None) -> list[Hit]:
+    def rank(self, query: Query, k: int, timings: dict[str, float] | None = None, expand: bool = True) -> list[Hit]:
         """The top k map images; with verification, the first `verify.n` of the shortlist are
-        re-ranked by a score that folds their RANSAC inliers into the embedding distance."""
+        re-ranked by a score that folds their RANSAC inliers into the embedding distance, then (if the
+        preset expands and `expand`) the place of a strongly verified top hit is expanded."""
         clock = StageClock(timings)
         if self.verifier is None or query.verify_features is None:
             hits = self.search_embedding(query.embedding, k)
             clock.lap("search")
             return hits
         n = int(self.verifier.conf["n"])
-        hits = self.search_embedding(query.embedding, max(k, n))
+        spec = self.verifier.conf.get("expand") if expand and self.verifier.expand_prior > 0 else None
+        hits = self.search_embedding(query.embedding, max(k, n, int(spec["pool"]) if spec else 0))
         clock.lap("search")
         head, tail = hits[:n], hits[n:]
         inliers = self.verifier.inliers(query.verify_features, query.verify_words, [h.id for h in head])
@@ -121,6 +124,8 @@ class Searcher:
             Hit(0, head[i].id, head[i].path, float(scores[i]), head[i].distance, head[i].location, int(inliers[i]))
             for i in order
         ]
+        if spec:
+            verified, tail = expand_place(verified, tail, spec, self.verifier.expand_prior)
         return [
             Hit(r, h.id, h.path, h.score, h.distance, h.location, h.inliers)
             for r, h in enumerate((verified + tail)[:k], start=1)
@@ -132,3 +137,27 @@ class Searcher:
         out = np.zeros(max(self.images) + 1, dtype=np.float32)
         out[[h.id for h in hits]] = [h.score for h in hits]
         return out
+
+
+def expand_place(
+    verified: list[Hit], tail: list[Hit], spec: dict[str, Any], prior: float
+) -> tuple[list[Hit], list[Hit]]:
+    """Verified spatial expansion. When the best verified hit has at least `min_inliers`, its place
+    is found: every other hit standing within `radius_m` of it and looking within `heading_deg` of its
+    heading scores at least prior x its score (prior: the share of such neighbours that were relevant
+    on validation queries), and those of `tail` (not verified) join the verified block, which is
+    sorted by score again. Returns the new (verified block, tail); ranks are set by the caller."""
+    if not verified or (verified[0].inliers or 0) < int(spec["min_inliers"]):
+        return verified, tail
+    top = verified[0]
+    floor = prior * top.score
+
+    def near(h: Hit) -> bool:
+        dist = float(np.hypot(h.location.easting - top.location.easting, h.location.northing - top.location.northing))
+        turn = float(heading_diff(h.location.heading, top.location.heading))
+        return dist < float(spec["radius_m"]) and turn < float(spec["heading_deg"])
+
+    block = [replace(h, score=max(h.score, floor)) if near(h) else h for h in verified[1:]]
+    block += [replace(h, score=max(h.score, floor)) for h in tail if near(h)]
+    rest = [h for h in tail if not near(h)]
+    return [top, *sorted(block, key=lambda h: -h.score)], rest

@@ -21,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from common.presets import DEFAULT_PRESET
 from tests.conftest import ROOT, free_port, london_or_fail
 
 BASE_IMAGE = "imgsearch-base:3.11-bookworm"
@@ -180,7 +181,7 @@ def test_compose_up_serves_the_demo_data(stack) -> None:
     assert out.returncode == 0, out.stderr
     query = dest.read_bytes()
     dest.unlink()
-    check_api(s, query, "orb-dense-rvlad-verify")
+    check_api(s, query, DEFAULT_PRESET)
 
 
 def test_compose_up_serves_london_read_only(stack) -> None:

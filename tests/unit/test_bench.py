@@ -121,6 +121,22 @@ def test_targets_say_met_or_missed(run: ModuleType) -> None:
     )
 
 
+def test_floor_against_the_previous_default_is_a_ratio_of_one_run(run: ModuleType) -> None:
+    name = "inproc floor <= 1.3 x `orb-dense-rvlad-verify` (issue 12)"
+
+    def floor(preset_ms: float, baseline_ms: float) -> dict:
+        ratio = round(preset_ms / baseline_ms, 3)
+        f = {"baseline": "orb-dense-rvlad-verify", "baseline_ms": baseline_ms, "preset_ms": preset_ms, "ratio": ratio}
+        return {t: (m, ok) for t, m, ok in run.targets(_result(floor_vs_baseline=f))}
+
+    assert floor(120.0, 100.0)[name] == ("1.200 x (120.0 ms against 100.0 ms, queries in turn)", True)
+    assert floor(131.0, 100.0)[name][1] is False
+    assert name not in {t for t, _, _ in run.targets(_result())}  # not measured: not claimed
+    f = {"baseline": "b", "baseline_ms": 2.0, "preset_ms": 3.0, "ratio": 1.5}
+    table = run.markdown(_result(floor_vs_baseline=f))
+    assert "| floor ratio (preset / baseline) | 1.5 |" in table
+
+
 def test_report_rewrites_only_its_section(run: ModuleType, tmp_path: Path) -> None:
     md = tmp_path / "BENCHMARKS.md"
     md.write_text(f"# B\nbefore\n{run.BEGIN}\nold table\n{run.END}\nafter\n", encoding="utf-8")
