@@ -10,7 +10,7 @@ from dataset.layout import Dataset
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
 from model.calibrate import fit_logistic
-from retrieval.searcher import Searcher, expand_place
+from retrieval.searcher import Searcher, at_place, found_place
 
 
 def fit_verify_head(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> list[float]:
@@ -47,10 +47,9 @@ def fit_expand_prior(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> 
         except (ImageDecodeError, NoKeypointsError):
             continue
         hits = searcher.rank(query, int(spec["pool"]), expand=False)
-        n = sum(h.inliers is not None for h in hits)
-        # With prior 1 every neighbour of a strong top hit is lifted: exactly the ones to count.
-        block, _ = expand_place(hits[:n], hits[n:], spec, 1.0)
-        ids = [h.id for h in block[1:] if h.score >= block[0].score]
+        if not found_place([h for h in hits if h.inliers is not None], spec):
+            continue
+        ids = [h.id for h in hits[1:] if at_place(h, hits[0], spec)]
         relevant += int(dataset.sim[q, ids].sum())
         lifted += len(ids)
     return (relevant + 1) / (lifted + 2)

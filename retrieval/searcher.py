@@ -147,17 +147,23 @@ def expand_place(
     heading scores at least prior x its score (prior: the share of such neighbours that were relevant
     on validation queries), and those of `tail` (not verified) join the verified block, which is
     sorted by score again. Returns the new (verified block, tail); ranks are set by the caller."""
-    if not verified or (verified[0].inliers or 0) < int(spec["min_inliers"]):
+    if not found_place(verified, spec):
         return verified, tail
     top = verified[0]
     floor = prior * top.score
-
-    def near(h: Hit) -> bool:
-        dist = float(np.hypot(h.location.easting - top.location.easting, h.location.northing - top.location.northing))
-        turn = float(heading_diff(h.location.heading, top.location.heading))
-        return dist < float(spec["radius_m"]) and turn < float(spec["heading_deg"])
-
-    block = [replace(h, score=max(h.score, floor)) if near(h) else h for h in verified[1:]]
-    block += [replace(h, score=max(h.score, floor)) for h in tail if near(h)]
-    rest = [h for h in tail if not near(h)]
+    block = [replace(h, score=max(h.score, floor)) if at_place(h, top, spec) else h for h in verified[1:]]
+    block += [replace(h, score=max(h.score, floor)) for h in tail if at_place(h, top, spec)]
+    rest = [h for h in tail if not at_place(h, top, spec)]
     return [top, *sorted(block, key=lambda h: -h.score)], rest
+
+
+def found_place(verified: list[Hit], spec: dict[str, Any]) -> bool:
+    """Whether the best verified hit has the inliers that say the place is found."""
+    return bool(verified) and (verified[0].inliers or 0) >= int(spec["min_inliers"])
+
+
+def at_place(h: Hit, top: Hit, spec: dict[str, Any]) -> bool:
+    """Whether hit h stands within radius_m of the top hit and looks within heading_deg of it."""
+    dist = float(np.hypot(h.location.easting - top.location.easting, h.location.northing - top.location.northing))
+    turn = float(heading_diff(h.location.heading, top.location.heading))
+    return dist < float(spec["radius_m"]) and turn < float(spec["heading_deg"])
