@@ -131,7 +131,7 @@ def train_siamese_diag(
     rows, pos, fov = anchors_and_positives(dataset, split, m)
     # Everything relevant to an anchor by location (fov > 0), never drawn as a negative.
     loc_all = np.concatenate([dataset.database.loc, dataset.queries.loc])
-    rel_any = [np.flatnonzero(fov_matrix(loc_all[r : r + 1], dataset.database.loc)[0] > 0) for r in rows]
+    rel_any = [np.flatnonzero(row > 0) for row in fov_matrix(loc_all[rows], dataset.database.loc)]
     x_all = tf.constant(white)
     opt = keras.optimizers.Adam(float(m["lr"]))
     tau = float(m["tau"])

@@ -152,8 +152,12 @@ def expand_place(
     top = verified[0]
     floor = prior * top.score
     block = [replace(h, score=max(h.score, floor)) if at_place(h, top, spec) else h for h in verified[1:]]
-    block += [replace(h, score=max(h.score, floor)) for h in tail if at_place(h, top, spec)]
-    rest = [h for h in tail if not at_place(h, top, spec)]
+    rest = []
+    for h in tail:
+        if at_place(h, top, spec):
+            block.append(replace(h, score=max(h.score, floor)))
+        else:
+            rest.append(h)
     return [top, *sorted(block, key=lambda h: -h.score)], rest
 
 
