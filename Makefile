@@ -2,12 +2,12 @@
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Optional dependency groups of pyproject.toml: train (TensorFlow, plots), dev (tests, linters).
-# The serving image installs none (make venv EXTRAS=), the indexer image only train.
-EXTRAS ?= train,dev
+# Optional dependency groups of pyproject.toml: train (TensorFlow, plots), dev (tests, linters),
+# ray (the cluster engine). The serving image installs none (make venv EXTRAS=), the indexer image only train.
+EXTRAS ?= train,dev,ray
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv build run serve test test-unit lint bench soak clean
+.PHONY: venv build run serve test test-unit lint bench bench-ray soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,14 @@ bench: venv
 	IMGSEARCH_DATA=$(LONDON) $(BIN)/imgsearch build
 	IMGSEARCH_DATA=$(LONDON) IMGSEARCH_PRESET=$(FLOOR_BASELINE) $(BIN)/imgsearch build
 	$(BIN)/python bench/run.py --data $(LONDON) $(BENCH_ARGS)
+	$(BIN)/python bench/ray_bench.py --data $(LONDON) $(RAY_BENCH_ARGS)
+
+## bench-ray: the Ray engine alone, against the embedded one (bench/ray.json, BENCHMARKS.md)
+bench-ray: venv
+	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk; }
+	IMGSEARCH_DATA=$(LONDON) $(BIN)/imgsearch build
+	$(BIN)/python bench/ray_bench.py --data $(LONDON) $(RAY_BENCH_ARGS)
 
 ## soak: 20,000 mixed valid/invalid uploads, 16 clients: 0 x 5xx, RSS growth < 10% (bench/soak.json, BENCHMARKS.md)
 soak: venv

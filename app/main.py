@@ -7,10 +7,11 @@ training, demo-data generation, evaluation or TensorFlow (tests/unit/test_layers
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from app.api.routes import health, images, metrics, search, web
 from app.core import observability
@@ -36,8 +37,11 @@ def live_index(settings: Settings) -> LiveIndex:
     return LiveIndex(store.index_family(settings.artifacts, root, settings.preset))
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, open_live: Callable[[Settings], LiveIndex] | None = None) -> FastAPI:
+    """The service. `open_live` makes its living index (default: the whole index of the configured data
+    folder and preset, in this process; cluster/serving.py gives the head of a sharded one)."""
     settings = settings or Settings()
+    open_live = open_live or live_index
     # Library warnings (Pillow on corrupt EXIF, ...) go through logging, so stdout stays one JSON per line.
     logging.captureWarnings(True)
     # Before the request threads exist: few malloc arenas keep a busy server's memory flat.
@@ -51,11 +55,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         single_threaded_kernels()
         try:
             # Kept even when the load fails: it picks up the next version published.
-            state.live = live_index(settings)
+            state.live = open_live(settings)
             # Count and size every version this worker swaps in later, not only the first.
             state.live.on_swap = lambda s: app.state.metrics.index_loaded(s.preset, s.size)
-            searcher = state.live.load_now()
-            warm_up(searcher)
+            # Off the event loop: a sharded index's warm-up query waits on its shards.
+            searcher = await run_in_threadpool(state.live.load_now)
+            await run_in_threadpool(warm_up, searcher)
             state.not_ready_reason = None
             app.state.metrics.index_loaded(searcher.preset, searcher.size)
             log.info("serving index %s (%d images)", searcher.version, searcher.size)

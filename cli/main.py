@@ -18,13 +18,15 @@ from common.presets import UnknownPresetError, confs
 from dataset.layout import DatasetError, load_dataset
 from indexer.store import IndexLoadError
 
-# What the `train` extra of pyproject.toml installs: Keras models and the evaluation's figures.
-TRAIN_EXTRA = ("tensorflow", "keras", "matplotlib")
+# What the optional extras of pyproject.toml install: `train` (Keras models, the evaluation's figures)
+# and `ray` (the cluster engine).
+EXTRAS = {"tensorflow": "train", "keras": "train", "matplotlib": "train", "ray": "ray"}
 
 
 def _domain_errors(command: str) -> tuple[type[Exception], ...]:
     """The errors that end a command with a message and exit code 2 rather than a traceback."""
-    errors: tuple[type[Exception], ...] = (DatasetError, IndexLoadError, UnknownPresetError)
+    # ConnectionError: ray.init could not reach the cluster at --address.
+    errors: tuple[type[Exception], ...] = (DatasetError, IndexLoadError, UnknownPresetError, ConnectionError)
     if command != "serve":  # `imgsearch serve` (the server's own process) never loads training code
         from model.train import TrainingError
 
@@ -70,7 +72,24 @@ def cmd_index(args: argparse.Namespace) -> int:
         # Running servers see CURRENT change and swap to the version it names.
         print(store.rollback(family) if args.rollback else compact(family))
         return 0
-    print(run_index(s.preset, _dataset(s), s.artifacts, args.jobs, force=args.force))
+    if args.engine == "ray":
+        import functools
+
+        import ray
+
+        from cluster import connect
+        from cluster.indexing import embed_map_images
+
+        dataset = _dataset(s)  # refused before connecting to a cluster when the data folder is wrong
+        connect(args.address)
+        engine = functools.partial(embed_map_images, actors=args.actors)
+        try:
+            print(run_index(s.preset, dataset, s.artifacts, args.jobs, args.force, args.shards or 2, engine))
+        finally:
+            ray.shutdown()
+        return 0
+    # Without --shards, a current version of any shard count will do; a new one has 1.
+    print(run_index(s.preset, _dataset(s), s.artifacts, args.jobs, force=args.force, shards=args.shards))
     return 0
 
 
@@ -108,6 +127,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.core.logs import log_config, route_stderr_to_log
     from features.decode import MAX_PIXELS
 
+    if args.engine == "ray":
+        from cluster import serving
+
+        serving.run(_settings(args), args.address, args.replicas, ready=lambda m: print(m, flush=True))
+        return 0
     if args.workers is not None:
         os.environ["IMGSEARCH_WORKERS"] = str(args.workers)  # validated with the other settings
     s = _settings(args)
@@ -161,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
             "-j", "--jobs", type=int, default=None, help="processes for feature extraction (default: one per core)"
         )
 
+    def engine(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--engine",
+            choices=["embedded", "ray"],
+            default="embedded",
+            help="embedded: this machine (default); ray: a Ray cluster (pip install '.[ray]')",
+        )
+        sp.add_argument("--address", default=None, help="ray: the cluster's address (default: RAY_ADDRESS or local)")
+
     sp = sub.add_parser("data", help="generate the synthetic demo data set")
     common(sp)
     sp.add_argument("--out", type=Path, help="output folder (default: <artifacts>/demo-data)")
@@ -177,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     jobs(sp)
     sp.add_argument("--force", action="store_true", help="build a new version even if one is current")
+    engine(sp)
+    sp.add_argument(
+        "--shards", type=int, default=None, help="split the index into N shards by image id (default: 1; ray: 2)"
+    )
+    sp.add_argument("--actors", type=int, default=None, help="ray: extraction actors (default: one per cluster CPU)")
     what = sp.add_mutually_exclusive_group()
     what.add_argument("--rollback", action="store_true", help="serve the previous kept version again (no build)")
     what.add_argument(
@@ -203,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("serve", help="serve the HTTP API")
     common(sp)
     sp.add_argument("--workers", type=int, default=None, help="uvicorn worker processes (env IMGSEARCH_WORKERS)")
+    engine(sp)
+    sp.add_argument(
+        "--replicas", type=int, default=None, help="ray: ingress replicas (default: autoscaled from 1 to 4)"
+    )
     sp.set_defaults(func=cmd_serve)
     return p
 
@@ -210,9 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    for flag in ("jobs", "workers"):
+    for flag in ("jobs", "workers", "shards", "actors", "replicas"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             print(f"imgsearch: error: --{flag} must be >= 1", file=sys.stderr)
+            return 2
+    engine = getattr(args, "engine", "embedded")
+    for flag, only in (("address", "ray"), ("actors", "ray"), ("replicas", "ray"), ("workers", "embedded")):
+        if getattr(args, flag, None) is not None and engine != only:
+            print(f"imgsearch: error: --{flag} is for --engine {only}", file=sys.stderr)
             return 2
     try:
         return args.func(args)
@@ -222,10 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     except _domain_errors(args.command) as e:
         print(f"imgsearch: error: {e}", file=sys.stderr)
     except ModuleNotFoundError as e:
-        if e.name is None or e.name.split(".")[0] not in TRAIN_EXTRA:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
             raise
-        # An install without the optional training dependencies (the serving image, say).
-        print(f"imgsearch: error: {args.command} needs {e.name}: pip install '.[train]'", file=sys.stderr)
+        # An install without an optional group of dependencies (the serving image, say).
+        print(f"imgsearch: error: {args.command} needs {e.name}: pip install '.[{extra}]'", file=sys.stderr)
     return 2
 
 

@@ -9,7 +9,9 @@ test queries, and only then does the indexer publish it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from common.presets import get_conf
 from common.threads import single_threaded
@@ -41,24 +43,40 @@ def run_train(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None =
     return _vectors_and_model(get_conf(preset), dataset, store.data_dir(artifacts, dataset.root), jobs)[1]
 
 
-def _current_matches(family: Path, model_dir: Path, conf: dict) -> Path | None:
+def _current_matches(family: Path, model_dir: Path, conf: dict, shards: int | None) -> Path | None:
     try:
         current = store.current_version(family)
         manifest = json.loads((current / "manifest.json").read_text(encoding="utf-8"))
     except (store.IndexLoadError, OSError, json.JSONDecodeError):
         return None  # nothing usable yet: build it
-    return current if manifest.get("model") == model_dir.name and manifest.get("conf") == conf else None
+    same = manifest.get("model") == model_dir.name and manifest.get("conf") == conf
+    return current if same and shards in (None, manifest.get("shards", 1)) else None
 
 
-def run_index(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None = None, force: bool = False) -> Path:
+# Computes the map images' embeddings and keypoints elsewhere (cluster/indexing.py on Ray):
+# (conf, dataset, vectors file, model folder) -> MapArrays.
+Engine = Callable[[dict[str, Any], Dataset, Path, Path], index_build.MapArrays]
+
+
+def run_index(
+    preset: str,
+    dataset: Dataset,
+    artifacts: Path,
+    jobs: int | None = None,
+    force: bool = False,
+    shards: int | None = None,
+    engine: Engine | None = None,
+) -> Path:
     """The current index version of `preset`, built and published unless one of the same model and
-    settings is current already (or `force`)."""
+    settings (and `shards`, if given) is current already (or `force`). The model is trained here;
+    `engine`, if given, embeds the map images (default: this process and `jobs` workers)."""
     conf = get_conf(preset)
     out_root = store.data_dir(artifacts, dataset.root)
     vectors_path, model_dir = _vectors_and_model(conf, dataset, out_root, jobs)
-    if not force and (current := _current_matches(store.family_dir(out_root, preset), model_dir, conf)):
+    if not force and (current := _current_matches(store.family_dir(out_root, preset), model_dir, conf, shards)):
         return current
-    staged = index_build.build(conf, dataset, vectors_path, model_dir, out_root, jobs)
+    arrays = engine(conf, dataset, vectors_path, model_dir) if engine is not None else None
+    staged = index_build.build(conf, dataset, vectors_path, model_dir, out_root, jobs, arrays, shards or 1)
     metrics = None
     if dataset.sim is not None:
         split = load_split(model_dir / "split.json", dataset.queries.paths)

@@ -22,6 +22,9 @@ from common.presets import verify_features_conf
 from common.threads import single_threaded
 from dataset.layout import Dataset
 from features import local
+from features.decode import ImageDecodeError
+from features.extract import image_to_features
+from features.orb import NoKeypointsError, OrbFeatures
 from indexer import store
 from model.encoder import NumpyEncoder
 from model.vectorize import Vectorizer
@@ -56,6 +59,7 @@ class StagedIndex:
     files: dict[str, Path]  # version file name -> where it is now
     staged: list[Path] = field(default_factory=list)  # files written only to be copied in, removed after
     t0: float = field(default_factory=time.time)
+    shards: int = 1  # published split into this many shards by image id (indexer/store.py)
 
     def set_verify_head(self, head: list[float]) -> None:
         assert self.loaded.verifier is not None
@@ -68,6 +72,47 @@ class StagedIndex:
         self.loaded.manifest["verify_expand_prior"] = float(prior)
 
 
+@dataclass
+class MapArrays:
+    """What indexing computes for the map images, in database.json order, by whichever engine."""
+
+    embeddings: np.ndarray  # (n, dim) float32
+    ok: np.ndarray  # (n,) bool: False for an image without features (it gets the zero vector's embedding)
+    keypoints: MapFeatures | None  # verification keypoints, for presets that verify
+
+
+def image_vector(data: bytes, conf: dict[str, Any], vectorizer: Vectorizer) -> np.ndarray | None:
+    """The aggregate vector of one map image, as the vectors stage makes it (None: no features)."""
+    try:
+        feats = image_to_features(data, conf)
+    except (ImageDecodeError, NoKeypointsError):
+        return None
+    return vectorizer(feats) if len(feats.descriptors) else None
+
+
+def image_keypoints(data: bytes, vconf: dict[str, Any], vectorizer: Vectorizer) -> tuple[OrbFeatures, np.ndarray]:
+    """Verification keypoints of one map image and their visual words, as build_map_features makes them."""
+    try:
+        feats = image_to_features(data, vconf)
+    except (ImageDecodeError, NoKeypointsError):
+        feats = OrbFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8))
+    words = vectorizer.words(feats.descriptors) if len(feats.descriptors) else np.zeros(0, np.int64)
+    return feats, words
+
+
+def embed_map_images(
+    conf: dict[str, Any], dataset: Dataset, vectors_path: Path, model_dir: Path, out_root: Path, jobs: int | None
+) -> MapArrays:
+    """The embedded engine: embeddings from the vectors stage's cache, keypoints in `jobs` processes."""
+    encoder = NumpyEncoder.load(model_dir / "encoder.npz")
+    xd, ok = load_vectors(vectors_path, dataset.database.paths)
+    keypoints = None
+    if conf["verify"] is not None:
+        vectorizer = Vectorizer.load(vectorizer_path(vectors_path), conf["vector"])
+        keypoints = build_map_features(conf, dataset, vectorizer, out_root, jobs)
+    return MapArrays(encoder.embed(xd), ok, keypoints)
+
+
 def build(
     conf: dict[str, Any],
     dataset: Dataset,
@@ -75,17 +120,22 @@ def build(
     model_dir: Path,
     out_root: Path,
     jobs: int | None = None,
+    arrays: MapArrays | None = None,
+    shards: int = 1,
 ) -> StagedIndex:
-    """Embed all map images with the model in `model_dir` and stage a new index version of them."""
+    """Stage a new index version of all map images, embedded with the model in `model_dir`: by this
+    process (`jobs` extraction processes) unless `arrays` were computed elsewhere (cluster/indexing.py).
+    It is published split into `shards` by image id."""
     t0 = time.time()
+    arrays = arrays or embed_map_images(conf, dataset, vectors_path, model_dir, out_root, jobs)
     encoder = NumpyEncoder.load(model_dir / "encoder.npz")
     vectorizer = Vectorizer.load(vectorizer_path(vectors_path), conf["vector"])
-    xd, ok = load_vectors(vectors_path, dataset.database.paths)
-    emb = encoder.embed(xd)
+    if arrays.embeddings.shape != (len(dataset.database), encoder.dim):
+        raise ValueError(f"embeddings of shape {arrays.embeddings.shape} for {len(dataset.database)} map images")
     index = store.new_flat_index(encoder.dim)
     # FAISS ids are the map images' rows in database.json, kept in the id map file as well.
     ids = np.arange(len(dataset.database), dtype=np.int64)
-    index.add_with_ids(emb, ids)
+    index.add_with_ids(arrays.embeddings, ids)
     images = {int(i): store.ImageRecord(int(i), dataset.database.paths[i], dataset.database.location(i)) for i in ids}
     files = {
         "vectorizer.npz": vectorizer_path(vectors_path),
@@ -101,20 +151,21 @@ def build(
         # The model's files and their hashes, as its own manifest lists them.
         "model_files": json.loads(model_manifest)["files"],
         "model_manifest_sha256": sha256_bytes(model_manifest.encode()),
-        "images_without_features": int((~ok).sum()),
+        "images_without_features": int((~arrays.ok).sum()),
     }
     verifier, staged = None, []
     if conf["verify"] is not None:
-        map_features = build_map_features(conf, dataset, vectorizer, out_root, jobs)
-        files["verify.npz"] = map_features.save(out_root / f".verify-{conf['preset']}.npz")
+        if arrays.keypoints is None:
+            raise ValueError("the preset verifies, but no verification keypoints were computed")
+        files["verify.npz"] = arrays.keypoints.save(out_root / f".verify-{conf['preset']}.npz")
         staged.append(files["verify.npz"])
-        verifier = Verifier(conf["verify"], map_features, vectorizer.n_words, head=PRIOR_VERIFY_HEAD)
+        verifier = Verifier(conf["verify"], arrays.keypoints, vectorizer.n_words, head=PRIOR_VERIFY_HEAD)
         manifest["verify_head"] = PRIOR_VERIFY_HEAD
     family = store.family_dir(out_root, conf["preset"])
     loaded = store.LoadedIndex(
         "unpublished", family / "unpublished", manifest, index, images, vectorizer, encoder, verifier
     )
-    return StagedIndex(loaded, family, files, staged, t0)
+    return StagedIndex(loaded, family, files, staged, t0, shards)
 
 
 def publish(staged: StagedIndex, metrics: dict[str, Any] | None = None) -> Path:
@@ -125,7 +176,7 @@ def publish(staged: StagedIndex, metrics: dict[str, Any] | None = None) -> Path:
         manifest["metrics"] = metrics
     images = [staged.loaded.images[i] for i in sorted(staged.loaded.images)]
     try:
-        out = store.publish(staged.family, staged.loaded.index, images, staged.files, manifest)
+        out = store.publish(staged.family, staged.loaded.index, images, staged.files, manifest, staged.shards)
     finally:
         for f in staged.staged:
             f.unlink(missing_ok=True)

@@ -7,6 +7,8 @@ Layout of one index family (one data folder, one preset), under <artifacts>/<dat
                           /vectorizer.npz the fitted vectorizer (vocabulary, idf) for queries
                           /encoder.npz   the encoder the embeddings came from (queries use the same)
                           /verify.npz    verification keypoints of the map images (presets that verify)
+                          (a version split into N > 1 shards has index.s<i>.faiss and verify.s<i>.npz
+                          instead: shard i holds the images whose id % N == i; manifest "shards": N)
                           /split.json    the model's train/val/test queries (metrics use the test ones)
                           /manifest.json preset, conf, model hash, count, dim, checksums, metrics
     index-<preset>/changes.log, uploads/, changes/   online changes (indexer/changes.py)
@@ -85,6 +87,80 @@ def image_file(rec: ImageRecord, family: Path, data_root: Path) -> Path | None:
     return confined_file(family if rec.uploaded else data_root, rec.path)
 
 
+@dataclass(frozen=True)
+class Part:
+    """The part of a version one process holds: all of it (the embedded service, whatever the version's
+    shard count), one shard (the images whose id % shards == shard), or the head (shard None: the id
+    map and the models, no vectors and no keypoints: the ingress of a sharded service, which asks the
+    shards)."""
+
+    shard: int | None = 0
+    shards: int = 1
+
+    @property
+    def whole(self) -> bool:
+        return self.shards == 1 and self.shard == 0
+
+    @property
+    def head(self) -> bool:
+        return self.shard is None
+
+    def owns(self, image_id: int) -> bool:
+        """Whether this part holds the vector and keypoints of the image (the head holds none)."""
+        return self.shard is not None and image_id % self.shards == self.shard
+
+
+WHOLE = Part()
+
+
+def shard_of(image_id: int, shards: int) -> int:
+    return image_id % shards
+
+
+def shard_file(name: str, shard: int, shards: int) -> str:
+    """index.faiss -> index.s1.faiss (a version of one shard keeps the plain names)."""
+    if shards == 1:
+        return name
+    stem, dot, ext = name.partition(".")
+    return f"{stem}.s{shard}{dot}{ext}"
+
+
+def split_index(index: faiss.Index, shards: int) -> list[faiss.Index]:
+    """A flat IndexIDMap2 split by owner (id % shards), vectors bit for bit."""
+    ids, xb = index_contents(index)
+    out = []
+    for i in range(shards):
+        part = new_flat_index(index.d)
+        keep = ids % shards == i
+        if keep.any():
+            part.add_with_ids(xb[keep], ids[keep])
+        out.append(part)
+    return out
+
+
+def merge_indexes(parts: list[faiss.Index], dim: int) -> faiss.Index:
+    out = new_flat_index(dim)
+    for part in parts:
+        ids, xb = index_contents(part)
+        if len(ids):
+            out.add_with_ids(xb, ids)
+    return out
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """The ids of an IndexIDMap2, in storage order."""
+    if index.ntotal == 0:
+        return np.zeros(0, np.int64)
+    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+
+
+def index_contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of a flat IndexIDMap2, in storage order."""
+    if index.ntotal == 0:
+        return index_ids(index), np.zeros((0, index.d), np.float32)
+    return index_ids(index), faiss.downcast_index(index).index.reconstruct_n(0, index.ntotal)
+
+
 @dataclass
 class LoadedIndex:
     version: str
@@ -95,6 +171,7 @@ class LoadedIndex:
     vectorizer: Vectorizer
     encoder: NumpyEncoder
     verifier: Verifier | None = None
+    part: Part = WHOLE
 
     @property
     def family(self) -> Path:
@@ -121,19 +198,26 @@ def publish(
     images: list[ImageRecord],
     files: dict[str, Path],
     manifest: dict[str, Any],
+    shards: int = 1,
 ) -> Path:
-    """Write a new version into a temporary folder, then rename it in and point CURRENT at it."""
+    """Write a new version into a temporary folder, then rename it in and point CURRENT at it; with
+    `shards` > 1, the vectors and verification keypoints are split into that many shards by id."""
     family.mkdir(parents=True, exist_ok=True)
     # One publisher at a time; a temporary folder nobody holds the lock for was left by a killed indexer.
     with open(family / ".publish.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for stale in family.glob(".v*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        return _publish_locked(family, index, images, files, manifest)
+        return _publish_locked(family, index, images, files, manifest, shards)
 
 
 def _publish_locked(
-    family: Path, index: faiss.Index, images: list[ImageRecord], files: dict[str, Path], manifest: dict[str, Any]
+    family: Path,
+    index: faiss.Index,
+    images: list[ImageRecord],
+    files: dict[str, Path],
+    manifest: dict[str, Any],
+    shards: int,
 ) -> Path:
     # Names sort by creation time, so pruning and rollback can go by name.
     version = version_stamp()
@@ -141,11 +225,20 @@ def _publish_locked(
         version += "x"
     tmp = family / f".{version}.tmp"
     tmp.mkdir()
-    faiss.write_index(index, str(tmp / "index.faiss"))
+    if shards == 1:
+        faiss.write_index(index, str(tmp / "index.faiss"))
+    else:
+        for i, part in enumerate(split_index(index, shards)):
+            faiss.write_index(part, str(tmp / shard_file("index.faiss", i, shards)))
     (tmp / "images.json").write_text(json.dumps([r.to_json() for r in images]), encoding="utf-8")
     for name, src in files.items():
-        shutil.copyfile(src, tmp / name)
-    manifest = dict(manifest, version=version, count=int(index.ntotal), dim=int(index.d))
+        if name == "verify.npz" and shards > 1:
+            kp = MapFeatures.load(src)
+            for i in range(shards):
+                kp.subset(kp.ids % shards == i).save(tmp / shard_file(name, i, shards))
+        else:
+            shutil.copyfile(src, tmp / name)
+    manifest = dict(manifest, version=version, count=int(index.ntotal), dim=int(index.d), shards=shards)
     manifest["checksums"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     fsync_files(tmp)
@@ -205,21 +298,36 @@ def current_version(family: Path) -> Path:
     return path
 
 
-def load(directory: Path) -> LoadedIndex:
-    """Load one version, checking checksums, count and dimension against its manifest."""
+def load(directory: Path, part: Part = WHOLE) -> LoadedIndex:
+    """Load one version (or one part of it, see Part), checking checksums, count and dimension against
+    its manifest. Only the files the part reads are read and checked."""
     try:
         manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise IndexLoadError(f"{directory}: unreadable manifest ({e})") from e
+    shards = int(manifest.get("shards", 1))
+    if not part.whole and part.shards != shards:
+        raise IndexLoadError(f"{directory}: the version has {shards} shard(s), this process serves 1 of {part.shards}")
+    wanted = [] if part.head else list(range(shards)) if part.whole else [int(part.shard or 0)]
+    verifies = manifest["conf"].get("verify") is not None
+    needed = ["images.json", "vectorizer.npz", "encoder.npz"] + [shard_file("index.faiss", i, shards) for i in wanted]
+    needed += [shard_file("verify.npz", i, shards) for i in wanted] if verifies else []
     checksums = manifest.get("checksums") or {}
-    for name in ("index.faiss", "images.json", "vectorizer.npz", "encoder.npz"):
+    for name in needed:
         if name not in checksums:
             raise IndexLoadError(f"{directory}: manifest has no checksum for {name}")
+    sharded = {shard_file(n, i, shards) for n in ("index.faiss", "verify.npz") for i in range(shards)}
     for name, digest in checksums.items():
+        if name in sharded and name not in needed:
+            continue  # another shard's file: its own process checks it
         f = directory / name
         if not f.is_file() or sha256_file(f) != digest:
             raise IndexLoadError(f"{f}: missing or checksum mismatch; refusing to serve it")
-    index = faiss.read_index(str(directory / "index.faiss"))
+    dim = int(manifest.get("dim", -1))
+    parts = [faiss.read_index(str(directory / shard_file("index.faiss", i, shards))) for i in wanted]
+    if any(p.d != dim for p in parts):
+        raise IndexLoadError(f"{directory}: an index file's dimension differs from the manifest's {dim}")
+    index = parts[0] if len(parts) == 1 else merge_indexes(parts, max(dim, 1))
     raw = json.loads((directory / "images.json").read_text(encoding="utf-8"))
     images = {int(r["id"]): ImageRecord.from_json(r) for r in raw}
     encoder = NumpyEncoder.load(directory / "encoder.npz")
@@ -229,24 +337,29 @@ def load(directory: Path) -> LoadedIndex:
         raise IndexLoadError(f"{directory}: vectorizer does not fit the manifest ({e})") from e
     if vectorizer.dim != encoder.input_dim:
         raise IndexLoadError(f"{directory}: vectors of {vectorizer.dim} values, encoder wants {encoder.input_dim}")
-    if index.ntotal != manifest.get("count") or len(images) != index.ntotal:
-        raise IndexLoadError(
-            f"{directory}: index holds {index.ntotal} vectors, id map {len(images)}, manifest {manifest.get('count')}"
-        )
-    if index.d != manifest.get("dim") or encoder.dim != index.d:
-        raise IndexLoadError(f"{directory}: dimension mismatch (index {index.d}, encoder {encoder.dim})")
-    ids = faiss.vector_to_array(faiss.downcast_index(index).id_map) if index.ntotal else np.array([])
-    if set(int(i) for i in ids) != set(images):
-        raise IndexLoadError(f"{directory}: ids in the index and the id map differ")
+    if len(images) != manifest.get("count"):
+        raise IndexLoadError(f"{directory}: id map holds {len(images)} images, manifest {manifest.get('count')}")
+    if encoder.dim != dim:
+        raise IndexLoadError(f"{directory}: dimension mismatch (manifest {dim}, encoder {encoder.dim})")
+    if part.head:
+        index = new_flat_index(dim)  # the shards hold the vectors
+    else:
+        if not part.whole:
+            images = {i: r for i, r in images.items() if part.owns(i)}
+        ids = index_ids(index)
+        if len(ids) != len(images) or set(ids.tolist()) != set(images):
+            raise IndexLoadError(f"{directory}: ids in the index ({len(ids)}) and the id map ({len(images)}) differ")
     verifier = None
     vconf = manifest["conf"].get("verify")
     if vconf is not None:
-        if "verify.npz" not in checksums or "verify_head" not in manifest:
-            raise IndexLoadError(f"{directory}: the preset verifies, but verify.npz or its head is missing")
-        features = MapFeatures.load(directory / "verify.npz")
-        if set(int(i) for i in features.ids) != set(images):
+        if "verify_head" not in manifest:
+            raise IndexLoadError(f"{directory}: the preset verifies, but the verification head is missing")
+        features = MapFeatures.concat(
+            [MapFeatures.load(directory / shard_file("verify.npz", i, shards)) for i in wanted]
+        )
+        if set(int(i) for i in features.ids) != (set() if part.head else set(images)):
             raise IndexLoadError(f"{directory}: verification keypoints cover other images than the index")
         verifier = Verifier(
             vconf, features, vectorizer.n_words, manifest["verify_head"], None, manifest.get("verify_expand_prior", 0.0)
         )
-    return LoadedIndex(directory.name, directory, manifest, index, images, vectorizer, encoder, verifier)
+    return LoadedIndex(directory.name, directory, manifest, index, images, vectorizer, encoder, verifier, part)

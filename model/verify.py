@@ -48,6 +48,36 @@ class MapFeatures:
             words=np.concatenate(ws) if ws else np.zeros(0, np.int32),
         )
 
+    @classmethod
+    def empty(cls) -> MapFeatures:
+        return cls.build([], [], [])
+
+    def subset(self, keep: np.ndarray) -> MapFeatures:
+        """The images whose rows are True in `keep`, in row order (one index shard's keypoints)."""
+        rows = np.flatnonzero(keep)
+        flat, counts = _ranges(self.offsets[rows], self.offsets[rows + 1])
+        return MapFeatures(
+            ids=self.ids[rows],
+            offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            xy=self.xy[flat],
+            descriptors=np.ascontiguousarray(self.descriptors[flat]),
+            words=self.words[flat],
+        )
+
+    @classmethod
+    def concat(cls, parts: list[MapFeatures]) -> MapFeatures:
+        """One store of several (the shards of a version, served by one process)."""
+        if len(parts) <= 1:
+            return parts[0] if parts else cls.empty()
+        sizes = np.cumsum([0] + [len(p.xy) for p in parts[:-1]])
+        return cls(
+            ids=np.concatenate([p.ids for p in parts]),
+            offsets=np.concatenate([[0]] + [p.offsets[1:] + base for p, base in zip(parts, sizes, strict=True)]),
+            xy=np.concatenate([p.xy for p in parts]),
+            descriptors=np.ascontiguousarray(np.concatenate([p.descriptors for p in parts])),
+            words=np.concatenate([p.words for p in parts]),
+        )
+
     def save(self, path: Path) -> Path:
         arrays = {"ids": self.ids, "offsets": self.offsets, "xy": self.xy, "descriptors": self.descriptors}
         return atomic_savez(path, **arrays, words=self.words)

@@ -23,10 +23,10 @@ from dataset.layout import Location
 from features.decode import probe_image
 from indexer import store
 from indexer.changes import ChangeLog
-from indexer.store import ImageRecord, IndexLoadError
+from indexer.store import WHOLE, ImageRecord, IndexLoadError, Part
 from retrieval.query import warm_up
 from retrieval.replay import apply_changes, change_arrays, log_view
-from retrieval.searcher import Searcher
+from retrieval.searcher import Searcher, ShardClient
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,12 @@ class UnknownImageError(LookupError):
         self.image_id = image_id
 
 
-def open_version(family: Path, version: Path) -> tuple[Searcher, tuple[int, int] | None]:
-    """Load a version and replay the family's change log on top of it; also returns the log's key
-    (ChangeLog.key) as of before it was read."""
-    searcher = Searcher(store.load(version))
+def open_version(
+    family: Path, version: Path, part: Part = WHOLE, shards: ShardClient | None = None
+) -> tuple[Searcher, tuple[int, int] | None]:
+    """Load a version (or a part of it: retrieval/shards.py) and replay the family's change log on top
+    of it; also returns the log's key (ChangeLog.key) as of before it was read."""
+    searcher = Searcher(store.load(version, part), shards=shards)
     changelog = ChangeLog(family)
     key = changelog.key()
     return apply_changes(searcher, changelog.read(0), changelog), key
@@ -67,10 +69,14 @@ def _pointer_key(family: Path) -> tuple[int, int, int] | None:
 
 
 class LiveIndex:
-    def __init__(self, family: Path) -> None:
+    def __init__(self, family: Path, part: Part = WHOLE, shards: ShardClient | None = None) -> None:
         self.family = family
+        self.part = part  # what this process holds of each version (store.Part)
+        self.shards = shards  # how the head of a sharded index reaches its shards
         self.changelog = ChangeLog(family)
         self._searcher: Searcher | None = None
+        # A shard's version before its last swap: it answers a head that has not swapped yet.
+        self.previous: Searcher | None = None
         self.error: str | None = None  # why the latest version is not served (None: it is)
         self._lock = threading.Lock()  # guards the loader's fields below
         self._pointer: tuple[int, int, int] | None = None
@@ -95,7 +101,7 @@ class LiveIndex:
         """Load the current version (at start-up); raises IndexLoadError."""
         self._pointer = _pointer_key(self.family)
         try:
-            searcher, key = open_version(self.family, store.current_version(self.family))
+            searcher, key = open_version(self.family, store.current_version(self.family), self.part, self.shards)
         except (IndexLoadError, OSError, ValueError) as e:
             self.error = str(e)
             raise
@@ -199,8 +205,9 @@ class LiveIndex:
                     if version.name != target:  # CURRENT moved on meanwhile: go for the newest
                         self._target = None if version.name == serving else version.name
                         continue
-                searcher, key = open_version(self.family, version)
-                warm_up(searcher)
+                searcher, key = open_version(self.family, version, self.part, self.shards)
+                if self.part.whole or self.part.head:  # a shard alone runs no query to warm up
+                    warm_up(searcher)
             except (IndexLoadError, OSError, ValueError) as e:
                 log.error("index version %s not loaded, still serving %s: %s", target, serving, e)
                 with self._lock:
@@ -212,6 +219,8 @@ class LiveIndex:
                 if self._target != target:
                     continue
                 # Changes logged while it loaded are replayed by the follower at the next sync.
+                if not (self.part.whole or self.part.head):  # only a shard answers for the version before
+                    self.previous = self._searcher
                 self._searcher, self._applied_key = searcher, key
                 self._target = None
                 self.error = None
@@ -290,10 +299,12 @@ def compact(family: Path) -> Path:
     if searcher.verifier is not None:
         staged = searcher.verifier.features(ids).save(family / f".verify-compact-{os.getpid()}.npz")
         files["verify.npz"] = staged
-    manifest = {k: v for k, v in loaded.manifest.items() if k not in ("version", "count", "dim", "checksums")}
+    skip = ("version", "count", "dim", "checksums", "shards")
+    manifest = {k: v for k, v in loaded.manifest.items() if k not in skip}
     manifest |= {"changes_seq": searcher.applied.seq, "compacted_from": loaded.version, "created": utc_timestamp()}
+    shards = int(loaded.manifest.get("shards", 1))
     try:
-        out = store.publish(family, searcher.index, [searcher.images[i] for i in ids], files, manifest)
+        out = store.publish(family, searcher.index, [searcher.images[i] for i in ids], files, manifest, shards)
     finally:
         if staged is not None:
             staged.unlink(missing_ok=True)

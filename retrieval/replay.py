@@ -103,9 +103,16 @@ def apply_changes(searcher: Searcher, tail: Tail, changelog: ChangeLog) -> Searc
     added: dict[int, Added] = {}
     removed: set[int] = set()  # ids to take out of this searcher's FAISS index
     extra = dict(searcher.verifier.extra) if searcher.verifier is not None else {}
+    part = searcher.loaded.part
     for rec in _unfolded(searcher, tail):
         i = int(rec["id"])
         if rec["op"] == "add":
+            # A shard applies the adds it owns; the head keeps every image's record but no vectors.
+            if not (part.head or part.owns(i)):
+                continue
+            if part.head:
+                images[i] = ImageRecord(i, rec["path"], Location.of(rec["loc"]), uploaded=True)
+                continue
             got = _stored(rec, searcher, changelog) or _embedded(rec, searcher, changelog)
             if got is None:
                 continue
@@ -116,11 +123,13 @@ def apply_changes(searcher: Searcher, tail: Tail, changelog: ChangeLog) -> Searc
         elif i in images and images[i].path == rec["path"]:
             del images[i]
             extra.pop(i, None)
-            if added.pop(i, None) is None:
+            if added.pop(i, None) is None and not part.head:
                 removed.add(i)
     applied = Applied(tail.offset, *_counters(searcher, tail))
+    if part.head:
+        return Searcher(dataclasses.replace(searcher.loaded, images=images), applied, searcher.shards)
     if not added and not removed:
-        return Searcher(searcher.loaded, applied)
+        return Searcher(searcher.loaded, applied, searcher.shards)
     # FAISS indexes are not safe to change while another thread searches them: change a copy.
     index = faiss.clone_index(searcher.index)
     if removed:
@@ -132,7 +141,7 @@ def apply_changes(searcher: Searcher, tail: Tail, changelog: ChangeLog) -> Searc
         extra |= {i: kp for i, (_, kp) in added.items() if kp is not None}
         verifier = verifier.with_extra(extra)
     loaded = dataclasses.replace(searcher.loaded, index=index, images=images, verifier=verifier)
-    return Searcher(loaded, applied)
+    return Searcher(loaded, applied, searcher.shards)
 
 
 @dataclass(frozen=True)

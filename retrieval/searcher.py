@@ -10,7 +10,7 @@ consistent view while another thread swaps in the next.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,9 +52,25 @@ class Applied:
     max_id: int = -1  # highest image id ever seen, in the version or the log: never given out again
 
 
+class ShardClient(Protocol):
+    """The shards of a sharded index as its head sees them (retrieval/shards.py in one process,
+    cluster/serving.py on a Ray cluster). `version` is the head's: a shard answers from that version."""
+
+    def search(self, version: str, embedding: np.ndarray, k: int) -> list[Hit]:
+        """The k nearest map images over all shards, ranked by distance."""
+        ...
+
+    def inliers(self, version: str, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
+        """Verification inliers of the query with each of `ids`, asked of the shards that own them."""
+        ...
+
+
 class Searcher:
-    def __init__(self, loaded: LoadedIndex, applied: Applied | None = None) -> None:
+    def __init__(self, loaded: LoadedIndex, applied: Applied | None = None, shards: ShardClient | None = None) -> None:
+        if loaded.part.head and shards is None:
+            raise ValueError("the head of a sharded index searches through its shards: give a ShardClient")
         self.loaded = loaded
+        self.shards = shards
         self.conf: dict[str, Any] = loaded.manifest["conf"]
         self.vectorizer = loaded.vectorizer
         self.encoder = loaded.encoder
@@ -66,7 +82,8 @@ class Searcher:
 
     @property
     def size(self) -> int:
-        return int(self.index.ntotal)
+        # The head holds no vectors, but the id map of every image (online changes included).
+        return len(self.images) if self.shards is not None else int(self.index.ntotal)
 
     @property
     def preset(self) -> str:
@@ -91,6 +108,8 @@ class Searcher:
         k = min(k, self.size)
         if k <= 0:
             return []
+        if self.shards is not None:
+            return self.shards.search(self.version, emb, k)
         d2, ids = self.index.search(emb, k)
         dist = np.sqrt(np.maximum(d2[0], 0.0))
         scores = self.encoder.score(dist)
@@ -116,7 +135,7 @@ class Searcher:
         hits = self.search_embedding(query.embedding, max(k, n, int(spec["pool"]) if spec else 0))
         clock.lap("search")
         head, tail = hits[:n], hits[n:]
-        inliers = self.verifier.inliers(query.verify_features, query.verify_words, [h.id for h in head])
+        inliers = self.inliers(query, [h.id for h in head])
         scores = self.verifier.score(np.array([h.distance for h in head]), inliers)
         order = np.argsort(-scores, kind="stable")
         clock.lap("verify")
@@ -130,6 +149,13 @@ class Searcher:
             Hit(r, h.id, h.path, h.score, h.distance, h.location, h.inliers)
             for r, h in enumerate((verified + tail)[:k], start=1)
         ]
+
+    def inliers(self, query: Query, ids: list[int]) -> np.ndarray:
+        """Verification inliers of the query with the map images `ids` (here or on their shards)."""
+        assert self.verifier is not None and query.verify_features is not None and query.verify_words is not None
+        if self.shards is not None:
+            return self.shards.inliers(self.version, query.verify_features, query.verify_words, ids)
+        return self.verifier.inliers(query.verify_features, query.verify_words, ids)
 
     def score_all(self, query: Query) -> np.ndarray:
         """Embedding-based relevance of the query to every map image, indexed by id."""

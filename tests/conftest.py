@@ -8,6 +8,7 @@ HTTP on loopback, the command line), tests/e2e (the London data, a real browser,
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -17,8 +18,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import h5py
 import httpx
+import numpy as np
 import pytest
+
+# Ray (tests/e2e/test_ray.py) reads this when it is imported: its nodes, drivers and Serve proxies then
+# take 127.0.0.1 as their address instead of the machine's network address, so test traffic stays on
+# loopback. Set before any test module is imported; inherited by the CLI processes the tests start.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 ROOT = Path(__file__).resolve().parents[1]
 LONDON = ROOT.parent / "shared" / "datasets" / "london"
@@ -71,7 +79,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # One uvicorn worker unless a test asks for more: tests look at one process's state and output.
@@ -82,7 +90,7 @@ class Server:
             | {"IMGSEARCH_HOST": "127.0.0.1", "IMGSEARCH_PORT": str(self.port)}
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve"],
+            [sys.executable, "-m", "cli.main", "serve", *args],
             cwd=ROOT,
             env=full_env,
             stdout=subprocess.PIPE,
@@ -116,10 +124,10 @@ class Server:
             time.sleep(0.2)
         raise TimeoutError(f"server not up on {self.url} after {timeout}s")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
 
@@ -128,10 +136,12 @@ class Server:
 def start_server() -> Iterator:
     servers: list[Server] = []
 
-    def start(env: dict[str, str], wait_path: str = "/healthz") -> Server:
-        srv = Server(env)
+    def start(
+        env: dict[str, str], wait_path: str = "/healthz", args: tuple[str, ...] = (), timeout: float = 60
+    ) -> Server:
+        srv = Server(env, args)
         servers.append(srv)
-        srv.wait(wait_path)
+        srv.wait(wait_path, timeout)
         return srv
 
     yield start
@@ -152,3 +162,30 @@ def server(tiny_data: Path, tiny_artifacts: Path, start_server) -> Server:
             "IMGSEARCH_ADMIN_KEY": ADMIN_KEY,
         }
     )
+
+
+N_QUERIES, N_DISTRACTORS = 120, 300
+
+
+@pytest.fixture(scope="session")
+def london_subset(london: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A course-layout folder with some London queries, their relevant map images and distractors."""
+    from dataset.layout import load_dataset
+
+    ds = load_dataset(london, check_files=False)
+    rng = np.random.default_rng(0)
+    with_rel = np.flatnonzero(ds.sim.any(axis=1))
+    q = np.sort(rng.choice(with_rel, N_QUERIES, replace=False))
+    rel = np.flatnonzero(ds.sim[q].any(axis=0))
+    others = rng.choice(np.setdiff1d(np.arange(len(ds.database)), rel), N_DISTRACTORS, replace=False)
+    d = np.sort(np.concatenate([rel, others]))
+    root = tmp_path_factory.mktemp("london") / "london-subset"
+    for side, rows, images in (("database", d, ds.database), ("query", q, ds.queries)):
+        (root / side).mkdir(parents=True)
+        (root / side / "images").symlink_to(london / side / "images")
+        payload = {"im_paths": [images.paths[i] for i in rows], "loc": images.loc[rows].tolist()}
+        (root / side / f"{side}.json").write_text(json.dumps(payload))
+    with h5py.File(root / "london_gt.h5", "w") as f:
+        f["sim"] = ds.sim[np.ix_(q, d)].astype(np.uint8)
+        f["fov"] = ds.fov[np.ix_(q, d)].astype(np.float16)
+    return root

@@ -12,37 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import httpx
-import numpy as np
 import pytest
 
 from dataset.layout import load_dataset
 from tests.conftest import ADMIN_KEY, ROOT
-
-N_QUERIES, N_DISTRACTORS = 120, 300
-
-
-@pytest.fixture(scope="module")
-def london_subset(london: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A course-layout folder with some London queries, their relevant map images and distractors."""
-    ds = load_dataset(london, check_files=False)
-    rng = np.random.default_rng(0)
-    with_rel = np.flatnonzero(ds.sim.any(axis=1))
-    q = np.sort(rng.choice(with_rel, N_QUERIES, replace=False))
-    rel = np.flatnonzero(ds.sim[q].any(axis=0))
-    others = rng.choice(np.setdiff1d(np.arange(len(ds.database)), rel), N_DISTRACTORS, replace=False)
-    d = np.sort(np.concatenate([rel, others]))
-    root = tmp_path_factory.mktemp("london") / "london-subset"
-    for side, rows, images in (("database", d, ds.database), ("query", q, ds.queries)):
-        (root / side).mkdir(parents=True)
-        (root / side / "images").symlink_to(london / side / "images")
-        payload = {"im_paths": [images.paths[i] for i in rows], "loc": images.loc[rows].tolist()}
-        (root / side / f"{side}.json").write_text(json.dumps(payload))
-    with h5py.File(root / "london_gt.h5", "w") as f:
-        f["sim"] = ds.sim[np.ix_(q, d)].astype(np.uint8)
-        f["fov"] = ds.fov[np.ix_(q, d)].astype(np.float16)
-    return root
 
 
 def test_cli_build_serve_and_client_agree(london_subset: Path, tmp_path: Path, start_server) -> None:

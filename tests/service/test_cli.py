@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,52 @@ def test_training_without_the_train_extra_says_what_to_install(tiny_data: Path, 
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "train needs keras: pip install '.[train]'" in out.stderr and "Traceback" not in out.stderr
+
+
+_WITHOUT_RAY_EXTRA = """
+import sys
+
+# An install without the `ray` extra: importing Ray fails as it would there.
+sys.modules["ray"] = None
+from cli.main import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["index", "serve"])
+def test_the_ray_engine_without_the_ray_extra_says_what_to_install(command: str, tiny_data: Path) -> None:
+    args = [command, "--engine", "ray", "--data", str(tiny_data)]
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_RAY_EXTRA, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"{command} needs ray: pip install '.[ray]'" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flag", ["--shards", "--actors"])
+def test_index_refuses_a_count_below_one(flag: str) -> None:
+    out = run("index", flag, "0")
+    assert out.returncode == 2 and f"--{flag.lstrip('-')} must be >= 1" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--replicas", "2"], "--replicas is for --engine ray"),
+        (["index", "--address", "127.0.0.1:6379"], "--address is for --engine ray"),
+        (["serve", "--engine", "ray", "--workers", "2"], "--workers is for --engine embedded"),
+    ],
+)
+def test_engine_flags_are_refused_with_the_other_engine(args: list[str], message: str) -> None:
+    out = run(*args)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_the_ray_engine_refuses_an_address_where_no_cluster_answers(tiny_data: Path, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    out = run("index", "--engine", "ray", "--address", f"127.0.0.1:{port}", "--data", str(tiny_data))
+    assert out.returncode == 2 and f"no Ray cluster answers at 127.0.0.1:{port}" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-PACKAGES = ("common", "dataset", "features", "model", "indexer", "retrieval", "app", "evaluation", "cli")
+PACKAGES = ("common", "dataset", "features", "model", "indexer", "retrieval", "app", "evaluation", "cluster", "cli")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 

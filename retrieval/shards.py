@@ -1,0 +1,134 @@
+"""A sharded index: shards that each hold the vectors and verification keypoints of the images they own
+(id % shards), and a head that holds the id map and the models and fans each query out to them.
+
+The head is an ordinary Searcher over a `Part(None, n)` of the version, given a ShardClient; its query
+path is the embedded one (retrieval/searcher.py), so a sharded service ranks exactly as a whole index:
+the shards' top k merged by distance, then the first `verify.n` verified by the shards that own them.
+This module is the engine-free half: ShardServer is what one shard process runs, LocalShards a client
+over shards in this process (tests, tools); cluster/serving.py puts ShardServers behind Ray Serve.
+
+Every shard follows the family's versions and change log on its own (retrieval/live.py), so online
+changes reach the owning shard through the durable log, and a request names the head's version: a shard
+answers from that version, or the one before it while it has already swapped, and waits briefly for
+one it is still loading.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from features.orb import OrbFeatures
+from indexer.store import Part, shard_of
+from retrieval.live import LiveIndex, NotReadyError
+from retrieval.searcher import Hit, Searcher, ShardClient
+
+# How long a shard waits to hold the version a head asks for (a newly published one it is loading).
+VERSION_WAIT_S = 30.0
+
+
+class ShardServer:
+    """One shard of an index family: follows its versions and change log, answers a head's calls."""
+
+    def __init__(self, family: Path, shard: int, shards: int) -> None:
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard {shard} of {shards} does not exist")
+        self.shard, self.shards = shard, shards
+        self.live = LiveIndex(family, Part(shard, shards))
+        self.live.load_now()
+
+    def at(self, version: str, wait: float = VERSION_WAIT_S) -> Searcher:
+        """This shard's searcher of `version`: the current one, the one before it (a head that has not
+        swapped yet), or, for a newer version that this shard is loading, the current one once it has."""
+        deadline = time.monotonic() + wait
+        while True:
+            current = self.live.sync()
+            if current is not None and current.version == version:
+                return current
+            previous = self.live.previous
+            if previous is not None and previous.version == version:
+                return previous
+            # Version names sort by creation time: an older one than both is gone for good.
+            older = current is not None and version < current.version
+            if older or time.monotonic() >= deadline:
+                serving = current.version if current is not None else "nothing"
+                raise NotReadyError(f"shard {self.shard} does not hold index version {version} (serves {serving})")
+            time.sleep(0.05)
+
+    def search(self, version: str, embedding: np.ndarray, k: int) -> list[Hit]:
+        return self.at(version).search_embedding(embedding, k)
+
+    def inliers(
+        self, version: str, xy: np.ndarray, descriptors: np.ndarray, words: np.ndarray, ids: list[int]
+    ) -> np.ndarray:
+        searcher = self.at(version)
+        if searcher.verifier is None:
+            raise ValueError(f"index version {version} does not verify")
+        foreign = [i for i in ids if shard_of(i, self.shards) != self.shard]
+        if foreign:
+            raise ValueError(f"shard {self.shard} of {self.shards} does not own images {foreign[:5]}")
+        return searcher.verifier.inliers(OrbFeatures(xy, descriptors), words, ids)
+
+    def status(self) -> dict[str, object]:
+        s = self.live.sync()
+        return {
+            "shard": self.shard,
+            "pid": os.getpid(),
+            "version": None if s is None else s.version,
+            "size": 0 if s is None else s.size,
+        }
+
+
+def merge_hits(parts: Sequence[list[Hit]], k: int) -> list[Hit]:
+    """The k nearest of the shards' hits, ranked by distance (ties by id, as FAISS ranks one index)."""
+    hits = sorted((h for part in parts for h in part), key=lambda h: (h.distance, h.id))
+    return [replace(h, rank=r) for r, h in enumerate(hits[:k], start=1)]
+
+
+def by_owner(ids: list[int], shards: int) -> dict[int, list[int]]:
+    """Positions in `ids` grouped by the shard that owns each image."""
+    out: dict[int, list[int]] = {}
+    for pos, i in enumerate(ids):
+        out.setdefault(shard_of(i, shards), []).append(pos)
+    return out
+
+
+Answer = Callable[[], np.ndarray]  # waits for a shard's answer
+
+
+def gather_inliers(ids: list[int], shards: int, ask: Callable[[int, list[int]], Answer]) -> np.ndarray:
+    """Inliers for `ids`: `ask(shard, its ids)` starts a call and returns a way to wait for its answer,
+    so that all shards work at once."""
+    groups = by_owner(ids, shards)
+    pending = {s: ask(s, [ids[p] for p in pos]) for s, pos in groups.items()}
+    out = np.zeros(len(ids), np.int64)
+    for s, pos in groups.items():
+        out[pos] = np.asarray(pending[s](), np.int64)
+    return out
+
+
+class LocalShards(ShardClient):
+    """ShardClient over ShardServers in this process (tests and tools; Ray's is cluster/serving.py)."""
+
+    def __init__(self, servers: list[ShardServer]) -> None:
+        self.servers = servers
+
+    def search(self, version: str, embedding: np.ndarray, k: int) -> list[Hit]:
+        return merge_hits([s.search(version, embedding, k) for s in self.servers], k)
+
+    def inliers(self, version: str, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
+        def ask(shard: int, part: list[int]) -> Answer:
+            answer = self.servers[shard].inliers(version, q.xy, q.descriptors, q_words, part)
+            return lambda: answer
+
+        return gather_inliers(ids, len(self.servers), ask)
+
+
+def head_index(family: Path, shards: int, client: ShardClient) -> LiveIndex:
+    """The living index of a sharded family's head: id map and models here, vectors on the shards."""
+    return LiveIndex(family, Part(None, shards), client)

@@ -1,0 +1,286 @@
+"""The Ray engine on a real two-node Ray cluster on loopback, with London map images: `imgsearch index
+--engine ray` writes the vectors the embedded engine writes; `imgsearch serve --engine ray` (Ray Serve)
+answers as the embedded service does; a killed shard replica is replaced and costs at most clean 503s;
+an add through one ingress replica is found through another; a new version reaches every replica
+without a failed request.
+
+Ray's nodes bind the machine's network address unless told otherwise: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+(set in tests/conftest.py, before Ray is imported) and ray.cluster_utils.Cluster keep both nodes, the
+drivers and Serve's HTTP proxies on 127.0.0.1; the cluster fixture checks it before anything is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import ray
+
+from common.presets import DEFAULT_PRESET
+from dataset.layout import load_dataset
+from indexer import store
+from tests.conftest import ADMIN_KEY, ROOT
+
+PRESET = DEFAULT_PRESET
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator:
+    """A head node and a worker node, both on 127.0.0.1; stopped at the end."""
+    from ray.cluster_utils import Cluster
+
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        c.add_node(num_cpus=2)
+        c.wait_for_nodes()
+        assert c.address.startswith("127.0.0.1:"), c.address  # never the machine's network address
+        assert {n.node_ip_address for n in c.list_all_nodes()} == {"127.0.0.1"}
+        yield c
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        c.shutdown()
+
+
+def _cli(env: dict[str, str], *args: str) -> Path:
+    out = subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        cwd=ROOT,
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def built(cluster, london_subset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The same London index built twice: by the embedded engine, then by the Ray engine in 2 shards."""
+    env = {
+        "IMGSEARCH_DATA": str(london_subset),
+        "IMGSEARCH_ARTIFACTS": str(tmp_path_factory.mktemp("ray-artifacts")),
+        "IMGSEARCH_PRESET": PRESET,
+        "IMGSEARCH_ADMIN_KEY": ADMIN_KEY,
+    }
+    embedded = _cli(env, "index", "--jobs", "2")
+    sharded = _cli(env, "index", "--engine", "ray", "--address", cluster.address, "--shards", "2")
+    return {"env": env, "embedded": embedded, "ray": sharded, "address": cluster.address}
+
+
+def test_ray_indexing_writes_the_embedded_engines_vectors_in_shards(built: dict) -> None:
+    emb, shd = built["embedded"], built["ray"]
+    assert emb.parent == shd.parent and emb.name < shd.name
+    manifest = json.loads((shd / "manifest.json").read_text())
+    assert manifest["shards"] == 2 and {"index.s0.faiss", "index.s1.faiss", "verify.s1.npz"} <= {
+        p.name for p in shd.iterdir()
+    }
+    a, b = store.load(emb), store.load(shd)
+    assert a.images == b.images
+    ids_a, xa = store.index_contents(a.index)
+    ids_b, xb = store.index_contents(b.index)
+    xa, xb = xa[np.argsort(ids_a)], xb[np.argsort(ids_b)]
+    print(f"embeddings, Ray against embedded: max |difference| {np.abs(xa - xb).max():.2e}")  # the record (-s)
+    assert np.allclose(xa, xb, rtol=0, atol=1e-5), float(np.abs(xa - xb).max())
+    for i in a.images:
+        fa, wa = a.verifier.features_of(i)
+        fb, wb = b.verifier.features_of(i)
+        assert np.array_equal(fa.descriptors, fb.descriptors) and np.array_equal(fa.xy, fb.xy)
+        assert np.array_equal(wa, wb)
+    assert np.allclose(a.manifest["verify_head"], b.manifest["verify_head"], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def services(built: dict, start_server) -> Iterator[dict]:
+    """The Ray service (2 ingress replicas, one replica per shard) and the embedded one, same index."""
+    ray_srv = start_server(
+        built["env"] | {"RAY_DEDUP_LOGS": "0"},
+        wait_path="/readyz",
+        args=("--engine", "ray", "--address", built["address"], "--replicas", "2"),
+        timeout=240,
+    )
+    _ready(ray_srv.url, 240)  # the proxy answers (404) before the ingress replicas have loaded the index
+    embedded = start_server(built["env"], wait_path="/readyz")
+    _ready(embedded.url, 60)
+    yield {"ray": ray_srv, "embedded": embedded}
+    ray_srv.stop(timeout=60)  # serve.shutdown() takes the application down before the cluster goes
+
+
+def _ready(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/readyz not 200 after {timeout} s")
+
+
+def _queries(london_subset: Path, n: int) -> list[bytes]:
+    ds = load_dataset(london_subset)
+    return [ds.image_path(p).read_bytes() for p in ds.queries.paths[:n]]
+
+
+def _search(url: str, data: bytes, k: int = 10, timeout: float = 60) -> httpx.Response:
+    return httpx.post(url + "/search", files={"file": ("q.jpg", data)}, params={"k": k}, timeout=timeout)
+
+
+def test_ray_serve_answers_as_the_embedded_service(services: dict, london_subset: Path, built: dict) -> None:
+    r = httpx.get(services["ray"].url + "/readyz", timeout=10).json()
+    assert r["size"] == len(load_dataset(london_subset).database) and r["index_version"] == built["ray"].name
+    for data in _queries(london_subset, 12):
+        want, got = _search(services["embedded"].url, data), _search(services["ray"].url, data)
+        assert want.status_code == got.status_code == 200, got.text
+        w, g = want.json(), got.json()
+        # The same headers, once each (Serve's proxy adds its own X-Request-ID; the ingress drops the app's).
+        assert len(got.headers.get_list("x-request-id")) == 1
+        assert sorted(k for k, _ in got.headers.multi_items()) == sorted(k for k, _ in want.headers.multi_items())
+        assert g["index_version"] == w["index_version"] and g["query_location"] == w["query_location"]
+        assert [(h["id"], h["inliers"], h["location"]) for h in g["results"]] == [
+            (h["id"], h["inliers"], h["location"]) for h in w["results"]
+        ]
+        assert np.allclose([h["score"] for h in g["results"]], [h["score"] for h in w["results"]], atol=1e-9)
+    # The same error contract: a bad upload is a 4xx with the API's error body, on the Ray path too.
+    bad, ref = _search(services["ray"].url, b"not an image"), _search(services["embedded"].url, b"not an image")
+    assert 400 <= bad.status_code < 500 and bad.status_code == ref.status_code
+    assert bad.json() == ref.json() and bad.json()["code"] == "invalid_image"
+    assert httpx.get(services["ray"].url + "/metrics/precision", timeout=10).status_code == 401
+
+
+def _replica_of_requests(log_text: str) -> dict[str, str]:
+    """Serve's access lines name the replica and the request id: `<app>_Ingress <replica> <request id> -- `."""
+    return {m[1]: m[0] for m in re.findall(r"imgsearch_Ingress (\w+) ([\w-]+) -- ", log_text)}
+
+
+def test_an_add_on_one_ingress_replica_is_found_through_another(services: dict, london_subset: Path) -> None:
+    srv = services["ray"]
+    data = _queries(london_subset, 30)[-1]
+    form = {"easting": "700000", "northing": "5700000", "heading": "90"}
+    headers = {"X-API-Key": ADMIN_KEY}
+    added = httpx.post(srv.url + "/images", files={"file": ("m.jpg", data)}, data=form, headers=headers, timeout=60)
+    assert added.status_code == 201, added.text
+    new_id = added.json()["id"]
+    try:
+        found_by = []
+        for _ in range(12):
+            r = _search(srv.url, data, k=3)
+            assert r.status_code == 200 and r.json()["results"][0]["id"] == new_id, r.text
+            found_by.append(r.headers["x-request-id"])
+        time.sleep(2)  # the access lines reach the driver's output
+        replicas = _replica_of_requests(srv.output())
+        adder = replicas[added.headers["x-request-id"]]
+        assert any(replicas.get(rid) not in (None, adder) for rid in found_by), "no search went to another replica"
+    finally:
+        gone = httpx.delete(f"{srv.url}/images/{new_id}", headers=headers, timeout=60)
+        assert gone.status_code == 204, gone.text
+    assert all(h["id"] != new_id for h in _search(srv.url, data, k=3).json()["results"])
+
+
+class Load:
+    """Clients searching in a loop until stopped; every status code is kept."""
+
+    def __init__(self, url: str, queries: list[bytes], clients: int = 3) -> None:
+        self.url, self.queries = url, queries
+        self.codes: Counter[int] = Counter()
+        self.bodies: list[dict] = []
+        self.versions: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        n = i
+        while not self._stop.is_set():
+            try:
+                r = _search(self.url, self.queries[n % len(self.queries)], timeout=30)
+            except httpx.TransportError:
+                self.codes[-1] += 1
+                continue
+            self.codes[r.status_code] += 1
+            body = r.json()
+            if r.status_code == 200:
+                self.versions.append(body["index_version"])
+            else:
+                self.bodies.append(body)
+            n += 1
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+
+def _shard_status(address: str, shard: int) -> dict:
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level="WARNING")
+    return serve.get_deployment_handle(f"Shard{shard}", app_name="imgsearch").status.remote().result(timeout_s=30)
+
+
+def test_a_killed_shard_replica_is_replaced_and_costs_only_clean_503s(
+    services: dict, london_subset: Path, built: dict
+) -> None:
+    srv = services["ray"]
+    before = _shard_status(built["address"], 1)
+    with Load(srv.url, _queries(london_subset, 8)) as load:
+        time.sleep(3)
+        os.kill(int(before["pid"]), signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            try:
+                after = _shard_status(built["address"], 1)
+            except Exception:  # any handle error: the replica is still being replaced
+                continue
+            if after["pid"] != before["pid"]:
+                break
+        else:
+            pytest.fail("shard 1's replica was not replaced within 120 s")
+        time.sleep(3)  # searches on the new replica
+    print(f"shard replica killed under load: {dict(load.codes)}")  # for the record (pytest -s)
+    assert set(load.codes) <= {200, 503}, load.codes
+    assert load.codes[200] > 0
+    assert all(b["code"] == "not_ready" for b in load.bodies), load.bodies[:3]
+    assert after["version"] == before["version"] and after["size"] == before["size"]
+    assert _search(srv.url, _queries(london_subset, 1)[0]).status_code == 200
+
+
+def test_a_new_version_reaches_every_replica_without_a_failed_request(
+    services: dict, london_subset: Path, built: dict
+) -> None:
+    srv = services["ray"]
+    old = httpx.get(srv.url + "/readyz", timeout=10).json()["index_version"]
+    with Load(srv.url, _queries(london_subset, 8)) as load:
+        time.sleep(2)
+        new = _cli(built["env"], "index", "--compact")  # publishes a new version of the same shards
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not load.versions or load.versions[-1] != new.name):
+            time.sleep(0.5)
+        time.sleep(4)  # long enough for every ingress replica to have answered from the new version
+    print(f"new version under load: {dict(load.codes)}, {len(load.versions)} answers")  # for the record (pytest -s)
+    assert new.name != old
+    assert set(load.codes) == {200}, (load.codes, load.bodies[:3])
+    tail = load.versions[-6:]
+    assert tail and set(tail) == {new.name}, load.versions[-12:]
+    assert _shard_status(built["address"], 0)["version"] == new.name

@@ -1,0 +1,170 @@
+"""A sharded index in one process: the version format, and a head over its shards ranking exactly as the
+whole index, online changes included (the Ray engine puts the same ShardServers behind Ray Serve)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataset.layout import Location, load_dataset
+from indexer import store
+from indexer.store import Part
+from model.verify import MapFeatures
+from retrieval.live import LiveIndex, NotReadyError
+from retrieval.query import search_image
+from retrieval.searcher import Searcher
+from retrieval.shards import LocalShards, ShardServer, by_owner, head_index, merge_hits
+
+PRESET = "orb-dense-rvlad-verify"  # verifies, and needs no Keras training: quick on the tiny data
+
+
+@pytest.fixture(scope="module")
+def family(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A family whose current version is split into 3 shards, and the whole version before it."""
+    from cli.stages import run_index
+
+    artifacts = tmp_path_factory.mktemp("sharded")
+    ds = load_dataset(tiny_data)
+    whole = run_index(PRESET, ds, artifacts, jobs=1, shards=1)
+    sharded = run_index(PRESET, ds, artifacts, jobs=1, force=True, shards=3)
+    assert whole.parent == sharded.parent and whole.name < sharded.name
+    return sharded.parent
+
+
+def test_a_sharded_version_splits_vectors_and_keypoints_by_id(family: Path) -> None:
+    old, new = store.versions(family)
+    names = {p.name for p in new.iterdir()}
+    assert {"index.s0.faiss", "index.s2.faiss", "verify.s1.npz"} <= names and "index.faiss" not in names
+    assert json.loads((new / "manifest.json").read_text())["shards"] == 3
+    whole, merged = store.load(old), store.load(new)
+    ids_w, xb_w = store.index_contents(whole.index)
+    ids_m, xb_m = store.index_contents(merged.index)
+    order_w, order_m = np.argsort(ids_w), np.argsort(ids_m)
+    assert np.array_equal(ids_w[order_w], ids_m[order_m])
+    assert np.array_equal(xb_w[order_w], xb_m[order_m])  # bit for bit
+    for i in range(3):
+        part = store.load(new, Part(i, 3))
+        assert set(part.images) == {j for j in whole.images if j % 3 == i} == set(store.index_ids(part.index))
+        assert set(part.verifier.store.ids.tolist()) == set(part.images)
+        for j in list(part.images)[:5]:
+            a, b = part.verifier.features_of(j), whole.verifier.features_of(j)
+            assert np.array_equal(a[0].descriptors, b[0].descriptors) and np.array_equal(a[1], b[1])
+    head = store.load(new, Part(None, 3))
+    assert head.index.ntotal == 0 and head.images == whole.images
+    with pytest.raises(store.IndexLoadError, match="3 shard"):
+        store.load(new, Part(0, 2))
+
+
+def test_a_shard_checks_only_its_own_files(family: Path) -> None:
+    new = store.versions(family)[-1]
+    victim = new / "index.s2.faiss"
+    saved = victim.read_bytes()
+    try:
+        victim.write_bytes(saved[:-8] + b"corrupt!")
+        store.load(new, Part(0, 3))  # another shard's file is that shard's business
+        with pytest.raises(store.IndexLoadError, match="checksum"):
+            store.load(new, Part(2, 3))
+    finally:
+        victim.write_bytes(saved)
+
+
+def test_keypoint_subsets_concatenate_back() -> None:
+    from features.orb import OrbFeatures
+
+    rng = np.random.default_rng(0)
+    feats = [OrbFeatures(rng.random((n, 2), np.float32), rng.integers(0, 255, (n, 32), np.uint8)) for n in (3, 0, 5, 2)]
+    words = [rng.integers(0, 9, len(f.xy)) for f in feats]
+    full = MapFeatures.build([10, 11, 12, 13], feats, words)
+    even, odd = full.subset(full.ids % 2 == 0), full.subset(full.ids % 2 == 1)
+    assert even.ids.tolist() == [10, 12] and even.offsets.tolist() == [0, 3, 8]
+    back = MapFeatures.concat([even, odd])
+    for i in full.ids:
+        r, s = int(np.flatnonzero(full.ids == i)[0]), int(np.flatnonzero(back.ids == i)[0])
+        a = full.descriptors[full.offsets[r] : full.offsets[r + 1]]
+        assert np.array_equal(a, back.descriptors[back.offsets[s] : back.offsets[s + 1]])
+
+
+def test_merge_ranks_by_distance_then_id() -> None:
+    from retrieval.searcher import Hit
+
+    loc = Location(0.0, 0.0, 0.0)
+    a = [Hit(1, 4, "a", 0.9, 1.0, loc), Hit(2, 2, "b", 0.5, 3.0, loc)]
+    b = [Hit(1, 1, "c", 0.9, 1.0, loc), Hit(2, 3, "d", 0.7, 2.0, loc)]
+    merged = merge_hits([a, b], 3)
+    assert [(h.rank, h.id) for h in merged] == [(1, 1), (2, 4), (3, 3)]
+    assert by_owner([5, 3, 4, 9], 3) == {2: [0], 0: [1, 3], 1: [2]}
+
+
+def _servers(family: Path) -> list[ShardServer]:
+    return [ShardServer(family, i, 3) for i in range(3)]
+
+
+def test_the_head_over_its_shards_ranks_as_the_whole_index(family: Path, tiny_data: Path) -> None:
+    whole = Searcher(store.load(store.current_version(family)))
+    head = head_index(family, 3, LocalShards(_servers(family))).load_now()
+    assert head.size == whole.size and head.version == whole.version
+    ds = load_dataset(tiny_data)
+    for path in ds.queries.paths[:6]:
+        data = ds.image_path(path).read_bytes()
+        want, got = search_image(whole, data, 20).hits, search_image(head, data, 20).hits
+        assert [(h.id, h.inliers) for h in got] == [(h.id, h.inliers) for h in want]
+        assert np.allclose([h.score for h in got], [h.score for h in want], atol=1e-9)
+
+
+def test_an_add_through_the_head_reaches_the_owning_shard(family: Path, tiny_data: Path) -> None:
+    servers = _servers(family)
+    head = head_index(family, 3, LocalShards(servers))
+    head.load_now()
+    ds = load_dataset(tiny_data)
+    data = ds.image_path(ds.queries.paths[0]).read_bytes()
+    rec = head.add(data, Location(1.0, 2.0, 30.0))
+    owner = rec.id % 3
+    try:
+        assert rec.id in servers[owner].live.sync().images
+        assert all(rec.id not in servers[i].live.sync().images for i in range(3) if i != owner)
+        # Another head (another replica) sees it on its next request, through the change log.
+        other = head_index(family, 3, LocalShards(servers))
+        other.load_now()
+        hits = search_image(other.sync(), data, 5).hits
+        assert hits[0].id == rec.id and hits[0].path == rec.path
+    finally:
+        head.delete(rec.id)
+    assert rec.id not in servers[owner].live.sync().images
+    assert rec.id not in [h.id for h in search_image(head.sync(), data, 5).hits]
+
+
+def test_a_shard_refuses_a_version_it_no_longer_holds(family: Path) -> None:
+    server = ShardServer(family, 0, 3)
+    old = store.versions(family)[0].name
+    with pytest.raises(NotReadyError, match="does not hold index version"):
+        server.at(old, wait=0.2)
+    with pytest.raises(ValueError, match="does not own"):
+        server.inliers(server.live.sync().version, np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), [], [1])
+
+
+def test_a_head_needs_shards(family: Path) -> None:
+    with pytest.raises(ValueError, match="ShardClient"):
+        LiveIndex(family, Part(None, 3)).load_now()
+
+
+def test_the_serve_application_has_one_deployment_per_shard(family: Path, tiny_data: Path) -> None:
+    """What `serve deploy` builds from `cluster.serving:app_builder` (deployed for real in tests/e2e/test_ray.py)."""
+    from pydantic import ValidationError
+
+    from cluster.serving import app_builder
+
+    artifacts = family.parent.parent
+    app = app_builder({"data": str(tiny_data), "artifacts": str(artifacts), "preset": PRESET, "replicas": 3})
+    ingress = app._bound_deployment  # Serve's own attribute: what the application deploys
+    settings, admin_key, shards = ingress.init_args
+    assert ingress.name == "Ingress" and ingress.num_replicas == 3 and admin_key is None
+    assert settings["preset"] == PRESET and Path(settings["artifacts"]).is_absolute()
+    assert [s._bound_deployment.name for s in shards] == ["Shard0", "Shard1", "Shard2"]
+    assert [s._bound_deployment.init_args[1:] for s in shards] == [(0, 3), (1, 3), (2, 3)]
+    scaled = app_builder({"data": str(tiny_data), "artifacts": str(artifacts), "preset": PRESET})
+    assert scaled._bound_deployment._deployment_config.autoscaling_config.max_replicas == 4
+    with pytest.raises(ValidationError, match="unknown preset"):
+        app_builder({"data": str(tiny_data), "artifacts": str(artifacts), "preset": "nope"})
