@@ -1,0 +1,302 @@
+"""The Ray engine, measured on this machine against the embedded one (`make bench` runs it).
+
+1. Indexing throughput: the Ray Data actor pool (cluster/indexing.py) embeds London map images on a
+   local cluster whose head has no CPUs and whose worker nodes have one each, with 1 and then 2 worker
+   nodes; and the embedded engine's per-image work in 1 and 2 processes on the same images.
+2. Serving: the London index of --preset, published in 2 shards into --out-artifacts, served by
+   `imgsearch serve --engine ray` (2 ingress replicas, a replica per shard, on a head node and a worker
+   node) and by the embedded `imgsearch serve` (3 workers): /search p50 and requests/s at 1 and 8
+   connections (wrk, as bench/run.py), and whether both return the same hits.
+
+Everything stays on loopback: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set before Ray is imported.
+Writes bench/ray.json and the section between the ray markers of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: nodes on 127.0.0.1
+
+import argparse
+import dataclasses
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+# bench/ is sys.path[0] for these scripts
+from procstat import stop_server
+from run import free_port, machine, wait_ready, wrk
+
+from app.core.config import Settings
+from common.clock import utc_timestamp
+from common.parallel import map_files
+from common.presets import confs, get_conf, verify_features_conf
+from dataset.layout import DatasetError, ImageSet, load_dataset
+from dataset.split import load_split
+from indexer import store
+from indexer.build import image_keypoints, image_vector
+from model.encoder import NumpyEncoder
+from model.vectorize import Vectorizer
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+BEGIN, END = "<!-- ray:begin -->", "<!-- ray:end -->"
+
+
+def publish_sharded(version: Path, family: Path, shards: int) -> Path:
+    """The same index as `version`, published into `family` split into `shards` (as compact does)."""
+    loaded = store.load(version)
+    files = {n: version / n for n in ("vectorizer.npz", "encoder.npz", "split.json") if (version / n).is_file()}
+    staged = None
+    family.mkdir(parents=True, exist_ok=True)
+    if loaded.verifier is not None:
+        staged = loaded.verifier.features(sorted(loaded.images)).save(family / f".bench-verify-{os.getpid()}.npz")
+        files["verify.npz"] = staged
+    manifest = {k: v for k, v in loaded.manifest.items() if k not in ("version", "count", "dim", "checksums", "shards")}
+    images = [loaded.images[i] for i in sorted(loaded.images)]
+    try:
+        return store.publish(family, loaded.index, images, files, manifest | {"copied_from": str(version)}, shards)
+    finally:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+
+
+# --- indexing ----------------------------------------------------------------------------------------
+
+_VECTORIZERS: dict[str, Vectorizer] = {}  # one per extraction process
+
+
+def _embedded_one(path: str, job: tuple[dict[str, Any], str]) -> np.ndarray | None:
+    """The embedded engine's per-image work: the aggregate vector, and the verification keypoints."""
+    conf, vectorizer_file = job
+    if vectorizer_file not in _VECTORIZERS:
+        _VECTORIZERS[vectorizer_file] = Vectorizer.load(Path(vectorizer_file), conf["vector"])
+    vectorizer = _VECTORIZERS[vectorizer_file]
+    data = Path(path).read_bytes()
+    if conf["verify"] is not None:
+        image_keypoints(data, verify_features_conf(conf), vectorizer)
+    return image_vector(data, conf, vectorizer)
+
+
+def indexing(version: Path, data_root: Path, conf: dict[str, Any], n_images: int, nodes: list[int]) -> dict[str, Any]:
+    """Map images per second: Ray with each number of 1-CPU worker nodes, embedded with as many processes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cluster.indexing import embed_with
+
+    ds = load_dataset(data_root, check_files=False)
+    ds = dataclasses.replace(ds, database=ImageSet(ds.database.paths[:n_images], ds.database.loc[:n_images]))
+    out: dict[str, Any] = {"images": len(ds.database), "ray": [], "embedded": []}
+    for n in nodes:
+        # The head has no CPU: all the work is on the worker nodes.
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        try:
+            for _ in range(n):
+                c.add_node(num_cpus=1)
+            c.wait_for_nodes()
+            assert c.address.startswith("127.0.0.1:"), c.address
+            ray.init(address=c.address, logging_level="WARNING")
+            t0 = time.perf_counter()
+            arrays = embed_with(conf, ds, version / "vectorizer.npz", version / "encoder.npz", actors=n)
+            seconds = time.perf_counter() - t0
+            assert arrays.embeddings.shape[0] == len(ds.database)
+        finally:
+            ray.shutdown()
+            c.shutdown()
+        row = {"worker_nodes": n, "seconds": round(seconds, 2), "images_per_s": round(len(ds.database) / seconds, 2)}
+        out["ray"].append(row)
+        print(f"ray indexing: {row}", flush=True)
+    files = [str(ds.image_path(p)) for p in ds.database.paths]
+    encoder = NumpyEncoder.load(version / "encoder.npz")
+    for jobs in nodes:
+        t0 = time.perf_counter()
+        vectors = list(map_files(_embedded_one, files, (conf, str(version / "vectorizer.npz")), jobs))
+        # As indexer/build.py: one matrix product for all images, after the extraction processes.
+        encoder.embed(np.stack([v if v is not None else np.zeros(encoder.input_dim, np.float32) for v in vectors]))
+        seconds = time.perf_counter() - t0
+        row = {"processes": jobs, "seconds": round(seconds, 2), "images_per_s": round(len(ds.database) / seconds, 2)}
+        out["embedded"].append(row)
+        print(f"embedded indexing work: {row}", flush=True)
+    return out
+
+
+# --- serving -----------------------------------------------------------------------------------------
+
+
+def _serve(env: dict[str, str], args: list[str], workers: int) -> tuple[subprocess.Popen, str, float]:
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve", *args],
+        cwd=ROOT,
+        env=os.environ | env | {"IMGSEARCH_HOST": "127.0.0.1", "IMGSEARCH_PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        return proc, url, wait_ready(url, proc, t0, workers)
+    except Exception:
+        stop_server(proc)
+        raise
+
+
+def _hits(url: str, files: list[Path]) -> list[list[tuple[int, float]]]:
+    with httpx.Client(timeout=60) as c:
+        out = []
+        for f in files:
+            r = c.post(f"{url}/search", params={"k": 10}, files={"file": ("q.jpg", f.read_bytes())})
+            r.raise_for_status()
+            out.append([(h["id"], h["score"]) for h in r.json()["results"]])
+        return out
+
+
+def serving(env: dict[str, str], files: list[Path], duration: int) -> dict[str, Any]:
+    """The sharded index behind Ray Serve and behind the embedded server, in turn, same queries."""
+    from ray.cluster_utils import Cluster
+
+    out: dict[str, Any] = {}
+    reference = None
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        c.add_node(num_cpus=2)
+        c.wait_for_nodes()
+        assert c.address.startswith("127.0.0.1:"), c.address
+        runs = [
+            ("ray", ["--engine", "ray", "--address", c.address, "--replicas", "2"], 2),
+            ("embedded", ["--workers", "3"], 3),
+        ]
+        for name, args, workers in runs:
+            proc, url, ready_s = _serve(env, args, workers)
+            try:
+                hits = _hits(url, files[:20])  # also the warm-up of every replica
+                c1 = wrk(url, [str(f) for f in files], 1, duration)
+                c8 = wrk(url, [str(f) for f in files], 8, duration)
+            finally:
+                stop_server(proc, timeout=60) if name == "ray" else stop_server(proc)
+            if reference is None:
+                reference = hits
+            same = [h == r for h, r in zip(hits, reference, strict=True)]
+            out[name] = {
+                "ready_s": round(ready_s, 2),
+                "http_p50_ms_c1": round(c1["p50_ms"], 2),
+                "rps_c1": round(c1["rps"], 2),
+                "http_p50_ms_c8": round(c8["p50_ms"], 2),
+                "rps_c8": round(c8["rps"], 2),
+                "errors": c1["errors"] + c8["errors"],
+                "same_hits_as_ray": f"{sum(same)}/{len(same)}",
+            }
+            print(f"{name} serving: {out[name]}", flush=True)
+    finally:
+        c.shutdown()
+    out["ray_over_embedded_p50_c1"] = round(out["ray"]["http_p50_ms_c1"] / out["embedded"]["http_p50_ms_c1"], 2)
+    out["ray_over_embedded_rps_c8"] = round(out["ray"]["rps_c8"] / out["embedded"]["rps_c8"], 2)
+    return out
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    ix, sv = r["indexing"], r["serving"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {r['created']}.",
+        f"Command: `{r['command']}` (index version {r['index_version']}, {r['shards']} shards).",
+        "",
+        f"Indexing {ix['images']} London map images ({r['preset']}): features, embedding, verification "
+        "keypoints, timed from the start of the job (Ray: the actors start and load the model) to the last image.",
+        "",
+        "| engine | workers | seconds | images/s |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| Ray Data | {x['worker_nodes']} worker node(s) of 1 CPU | {x['seconds']} | {x['images_per_s']} |"
+        for x in ix["ray"]
+    ]
+    lines += [
+        f"| embedded | {x['processes']} process(es) | {x['seconds']} | {x['images_per_s']} |" for x in ix["embedded"]
+    ]
+    lines += [
+        "",
+        f"Serving the same index, {r['queries']} test queries (wrk, {r['duration']} s per run):",
+        "",
+        "| service | ready s | p50 ms, 1 conn | req/s, 1 conn | p50 ms, 8 conn | req/s, 8 conn | errors | same hits |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = {"ray": "Ray Serve: 2 ingress replicas, 2 shards, 2 nodes", "embedded": "embedded: 3 uvicorn workers"}
+    for k, label in names.items():
+        x = sv[k]
+        lines.append(
+            f"| {label} | {x['ready_s']} | {x['http_p50_ms_c1']} | {x['rps_c1']} | {x['http_p50_ms_c8']} | "
+            f"{x['rps_c8']} | {x['errors']} | {x['same_hits_as_ray']} |"
+        )
+    lines += [
+        "",
+        f"Ray over embedded: p50 at 1 connection {sv['ray_over_embedded_p50_c1']} x, "
+        f"requests/s at 8 connections {sv['ray_over_embedded_rps_c8']} x.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "london")
+    p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts", help="where the embedded index was built")
+    p.add_argument("--out-artifacts", type=Path, default=ROOT / "artifacts" / "bench-ray", help="the sharded copy")
+    p.add_argument("--preset", choices=sorted(confs), default=Settings().preset)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--index-images", type=int, default=600, help="map images to index per run (default 600)")
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--duration", type=int, default=15, help="seconds of each wrk run")
+    p.add_argument("--out", type=Path, default=BENCH / "ray.json")
+    p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = p.parse_args(argv)
+    if min(args.shards, args.index_images, args.queries, args.duration) < 1:
+        p.error("--shards, --index-images, --queries and --duration must be >= 1")
+    settings = Settings(data=args.data, artifacts=args.artifacts, preset=args.preset)
+    try:
+        ds = load_dataset(args.data, check_files=False)
+        version = store.current_version(store.index_family(args.artifacts, args.data, args.preset))
+    except (DatasetError, OSError, store.IndexLoadError) as e:
+        print(f"bench: {e} (build the index first: imgsearch build)", file=sys.stderr)
+        return 2
+    family = store.index_family(args.out_artifacts, args.data, args.preset)
+    sharded = publish_sharded(version, family, args.shards)
+    rows = load_split(version / "split.json", ds.queries.paths)["test"][: args.queries]
+    files = [ds.image_path(ds.queries.paths[q]) for q in rows]
+    r: dict[str, Any] = {
+        "preset": args.preset,
+        "index_version": sharded.name,
+        "shards": args.shards,
+        "queries": len(files),
+        "duration": args.duration,
+        "machine": machine(),
+        "created": utc_timestamp(),
+        "command": shlex.join(["python", "bench/ray_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
+    r["indexing"] = indexing(version, args.data, get_conf(args.preset), args.index_images, [1, 2])
+    env = {"IMGSEARCH_DATA": str(args.data), "IMGSEARCH_ARTIFACTS": str(args.out_artifacts)}
+    r["serving"] = serving(env | {"IMGSEARCH_PRESET": settings.preset}, files, args.duration)
+    args.out.write_text(json.dumps(r, indent=1), encoding="utf-8")
+    table = markdown(r)
+    if args.markdown.exists():
+        text = args.markdown.read_text(encoding="utf-8")
+        if BEGIN in text and END in text:
+            pre, rest = text.split(BEGIN, 1)
+            args.markdown.write_text(f"{pre}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}", encoding="utf-8")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
