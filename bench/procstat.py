@@ -1,5 +1,6 @@
 """What the benchmarks read about the server's processes from /proc (Linux): its process tree
-(uvicorn's supervisor and workers), their CPU time and resident memory."""
+(uvicorn's supervisor and workers), their CPU time and resident memory (RSS, and PSS, which counts a
+page shared by several processes once in all)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def rss_mb(pid: int) -> float:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size: the process's private memory plus its share of pages it maps with
+    others (memory-mapped index files shared by the workers count once over the tree, not per worker
+    as in RSS)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return round(int(line.split()[1]) / 1024, 1)
     return 0.0
 

@@ -11,7 +11,7 @@ Measures, on the held-out test queries of the served index:
   loopback, driven by wrk (Debian package `wrk`, script bench/wrk_search.lua) with 1 and 8
   connections, for each number of uvicorn workers in --server-workers (the headline figures are the
   configured default's, IMGSEARCH_WORKERS);
-- rss_mb of the server (all its processes) after the load, and ready_s from start to /readyz = 200;
+- rss_mb and pss_mb of the server (all its processes) after the load, and ready_s from start to /readyz = 200;
 - index_build_s / index_build_speedup: bench/index_build.py with every core, and with one worker
   pinned to one core;
 - ann: bench/ann.py (generated vectors of the encoder's dimension).
@@ -39,7 +39,7 @@ import httpx
 import numpy as np
 
 # bench/procstat.py: bench/ is sys.path[0] for these scripts
-from procstat import cpu_seconds, process_tree, rss_mb, stop_server
+from procstat import cpu_seconds, process_tree, pss_mb, rss_mb, stop_server
 
 from app.core.config import Settings
 from common.clock import utc_timestamp
@@ -215,6 +215,7 @@ def serve_and_load(settings: Settings, image_files: list[Path], server_workers: 
         cpu8 = cpu_seconds(pids)
         pids = process_tree(proc.pid)
         rss = {p: rss_mb(p) for p in pids}
+        pss = {p: pss_mb(p) for p in pids}
         return {
             "server_workers": server_workers,
             "http_p50_ms_c1": round(c1["p50_ms"], 2),
@@ -235,6 +236,8 @@ def serve_and_load(settings: Settings, image_files: list[Path], server_workers: 
             "statuses_c8": c8["statuses"],
             "rss_mb": round(sum(rss.values()), 1),
             "rss_mb_by_process": sorted(rss.values(), reverse=True),
+            # Pages the workers share (memory-mapped encoder and keypoints) count once here.
+            "pss_mb": round(sum(pss.values()), 1),
             "ready_s": round(ready_s, 2),
         }
     finally:
@@ -337,6 +340,7 @@ def markdown(r: dict[str, Any]) -> str:
             ("http_p99_ms_c8", r["http_p99_ms_c8"]),
             ("errors, non-2xx or socket (1 / 8 connections)", f"{r['errors_c1']} / {r['errors_c8']}"),
             ("rss_mb (all server processes, after the load)", r["rss_mb"]),
+            ("pss_mb (the same, shared pages counted once)", r.get("pss_mb", "–")),
             ("ready_s (start to /readyz)", r["ready_s"]),
         ]
     if "index_build_s" in r:
@@ -352,8 +356,8 @@ def markdown(r: dict[str, Any]) -> str:
             "By uvicorn workers (same run):",
             "",
             "| workers | p50 ms c1 | p99 ms c1 | rps c1 | rps c8 | rps c8/c1 | p99 ms c8 | errors "
-            "| server CPU ms/req c1, c8 | RSS MB (each) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| server CPU ms/req c1, c8 | RSS MB (each) | PSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for h in r["http_by_workers"]:
             per = " + ".join(f"{v:.0f}" for v in h["rss_mb_by_process"])
@@ -361,7 +365,7 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {h['server_workers']} | {h['http_p50_ms_c1']} | {h['http_p99_ms_c1']} | {h['rps_c1']} | "
                 f"{h['rps_c8']} | {h['rps_c8'] / h['rps_c1']:.2f} | {h['http_p99_ms_c8']} | "
                 f"{h['errors_c1'] + h['errors_c8']} | {h['server_cpu_ms_per_request_c1']}, "
-                f"{h['server_cpu_ms_per_request_c8']} | {h['rss_mb']} ({per}) |"
+                f"{h['server_cpu_ms_per_request_c8']} | {h['rss_mb']} ({per}) | {h.get('pss_mb', '–')} |"
             )
     for n, size in r.get("ann", {}).get("sizes", {}).items():
         lines += [

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,37 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
 def atomic_savez(path: Path, *, durable: bool = False, **arrays: np.ndarray) -> Path:
     """np.savez to `path` atomically. Caches default to not durable: a lost one is recomputed."""
     return atomic_write(path, npz_bytes(**arrays), durable=durable)
+
+
+def mapped_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an uncompressed .npz (what atomic_savez writes), memory-mapped read-only: every
+    process that maps the same file shares its pages, instead of holding a private copy. Members that
+    are compressed or hold objects are read into memory as np.load would."""
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            name = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                with zf.open(info) as member:
+                    out[name] = np.lib.format.read_array(member, allow_pickle=False)
+                continue
+            # The member's data follows its local header: 30 bytes, then its name and extra field.
+            f.seek(info.header_offset)
+            local = f.read(30)
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                raise ValueError(f"{path}: {name} holds Python objects; refusing to load them")
+            if int(np.prod(shape)) == 0:
+                out[name] = np.zeros(shape, dtype)
+                continue
+            order = "F" if fortran else "C"
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+    return out
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.files import atomic_savez
+from common.files import atomic_savez, mapped_npz
 
 _ACTIVATIONS = {
     "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
@@ -73,21 +73,23 @@ class NumpyEncoder:
 
     @classmethod
     def load(cls, path: Path) -> NumpyEncoder:
-        with np.load(path, allow_pickle=False) as z:
-            n = len(z["activations"])
-            acts = [str(a) for a in z["activations"]]
-            unknown = set(acts) - set(_ACTIVATIONS)
-            if unknown:
-                raise ValueError(f"{path}: unsupported activations {sorted(unknown)}")
-            head = z["head"]
-            return cls(
-                weights=[z[f"w{i}"].astype(np.float32) for i in range(n)],
-                biases=[z[f"b{i}"].astype(np.float32) for i in range(n)],
-                activations=acts,
-                head_w=float(head[0]),
-                head_b=float(head[1]),
-                identity_dim=int(z["identity_dim"]) if "identity_dim" in z else 0,
-            )
+        # Memory-mapped: the server's workers share one copy of the weights (hundreds of MB) in the page
+        # cache instead of each holding its own.
+        z = mapped_npz(path)
+        n = len(z["activations"])
+        acts = [str(a) for a in z["activations"]]
+        unknown = set(acts) - set(_ACTIVATIONS)
+        if unknown:
+            raise ValueError(f"{path}: unsupported activations {sorted(unknown)}")
+        head = z["head"]
+        return cls(
+            weights=[np.asarray(z[f"w{i}"], dtype=np.float32) for i in range(n)],  # no copy when float32
+            biases=[np.asarray(z[f"b{i}"], dtype=np.float32) for i in range(n)],
+            activations=acts,
+            head_w=float(head[0]),
+            head_b=float(head[1]),
+            identity_dim=int(z["identity_dim"]) if "identity_dim" in z else 0,
+        )
 
     @classmethod
     def from_keras(cls, siamese) -> NumpyEncoder:

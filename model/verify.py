@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from common.files import atomic_savez
+from common.files import atomic_savez, mapped_npz
 from features.orb import OrbFeatures
 
 
@@ -84,8 +84,9 @@ class MapFeatures:
 
     @classmethod
     def load(cls, path: Path) -> MapFeatures:
-        with np.load(path, allow_pickle=False) as z:
-            return cls(z["ids"], z["offsets"], z["xy"], np.ascontiguousarray(z["descriptors"]), z["words"])
+        # Memory-mapped, as the encoder: the keypoints of every map image are shared by all workers.
+        z = mapped_npz(path)
+        return cls(z["ids"], z["offsets"], z["xy"], np.ascontiguousarray(z["descriptors"]), z["words"])
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
         default=32630, ge=32601, le=32760, description="UTM zone of the map locations (32630: 30N, London)"
     )
     # 3 measured best on 2 cores (bench/run.py, BENCHMARKS.md): req/s at 8 connections 1.17 / 1.63 / 1.75 x
-    # those at 1 connection with 1 / 2 / 3 workers; each worker holds its own index (~750 MB here).
+    # those at 1 connection with 1 / 2 / 3 workers; the workers share the memory-mapped encoder and keypoints.
     workers: int = Field(default=3, ge=1, le=64, description="uvicorn worker processes of `imgsearch serve`.")
     log_format: Literal["json", "text"] = Field(
         default="json", description="Service logs: one JSON object per line, or plain text."

@@ -1,0 +1,66 @@
+"""Index files memory-mapped read-only (common/files.py: mapped_npz): the same arrays as np.load, no
+private copy, so the server's workers share one copy of the encoder and keypoints in the page cache."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.files import atomic_savez, mapped_npz
+from features.orb import OrbFeatures
+from model.encoder import NumpyEncoder
+from model.verify import MapFeatures
+
+
+def test_every_kind_of_member_reads_back_equal(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w": rng.random((300, 7), np.float32),
+        "fortran": np.asfortranarray(rng.random((5, 4))),
+        "text": np.array(["relu", "sigmoid"]),
+        "empty": np.zeros((0, 32), np.uint8),
+        "scalar": np.array(3),
+    }
+    path = atomic_savez(tmp_path / "a.npz", **arrays)
+    mapped = mapped_npz(path)
+    assert set(mapped) == set(arrays)
+    with np.load(path) as z:
+        for name, want in arrays.items():
+            got = mapped[name]
+            assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, z[name]), name
+    assert isinstance(mapped["w"], np.memmap) and Path(mapped["w"].filename) == path.resolve()
+    assert not mapped["w"].flags.writeable  # read-only: no process can change what the others see
+    with pytest.raises(ValueError):
+        mapped["w"][0, 0] = 1.0
+
+
+def test_a_compressed_member_is_read_and_objects_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.npz"
+    np.savez_compressed(path, x=np.arange(10))
+    assert np.array_equal(mapped_npz(path)["x"], np.arange(10))
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with zipfile.ZipFile(tmp_path / "o.npz", "w") as zf:
+        zf.writestr("o.npy", buf.getvalue())
+    with pytest.raises(ValueError, match="objects"):
+        mapped_npz(tmp_path / "o.npz")
+
+
+def test_encoder_and_keypoints_load_mapped_and_compute_as_before(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    enc = NumpyEncoder([rng.random((64, 16), np.float32)], [rng.random(16, np.float32)], ["linear"], -2.0, 1.0)
+    loaded = NumpyEncoder.load(enc.save(tmp_path / "encoder.npz"))
+    w = loaded.weights[0]
+    assert not w.flags.owndata and not w.flags.writeable  # a view of the read-only mapping, not a copy
+    x = rng.random((3, 64), np.float32)
+    assert np.array_equal(loaded.embed(x), enc.embed(x))
+    feats = [OrbFeatures(rng.random((n, 2), np.float32), rng.integers(0, 255, (n, 32), np.uint8)) for n in (4, 6)]
+    kp = MapFeatures.build([7, 9], feats, [rng.integers(0, 5, 4), rng.integers(0, 5, 6)])
+    back = MapFeatures.load(kp.save(tmp_path / "verify.npz"))
+    assert not back.descriptors.flags.owndata and not back.descriptors.flags.writeable
+    for field in ("ids", "offsets", "xy", "descriptors", "words"):
+        assert np.array_equal(getattr(back, field), getattr(kp, field)), field
