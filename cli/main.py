@@ -15,8 +15,6 @@ from pydantic import ValidationError
 
 from app.core.config import Settings
 from common.presets import UnknownPresetError, confs
-from dataset.layout import DatasetError, load_dataset
-from indexer.store import IndexLoadError
 
 # What the optional extras of pyproject.toml install: `train` (Keras models, the evaluation's figures)
 # and `ray` (the cluster engine).
@@ -25,6 +23,11 @@ EXTRAS = {"tensorflow": "train", "keras": "train", "matplotlib": "train", "ray":
 
 def _domain_errors(command: str) -> tuple[type[Exception], ...]:
     """The errors that end a command with a message and exit code 2 rather than a traceback."""
+    # Imported here, not at the top: `imgsearch serve` stays the uvicorn supervisor, which should not
+    # hold NumPy, FAISS and OpenCV in memory for nothing (its workers import them).
+    from dataset.layout import DatasetError
+    from indexer.store import IndexLoadError
+
     # ConnectionError: ray.init could not reach the cluster at --address.
     errors: tuple[type[Exception], ...] = (DatasetError, IndexLoadError, UnknownPresetError, ConnectionError)
     if command != "serve":  # `imgsearch serve` (the server's own process) never loads training code
@@ -41,6 +44,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _dataset(s: Settings):
     from cli.stages import ensure_data
+    from dataset.layout import load_dataset
 
     return load_dataset(ensure_data(s.data, s.demo_data))
 
@@ -125,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.core.logs import log_config, route_stderr_to_log
-    from features.decode import MAX_PIXELS
+    from features.limits import MAX_PIXELS
 
     if args.engine == "ray":
         from cluster import serving

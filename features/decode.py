@@ -14,9 +14,10 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from features.limits import MAX_PIXELS
+
 # Formats told by their content (magic bytes), never by the declared type or file name.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})
-MAX_PIXELS = 40_000_000  # a 40-megapixel photo; larger uploads are refused before decoding
 
 
 class ImageDecodeError(ValueError):

@@ -139,6 +139,7 @@ def split_index(index: faiss.Index, shards: int) -> list[faiss.Index]:
 
 
 def merge_indexes(parts: list[faiss.Index], dim: int) -> faiss.Index:
+    """A new flat index owning copies of the parts' vectors (safe to change, whatever the parts are)."""
     out = new_flat_index(dim)
     for part in parts:
         ids, xb = index_contents(part)
@@ -324,7 +325,10 @@ def load(directory: Path, part: Part = WHOLE) -> LoadedIndex:
         if not f.is_file() or sha256_file(f) != digest:
             raise IndexLoadError(f"{f}: missing or checksum mismatch; refusing to serve it")
     dim = int(manifest.get("dim", -1))
-    parts = [faiss.read_index(str(directory / shard_file("index.faiss", i, shards))) for i in wanted]
+    # Memory-mapped read-only, shared by the workers like the encoder. FAISS aborts the process on an
+    # in-place change of a mapped index: every change works on a copy (retrieval/replay.py clones).
+    flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
+    parts = [faiss.read_index(str(directory / shard_file("index.faiss", i, shards)), flags) for i in wanted]
     if any(p.d != dim for p in parts):
         raise IndexLoadError(f"{directory}: an index file's dimension differs from the manifest's {dim}")
     index = parts[0] if len(parts) == 1 else merge_indexes(parts, max(dim, 1))

@@ -15,7 +15,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 
 from common.files import sha256_bytes
@@ -23,7 +22,7 @@ from dataset.layout import Location
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError, OrbFeatures
 from indexer.changes import ChangeLog, Tail
-from indexer.store import ImageRecord
+from indexer.store import ImageRecord, merge_indexes
 from retrieval.searcher import Applied, Query, Searcher
 
 log = logging.getLogger(__name__)
@@ -130,8 +129,9 @@ def apply_changes(searcher: Searcher, tail: Tail, changelog: ChangeLog) -> Searc
         return Searcher(dataclasses.replace(searcher.loaded, images=images), applied, searcher.shards)
     if not added and not removed:
         return Searcher(searcher.loaded, applied, searcher.shards)
-    # FAISS indexes are not safe to change while another thread searches them: change a copy.
-    index = faiss.clone_index(searcher.index)
+    # FAISS indexes are not safe to change while another thread searches them: change a copy, one that
+    # owns its vectors (a clone of a memory-mapped index still views the read-only file).
+    index = merge_indexes([searcher.index], searcher.index.d)
     if removed:
         index.remove_ids(np.array(sorted(removed), np.int64))
     if added:
