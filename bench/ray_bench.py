@@ -45,6 +45,8 @@ from indexer import store
 from indexer.build import image_keypoints, image_vector
 from model.encoder import NumpyEncoder
 from model.vectorize import Vectorizer
+from retrieval.live import republish
+from retrieval.searcher import Searcher
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -53,20 +55,7 @@ BEGIN, END = "<!-- ray:begin -->", "<!-- ray:end -->"
 
 def publish_sharded(version: Path, family: Path, shards: int) -> Path:
     """The same index as `version`, published into `family` split into `shards` (as compact does)."""
-    loaded = store.load(version)
-    files = {n: version / n for n in ("vectorizer.npz", "encoder.npz", "split.json") if (version / n).is_file()}
-    staged = None
-    family.mkdir(parents=True, exist_ok=True)
-    if loaded.verifier is not None:
-        staged = loaded.verifier.features(sorted(loaded.images)).save(family / f".bench-verify-{os.getpid()}.npz")
-        files["verify.npz"] = staged
-    manifest = {k: v for k, v in loaded.manifest.items() if k not in ("version", "count", "dim", "checksums", "shards")}
-    images = [loaded.images[i] for i in sorted(loaded.images)]
-    try:
-        return store.publish(family, loaded.index, images, files, manifest | {"copied_from": str(version)}, shards)
-    finally:
-        if staged is not None:
-            staged.unlink(missing_ok=True)
+    return republish(Searcher(store.load(version)), family, shards, {"copied_from": str(version)})
 
 
 # --- indexing ----------------------------------------------------------------------------------------

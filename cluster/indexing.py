@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from common.files import npz_bytes
+from common.files import npz_arrays, npz_bytes
 from common.presets import verify_features_conf
 from common.threads import single_threaded_kernels
 from dataset.layout import Dataset
@@ -62,10 +62,8 @@ class Embedder:
 
 
 def _unpack(blob: bytes) -> tuple[OrbFeatures, np.ndarray]:
-    import io
-
-    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-        return OrbFeatures(z["xy"], z["descriptors"]), z["words"]
+    z = npz_arrays(blob)
+    return OrbFeatures(z["xy"], z["descriptors"]), z["words"]
 
 
 def embed_map_images(

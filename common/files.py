@@ -69,6 +69,12 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def npz_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of .npz bytes (the inverse of npz_bytes); pickles refused."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
 def atomic_savez(path: Path, *, durable: bool = False, **arrays: np.ndarray) -> Path:
     """np.savez to `path` atomically. Caches default to not durable: a lost one is recomputed."""
     return atomic_write(path, npz_bytes(**arrays), durable=durable)

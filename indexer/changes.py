@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from common.files import atomic_write, confined_file, fsync_directory, json_digest, npz_bytes, sha256_bytes
+from common.files import atomic_write, confined_file, fsync_directory, json_digest, npz_arrays, npz_bytes, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +176,7 @@ class ChangeLog:
             return None
         if sha256_bytes(data) != digest:
             return None
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        return npz_arrays(data)
 
     def resolve(self, rel: str) -> Path | None:
         """A side file named in the log, confined to the family folder."""

@@ -292,21 +292,28 @@ def compact(family: Path) -> Path:
     Changes logged while this runs stay in the log and are replayed on top of the new version."""
     searcher, _ = open_version(family, store.current_version(family))
     loaded = searcher.loaded
+    extra = {"changes_seq": searcher.applied.seq, "compacted_from": loaded.version, "created": utc_timestamp()}
+    out = republish(searcher, family, int(loaded.manifest.get("shards", 1)), extra)
+    log.info("compacted %s + changes up to %d into %s", loaded.version, searcher.applied.seq, out.name)
+    return out
+
+
+def republish(searcher: Searcher, family: Path, shards: int, manifest_extra: dict[str, object]) -> Path:
+    """Publish what a (whole) searcher holds, its online changes included, as a new version of
+    `family` in `shards` shards, with its manifest plus `manifest_extra`."""
+    loaded = searcher.loaded
     ids = sorted(searcher.images)
     files = {n: loaded.directory / n for n in ("vectorizer.npz", "encoder.npz", "split.json")}
     files = {n: p for n, p in files.items() if p.is_file()}
+    family.mkdir(parents=True, exist_ok=True)
     staged = None
     if searcher.verifier is not None:
-        staged = searcher.verifier.features(ids).save(family / f".verify-compact-{os.getpid()}.npz")
+        staged = searcher.verifier.features(ids).save(family / f".verify-republish-{os.getpid()}.npz")
         files["verify.npz"] = staged
     skip = ("version", "count", "dim", "checksums", "shards")
-    manifest = {k: v for k, v in loaded.manifest.items() if k not in skip}
-    manifest |= {"changes_seq": searcher.applied.seq, "compacted_from": loaded.version, "created": utc_timestamp()}
-    shards = int(loaded.manifest.get("shards", 1))
+    manifest = {k: v for k, v in loaded.manifest.items() if k not in skip} | manifest_extra
     try:
-        out = store.publish(family, searcher.index, [searcher.images[i] for i in ids], files, manifest, shards)
+        return store.publish(family, searcher.index, [searcher.images[i] for i in ids], files, manifest, shards)
     finally:
         if staged is not None:
             staged.unlink(missing_ok=True)
-    log.info("compacted %s + changes up to %d into %s", loaded.version, searcher.applied.seq, out.name)
-    return out
