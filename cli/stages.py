@@ -22,7 +22,7 @@ from evaluation.run import evaluate_searcher
 from indexer import build as index_build
 from indexer import store
 from model import train, vectors
-from retrieval.calibrate import fit_expand_prior, fit_verify_head
+from retrieval.calibrate import fit_expand_prior, fit_location_head, fit_verify_head
 from retrieval.searcher import Searcher
 
 
@@ -86,6 +86,7 @@ def run_index(
                 staged.set_verify_head(fit_verify_head(Searcher(staged.loaded), dataset, split["val"]))
                 if conf["verify"].get("expand"):
                     staged.set_expand_prior(fit_expand_prior(Searcher(staged.loaded), dataset, split["val"]))
+            staged.set_location_head(fit_location_head(Searcher(staged.loaded), dataset, split["val"]))
             # Retrieval quality of this index on held-out queries, computed once here, served by the API.
             metrics = evaluate_searcher(Searcher(staged.loaded), dataset, split["test"], "test").summary
     return index_build.publish(staged, metrics)

@@ -54,7 +54,10 @@ class Embedder:
                 vectors[j], ok[j] = v, True
             if self.vconf is not None:
                 feats, words = image_keypoints(data, self.vconf, self.vectorizer)
-                keypoints.append(npz_bytes(xy=feats.xy, descriptors=feats.descriptors, words=np.asarray(words)))
+                angles = np.zeros(len(feats.xy), np.float32) if feats.angles is None else feats.angles
+                keypoints.append(
+                    npz_bytes(xy=feats.xy, descriptors=feats.descriptors, words=np.asarray(words), angles=angles)
+                )
         out = {"id": batch["id"], "ok": ok, "embedding": self.encoder.embed(vectors)}
         if self.vconf is not None:
             out["keypoints"] = np.array(keypoints, dtype=object)
@@ -63,7 +66,7 @@ class Embedder:
 
 def _unpack(blob: bytes) -> tuple[OrbFeatures, np.ndarray]:
     z = npz_arrays(blob)
-    return OrbFeatures(z["xy"], z["descriptors"]), z["words"]
+    return OrbFeatures(z["xy"], z["descriptors"], angles=z["angles"]), z["words"]
 
 
 def embed_map_images(

@@ -69,7 +69,7 @@ class RayShards(ShardClient):
 
     def inliers(self, version: str, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
         def ask(shard: int, part: list[int]) -> Answer:
-            response = self.handles[shard].inliers.remote(version, q.xy, q.descriptors, q_words, part)
+            response = self.handles[shard].inliers.remote(version, q, q_words, part)
             return lambda: self._wait(shard, response)
 
         return gather_inliers(ids, len(self.handles), ask)
@@ -86,10 +86,8 @@ class Shard:
     def search(self, version: str, embedding: np.ndarray, k: int) -> list[Hit]:
         return self.server.search(version, embedding, k)
 
-    def inliers(
-        self, version: str, xy: np.ndarray, descriptors: np.ndarray, words: np.ndarray, ids: list[int]
-    ) -> np.ndarray:
-        return self.server.inliers(version, xy, descriptors, words, ids)
+    def inliers(self, version: str, q: OrbFeatures, words: np.ndarray, ids: list[int]) -> np.ndarray:
+        return self.server.inliers(version, q, words, ids)
 
     def status(self) -> dict[str, object]:
         return self.server.status()

@@ -63,6 +63,8 @@ VERIFY_DEFAULTS: dict[str, Any] = {
     "ratio": 0.9,
     "ransac_px": 8.0,
     "ransac_iters": 200,
+    # "max_angle_deg" (absent: off): tentative matches whose keypoint orientations differ by more are
+    # dropped before RANSAC. Absent rather than defaulted so older presets keep their artifact names.
     # Verified spatial expansion (None: off): when the best verified hit has at least min_inliers,
     # the place is found, and the map images of the first-stage top `pool` standing within radius_m
     # of it and looking within heading_deg of its heading are likely views of that place too. They
@@ -168,7 +170,51 @@ confs["orb-dense-teblid-rvlad-siamese-verify-expand"] = _merge(
     confs["orb-dense-teblid-rvlad-verify-expand"], {"model": SIAMESE_DIAG}
 )
 
-DEFAULT_PRESET = "orb-dense-teblid-rvlad-siamese-verify-expand"
+# Learned whitening: PCA of the map vectors to 1,024, then whitened by the covariance of the
+# differences of matching pairs (train queries and map-map pairs from locations, fov-weighted;
+# model/pairs.py), which shrinks what changes between two views of one place.
+PAIR_WHITEN = {
+    "whiten": "pairs",
+    "embed_dim": 1024,
+    "whiten_power": 0.0,
+    "whiten_shrink": 0.2,
+    "map_pairs": True,
+    "holdout_m": 50.0,
+    "min_pair_m": 3.0,
+}
+confs["orb-dense-teblid-rvlad-lw"] = _merge(
+    confs["orb-dense-teblid-rvlad"], {"model": {"name": "pair-whiten", **PAIR_WHITEN}}
+)
+confs["orb-dense-teblid-rvlad-lw-verify-expand"] = _merge(
+    confs["orb-dense-teblid-rvlad-verify-expand"], {"model": {"name": "pair-whiten", **PAIR_WHITEN}}
+)
+# Verification that keeps only tentative matches whose keypoints turn alike (within 30 degrees):
+# street photos are upright, so a true match's two ORB orientations agree, a chance match's do not.
+confs["orb-dense-teblid-rvlad-lw-verify-angle-expand"] = _merge(
+    confs["orb-dense-teblid-rvlad-lw-verify-expand"], {"verify": {"max_angle_deg": 30.0}}
+)
+# Dense VLAD of five regions: the whole image, its top and bottom halves, and its left and right
+# halves. Each region's block (32,768 values) is first projected on its own top 256 principal
+# directions, so the encoder is 5 x 32,768 x 256 values (168 MB), not 163,840 x 1,024 (671 MB).
+R5VLAD = {"regions": [[0.0, 0.5], [0.5, 1.0]], "columns": [[0.0, 0.5], [0.5, 1.0]]}
+confs["orb-dense-teblid-r5vlad"] = _merge(
+    confs["orb-dense-teblid-rvlad"], {"vector": R5VLAD, "model": {"block_dim": 256}}
+)
+confs["orb-dense-teblid-r5vlad-lw"] = _merge(
+    confs["orb-dense-teblid-r5vlad"], {"model": {"name": "pair-whiten", **PAIR_WHITEN}}
+)
+confs["orb-dense-teblid-r5vlad-verify-angle-expand"] = _merge(
+    confs["orb-dense-teblid-r5vlad"],
+    {"verify": confs["orb-dense-teblid-rvlad-lw-verify-angle-expand"]["verify"]},
+)
+confs["orb-dense-teblid-r5vlad-lw-verify-expand"] = _merge(
+    confs["orb-dense-teblid-r5vlad-lw"], {"verify": confs["orb-dense-teblid-rvlad-lw-verify-expand"]["verify"]}
+)
+confs["orb-dense-teblid-r5vlad-lw-verify-angle-expand"] = _merge(
+    confs["orb-dense-teblid-r5vlad-lw"], {"verify": confs["orb-dense-teblid-rvlad-lw-verify-angle-expand"]["verify"]}
+)
+
+DEFAULT_PRESET = "orb-dense-teblid-r5vlad-lw-verify-angle-expand"
 
 
 class UnknownPresetError(ValueError):

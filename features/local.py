@@ -37,13 +37,17 @@ class LocalStore:
     xy: np.ndarray  # (N, 2) float32
     descriptors: np.ndarray  # (N, 32) uint8
     heights: np.ndarray  # (n,) float32 image heights, for positions relative to the image
+    angles: np.ndarray  # (N,) float32 keypoint orientations in degrees
+    widths: np.ndarray  # (n,) float32 image widths
 
     def row_of(self) -> dict[str, int]:
         return {n: i for i, n in enumerate(self.names)}
 
     def get(self, i: int) -> OrbFeatures:
         a, b = self.offsets[i], self.offsets[i + 1]
-        return OrbFeatures(xy=self.xy[a:b], descriptors=self.descriptors[a:b], height=float(self.heights[i]))
+        return OrbFeatures(
+            self.xy[a:b], self.descriptors[a:b], float(self.heights[i]), self.angles[a:b], float(self.widths[i])
+        )
 
     def subset(self, names: list[str]) -> LocalStore:
         row = self.row_of()
@@ -56,6 +60,8 @@ class LocalStore:
             xy=np.concatenate([p.xy for p in parts] or [empty_xy]),
             descriptors=np.concatenate([p.descriptors for p in parts] or [empty_desc]),
             heights=np.array([p.height for p in parts], np.float32),
+            angles=np.concatenate([_angles(p) for p in parts] or [np.zeros(0, np.float32)]),
+            widths=np.array([p.width for p in parts], np.float32),
         )
 
     def save(self, path: Path) -> Path:
@@ -66,17 +72,25 @@ class LocalStore:
             xy=self.xy,
             descriptors=self.descriptors,
             heights=self.heights,
+            angles=self.angles,
+            widths=self.widths,
         )
 
     @classmethod
     def load(cls, path: Path) -> LocalStore:
         with np.load(path, allow_pickle=False) as z:
-            return cls([str(n) for n in z["names"]], z["offsets"], z["xy"], z["descriptors"], z["heights"])
+            names = [str(n) for n in z["names"]]
+            return cls(names, z["offsets"], z["xy"], z["descriptors"], z["heights"], z["angles"], z["widths"])
+
+
+def _angles(f: OrbFeatures) -> np.ndarray:
+    return np.zeros(len(f.xy), np.float32) if f.angles is None else np.asarray(f.angles, np.float32)
 
 
 def local_name(conf: dict[str, Any], names: list[str] | None = None) -> str:
     which = "" if names is None else "-" + sha256_bytes("\n".join(names).encode())[:8]
-    return f"local-orb-v2-{conf_hash(conf, 'image', 'features')}{which}.npz"
+    # v3: with the keypoint orientations and the image widths.
+    return f"local-orb-v3-{conf_hash(conf, 'image', 'features')}{which}.npz"
 
 
 def main(
@@ -90,19 +104,23 @@ def main(
         return out
     names = names if names is not None else dataset.database.paths + dataset.queries.paths
     files = [dataset.image_path(n) for n in names]
-    xy, desc, counts, heights = [], [], [], []
+    xy, desc, angles, counts, heights, widths = [], [], [], [], [], []
     for feats in map_files(_local_of_file, files, conf, jobs, desc="ORB"):
         n = 0 if feats is None else len(feats.xy)
         if n:
             xy.append(feats.xy)
             desc.append(feats.descriptors)
+            angles.append(_angles(feats))
         counts.append(n)
         heights.append(0.0 if feats is None else feats.height)
+        widths.append(0.0 if feats is None else feats.width)
     store = LocalStore(
         names=names,
         offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         xy=np.concatenate(xy) if xy else np.zeros((0, 2), np.float32),
         descriptors=np.concatenate(desc) if desc else np.zeros((0, 32), np.uint8),
         heights=np.array(heights, np.float32),
+        angles=np.concatenate(angles) if angles else np.zeros(0, np.float32),
+        widths=np.array(widths, np.float32),
     )
     return store.save(out)

@@ -26,6 +26,10 @@ class OrbFeatures:
     xy: np.ndarray  # (n, 2) float32 pixel positions, in detection order
     descriptors: np.ndarray  # (n, 32) uint8, 256 bits each
     height: float = 0.0  # of the image the positions refer to (0: unknown)
+    # (n,) float32 keypoint orientations in degrees [0, 360) (None: not known). ORB's FAST corners
+    # carry their intensity-centroid angle; dense grid points are upright (0).
+    angles: np.ndarray | None = None
+    width: float = 0.0  # of the image the positions refer to (0: unknown)
 
 
 def dense_keypoints(shape: tuple[int, ...], conf: dict[str, Any]) -> list[cv2.KeyPoint]:
@@ -88,4 +92,6 @@ def extract_orb(gray: np.ndarray, conf: dict[str, Any]) -> OrbFeatures:
         raise NoKeypointsError("no ORB keypoints found in the image (blank or featureless?)")
     # Positions in the (decoded, not up-sampled) image's pixels.
     xy = np.array([kp.pt for kp in keypoints], dtype=np.float32).reshape(-1, 2) / scale
-    return OrbFeatures(xy=xy, descriptors=descriptors, height=float(gray.shape[0]) / scale)
+    angles = np.array([kp.angle for kp in keypoints], dtype=np.float32) % 360.0
+    h, w = (float(s) / scale for s in gray.shape[:2])
+    return OrbFeatures(xy=xy, descriptors=descriptors, height=h, angles=angles, width=w)

@@ -66,6 +66,9 @@ class StagedIndex:
         self.loaded.verifier.head = np.asarray(head, np.float64)
         self.loaded.manifest["verify_head"] = [float(v) for v in head]
 
+    def set_location_head(self, head: list[float]) -> None:
+        self.loaded.manifest["location_head"] = [float(v) for v in head]
+
     def set_expand_prior(self, prior: float) -> None:
         assert self.loaded.verifier is not None
         self.loaded.verifier.expand_prior = float(prior)

@@ -24,10 +24,20 @@ _ACTIVATIONS = {
 }
 
 
+def block_layer(h: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """h @ w + b; a 3-D w (blocks, d_in, d_out) is block-diagonal: each block of d_in inputs has its
+    own projection (a VLAD block per image region), at a fraction of a dense matrix's size."""
+    if w.ndim == 2:
+        return h @ w + b
+    blocks, d_in, _ = w.shape
+    return np.concatenate([h[:, i * d_in : (i + 1) * d_in] @ w[i] for i in range(blocks)], axis=1) + b
+
+
 @dataclass(frozen=True)
 class NumpyEncoder:
     """Dense layers (none: the identity, for presets that index the vectors themselves) and the head
-    that maps an embedding distance to a relevance in [0, 1]."""
+    that maps an embedding distance to a relevance in [0, 1]. A layer's weight is (d_in, d_out), or
+    (blocks, d_in, d_out) for a block-diagonal one."""
 
     weights: list[np.ndarray]
     biases: list[np.ndarray]
@@ -38,11 +48,17 @@ class NumpyEncoder:
 
     @property
     def input_dim(self) -> int:
-        return int(self.weights[0].shape[0]) if self.weights else self.identity_dim
+        if not self.weights:
+            return self.identity_dim
+        w = self.weights[0]
+        return int(w.shape[0]) if w.ndim == 2 else int(w.shape[0] * w.shape[1])
 
     @property
     def dim(self) -> int:
-        return int(self.weights[-1].shape[1]) if self.weights else self.identity_dim
+        if not self.weights:
+            return self.identity_dim
+        w = self.weights[-1]
+        return int(w.shape[-1]) if w.ndim == 2 else int(w.shape[0] * w.shape[2])
 
     def with_head(self, head_w: float, head_b: float) -> NumpyEncoder:
         return NumpyEncoder(self.weights, self.biases, self.activations, head_w, head_b, self.identity_dim)
@@ -53,7 +69,7 @@ class NumpyEncoder:
         if h.ndim != 2 or h.shape[1] != self.input_dim:
             raise ValueError(f"expected vectors of shape (n, {self.input_dim}), got {h.shape}")
         for w, b, act in zip(self.weights, self.biases, self.activations, strict=True):
-            h = _ACTIVATIONS[act](h @ w + b)
+            h = _ACTIVATIONS[act](block_layer(h, w, b))
         return np.ascontiguousarray(h, dtype=np.float32)
 
     def score(self, distance: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Unsupervised linear projections of the aggregate vectors."""
+"""Linear projections of the aggregate vectors: unsupervised (PCA) and learned from matching pairs."""
 
 from __future__ import annotations
 
@@ -17,3 +17,33 @@ def pca_projection(x: np.ndarray, dim: int, whiten_power: float = 0.0) -> tuple[
     proj = (xc.T @ vecs[:, top].astype(np.float32)) / np.sqrt(vals).astype(np.float32)
     proj /= ((vals / len(x)) ** whiten_power).astype(np.float32)
     return proj.astype(np.float32), (-mean @ proj).astype(np.float32)
+
+
+def pair_whitening(
+    z: np.ndarray, first: np.ndarray, second: np.ndarray, weights: np.ndarray, shrink: float
+) -> np.ndarray:
+    """(d, d) whitening by the covariance of matching-pair differences: the directions in which two
+    views of one place differ (season, light, viewpoint) are shrunk, the others stretched.
+
+    This is the first half of the learned whitening of Mikolajczyk & Matas (2007) and Radenovic et al.
+    (2016), C_S^(-1/2) with C_S = sum_p w_p (z_a - z_b)(z_a - z_b)^T / sum_p w_p over the pairs
+    (first[p], second[p]) of rows of z. Its second half, a rotation onto the top inter-class
+    directions that also drops dimensions, lost recall on the validation areas, so it is left out (a
+    rotation alone changes no distance). `shrink` in [0, 1) pulls C_S towards a multiple of the
+    identity, so directions that few pairs span are not blown up.
+    """
+    first, second = np.asarray(first, np.int64), np.asarray(second, np.int64)
+    w = np.asarray(weights, np.float64)
+    if not (len(first) == len(second) == len(w)) or len(w) == 0:
+        raise ValueError("pair_whitening needs one weight per pair and at least one pair")
+    if not 0.0 <= shrink < 1.0:
+        raise ValueError(f"shrink must lie in [0, 1), got {shrink}")
+    dim = z.shape[1]
+    cov = np.zeros((dim, dim), np.float64)
+    for s in range(0, len(w), 8192):  # in chunks: the differences of all pairs need not fit at once
+        d = (z[first[s : s + 8192]] - z[second[s : s + 8192]]).astype(np.float64)
+        cov += (d * w[s : s + 8192, None]).T @ d
+    cov /= w.sum()
+    cov = (1.0 - shrink) * cov + shrink * (np.trace(cov) / dim) * np.eye(dim)
+    vals, vecs = np.linalg.eigh(cov)
+    return (vecs / np.sqrt(np.maximum(vals, 1e-12))).astype(np.float32)

@@ -27,10 +27,11 @@ import numpy as np
 import tensorflow as tf
 
 from dataset.layout import Dataset
-from dataset.relevance import fov_matrix, pairwise_distance, sim_matrix
+from dataset.relevance import fov_matrix
 from model.encoder import NumpyEncoder
 from model.gcl import plot_history, validation_recall
-from model.projection import pca_projection
+from model.linear import anchors_and_positives, linear_encoder
+from model.vectorize import Vectorizer
 
 log = logging.getLogger(__name__)
 
@@ -50,37 +51,6 @@ def build_encoder(dim: int) -> keras.Model:
     """The shared branch: diagonal scale, then unit length."""
     inp = keras.Input((dim,), name="whitened")
     return keras.Model(inp, keras.layers.UnitNormalization()(DiagonalScale(name="scale")(inp)), name="encoder")
-
-
-def anchors_and_positives(
-    dataset: Dataset, split: dict[str, np.ndarray], conf: dict[str, Any]
-) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
-    """Anchor rows of [map images; queries] (queries offset by the map size), the relevant map
-    images of each and their fov. Raises ValueError when there is nothing to train on."""
-    ndb = len(dataset.database)
-    rows, pos, fov = [], [], []
-    for q in split["train"]:
-        p = np.flatnonzero(dataset.sim[q])
-        if len(p):
-            rows.append(ndb + int(q))
-            pos.append(p)
-            fov.append(dataset.fov[q, p].astype(np.float32))
-    if conf["map_pairs"]:
-        loc = dataset.database.loc
-        held = dataset.queries.loc[np.concatenate([split["val"], split["test"]])]
-        usable = pairwise_distance(loc, held).min(axis=1, initial=np.inf) >= float(conf["holdout_m"])
-        msim = sim_matrix(loc, loc) & (pairwise_distance(loc, loc) >= float(conf["min_pair_m"]))
-        msim &= usable[None, :]
-        mfov = fov_matrix(loc, loc)
-        for j in np.flatnonzero(usable):
-            p = np.flatnonzero(msim[j])
-            if len(p):
-                rows.append(j)
-                pos.append(p)
-                fov.append(mfov[j, p].astype(np.float32))
-    if not rows:
-        raise ValueError("no train query or usable map image has a relevant map image: nothing to train on")
-    return rows, pos, fov
 
 
 def _candidates(
@@ -119,10 +89,9 @@ def train_siamese_diag(
     m = conf["model"]
     keras.utils.set_random_seed(int(m["seed"]))
     rng = np.random.default_rng(int(m["seed"]))
-    proj, offset = pca_projection(xd, int(m["embed_dim"]), float(m["whiten_power"]))
+    base = linear_encoder(m, dataset, xq, xd, split, Vectorizer(conf["vector"]).n_blocks)
     # The fixed part of both branches, computed once: whitened, L2-normalised aggregates.
-    white = np.concatenate([xd @ proj + offset, xq @ proj + offset]).astype(np.float32)
-    white /= np.maximum(np.linalg.norm(white, axis=1, keepdims=True), 1e-12)
+    white = np.concatenate([base.embed(xd), base.embed(xq)])
     ndb, dim = len(xd), white.shape[1]
 
     encoder = build_encoder(dim)
@@ -172,8 +141,11 @@ def train_siamese_diag(
     scale_best = np.exp(best[1]).astype(np.float32)
     (tmp / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     plot_history(history, tmp / "loss.png", "listwise fov loss (train)", "epoch (0 = untrained)")
-    # Scaling a vector before L2-normalising it scales its whitened coordinates: fold exp(w) in.
-    NumpyEncoder([proj * scale_best], [offset * scale_best], ["linear_l2"], 0.0, 0.0).save(tmp / "encoder.npz")
+    # Scaling a vector before L2-normalising it scales its whitened coordinates: fold exp(w) into the
+    # last layer.
+    weights = [*base.weights[:-1], base.weights[-1] * scale_best]
+    biases = [*base.biases[:-1], base.biases[-1] * scale_best]
+    NumpyEncoder(weights, biases, base.activations, 0.0, 0.0).save(tmp / "encoder.npz")
     return {
         "best_epoch": best[2],
         "val_recall_by_epoch": history["val_recall"],

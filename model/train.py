@@ -151,16 +151,20 @@ def _gcl(
     return details | _with_calibrated_head(enc, conf, dataset, xq, xd, split["val"], tmp)
 
 
-def _pca_whiten(
+def _linear(
     conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
 ) -> dict[str, Any]:
-    """Unsupervised projection learned on the map vectors: PCA to embed_dim, partial whitening (large
-    shared directions such as sky or road texture count less), L2."""
-    from model.projection import pca_projection
+    """A linear encoder (model/linear.py): [a PCA of each VLAD block,] PCA of the map vectors to
+    embed_dim, then either a partial whitening (`pca-whiten`: large shared directions such as sky or
+    road texture count less; nothing learned from labels) or the whitening learned in closed form from
+    matching pairs (`pair-whiten`), L2."""
+    from model.linear import linear_encoder
+    from model.vectorize import Vectorizer
 
-    m = conf["model"]
-    proj, offset = pca_projection(xd, int(m["embed_dim"]), float(m["whiten_power"]))
-    enc = NumpyEncoder([proj], [offset], ["linear_l2"], 0.0, 0.0)
+    try:
+        enc = linear_encoder(conf["model"], dataset, xq, xd, split, Vectorizer(conf["vector"]).n_blocks)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
     return _with_calibrated_head(enc, conf, dataset, xq, xd, split["val"], tmp)
 
 
@@ -181,7 +185,8 @@ TRAINERS = {
     "siamese-mlp": _train_siamese,
     "identity": _identity,
     "gcl-linear": _gcl,
-    "pca-whiten": _pca_whiten,
+    "pca-whiten": _linear,
+    "pair-whiten": _linear,
     "siamese-diag": _siamese_diag,
 }
 

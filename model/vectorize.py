@@ -80,7 +80,12 @@ class Vectorizer:
         if self.name == "concat":
             return int(self.conf["n_descriptors"]) * 256
         k = int(self.conf["words"])
-        return k if self.name == "bow" else k * 256 * (1 + len(self.conf.get("regions", [])))
+        return k if self.name == "bow" else k * 256 * self.n_blocks
+
+    @property
+    def n_blocks(self) -> int:
+        """VLAD blocks: the whole image, its horizontal bands (regions), its vertical bands (columns)."""
+        return 1 + len(self.conf.get("regions", [])) + len(self.conf.get("columns", []))
 
     def fit(self, descriptor_sets: list[np.ndarray], seed: int) -> Vectorizer:
         """Learn the vocabulary (and the idf, for bow) from the descriptors of training images."""
@@ -120,9 +125,15 @@ class Vectorizer:
         else:
             resid = unpack(features.descriptors) - self.centroids[words]
             # The whole image, then each horizontal band (fractions of the height): where a pattern
-            # sits, sky-line or street level, tells places apart.
+            # sits, sky-line or street level, tells places apart; then each vertical band (fractions
+            # of the width): the facade on the left from the one on the right.
             y = features.xy[:, 1] / max(features.height, EPS)
             masks = [np.ones(len(words), bool)] + [(y >= a) & (y < b) for a, b in self.conf.get("regions", [])]
+            if self.conf.get("columns"):
+                if features.width <= 0:
+                    raise ValueError("vertical bands need the image width of the features")
+                x = features.xy[:, 0] / features.width
+                masks += [(x >= a) & (x < b) for a, b in self.conf["columns"]]
             blocks = [self._vlad(words[m], resid[m], k) for m in masks]
             v = np.concatenate(blocks)
         return (v / max(float(np.linalg.norm(v)), EPS)).astype(np.float32)

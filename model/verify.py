@@ -2,9 +2,11 @@
 
 ORB keypoints of every map image are extracted and stored at index time, sorted by visual word. At
 query time the query's keypoints are matched to each shortlisted map image within the same visual
-word (a coarse Hamming embedding: only descriptors of one word are compared), filtered by a ratio test,
-and a similarity transform is fitted by RANSAC; its inlier count is evidence that the two images show
-the same scene. A logistic head fitted on validation queries folds inliers and embedding distance into
+word (a coarse Hamming embedding: only descriptors of one word are compared), filtered by a ratio test
+and, where the preset says so, by the keypoints' orientations (street photos are upright, so the two
+keypoints of a true match turn alike, while a chance match's orientations differ at random), and a
+similarity transform is fitted by RANSAC; its inlier count is evidence that the two images show the
+same scene. A logistic head fitted on validation queries folds inliers and embedding distance into
 one relevance score, and the shortlist is re-ranked by it.
 """
 
@@ -30,15 +32,18 @@ class MapFeatures:
     xy: np.ndarray  # (N, 2) float32
     descriptors: np.ndarray  # (N, 32) uint8
     words: np.ndarray  # (N,) int32
+    angles: np.ndarray  # (N,) float16 keypoint orientations in degrees, NaN where not known
 
     @classmethod
     def build(cls, ids: list[int], features: list[OrbFeatures], words: list[np.ndarray]) -> MapFeatures:
-        xy, desc, ws, counts = [], [], [], []
+        xy, desc, ws, angles, counts = [], [], [], [], []
         for f, w in zip(features, words, strict=True):
             order = np.argsort(w, kind="stable")
             xy.append(f.xy[order])
             desc.append(f.descriptors[order])
             ws.append(w[order].astype(np.int32))
+            turn = np.full(len(order), np.nan) if f.angles is None else f.angles[order]
+            angles.append(np.asarray(turn, np.float16))
             counts.append(len(order))
         return cls(
             ids=np.asarray(ids, np.int64),
@@ -46,6 +51,7 @@ class MapFeatures:
             xy=np.concatenate(xy).astype(np.float32) if xy else np.zeros((0, 2), np.float32),
             descriptors=np.ascontiguousarray(np.concatenate(desc)) if desc else np.zeros((0, 32), np.uint8),
             words=np.concatenate(ws) if ws else np.zeros(0, np.int32),
+            angles=np.concatenate(angles) if angles else np.zeros(0, np.float16),
         )
 
     @classmethod
@@ -62,6 +68,7 @@ class MapFeatures:
             xy=self.xy[flat],
             descriptors=np.ascontiguousarray(self.descriptors[flat]),
             words=self.words[flat],
+            angles=self.angles[flat],
         )
 
     @classmethod
@@ -76,17 +83,20 @@ class MapFeatures:
             xy=np.concatenate([p.xy for p in parts]),
             descriptors=np.ascontiguousarray(np.concatenate([p.descriptors for p in parts])),
             words=np.concatenate([p.words for p in parts]),
+            angles=np.concatenate([p.angles for p in parts]),
         )
 
     def save(self, path: Path) -> Path:
         arrays = {"ids": self.ids, "offsets": self.offsets, "xy": self.xy, "descriptors": self.descriptors}
-        return atomic_savez(path, **arrays, words=self.words)
+        return atomic_savez(path, **arrays, words=self.words, angles=self.angles)
 
     @classmethod
     def load(cls, path: Path) -> MapFeatures:
         # Memory-mapped, as the encoder: the keypoints of every map image are shared by all workers.
         z = mapped_npz(path)
-        return cls(z["ids"], z["offsets"], z["xy"], np.ascontiguousarray(z["descriptors"]), z["words"])
+        # Versions written before the orientations were stored: not known (never filtered on).
+        angles = z["angles"] if "angles" in z else np.full(len(z["xy"]), np.nan, np.float16)
+        return cls(z["ids"], z["offsets"], z["xy"], np.ascontiguousarray(z["descriptors"]), z["words"], angles)
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,6 +164,15 @@ def match_by_word(
     return cpos[first], qi[first], mi[first]
 
 
+def same_turn(q_angles: np.ndarray | None, m_angles: np.ndarray, max_deg: float) -> np.ndarray:
+    """Which matches have keypoint orientations within max_deg of each other (True where either is
+    not known)."""
+    if q_angles is None:
+        return np.ones(len(m_angles), bool)
+    d = np.abs(np.asarray(q_angles, np.float32) - np.asarray(m_angles, np.float32)) % 360.0
+    return ~(np.minimum(d, 360.0 - d) > max_deg)  # NaN compares False: kept
+
+
 def ransac_inliers(p_query: np.ndarray, p_map: np.ndarray, px: float, iters: int, min_matches: int = 6) -> int:
     """Inliers of a similarity transform (rotation, scale, shift) fitted by RANSAC: street views of one
     facade from nearby poses are related by it closely enough, and 2-point samples keep RANSAC cheap."""
@@ -200,7 +219,8 @@ class Verifier:
             return self.extra[image_id]
         r = self.row_of[image_id]
         a, b = self.store.offsets[r], self.store.offsets[r + 1]
-        return OrbFeatures(self.store.xy[a:b], self.store.descriptors[a:b]), self.store.words[a:b]
+        s = self.store
+        return OrbFeatures(s.xy[a:b], s.descriptors[a:b], angles=s.angles[a:b].astype(np.float32)), s.words[a:b]
 
     def features(self, ids: list[int]) -> MapFeatures:
         """Keypoints of these images as one store (to save a version with online changes folded in)."""
@@ -227,6 +247,9 @@ class Verifier:
         cpos, qi, mi = match_by_word(
             np.ascontiguousarray(q.descriptors), q_words, store, rows, self.n_words, c["max_hamming"], c["ratio"]
         )
+        if c.get("max_angle_deg") is not None:
+            keep = same_turn(None if q.angles is None else q.angles[qi], store.angles[mi], float(c["max_angle_deg"]))
+            cpos, qi, mi = cpos[keep], qi[keep], mi[keep]
         bounds = np.searchsorted(cpos, np.arange(len(rows) + 1))
         for p in range(len(rows)):
             a, b = bounds[p], bounds[p + 1]

@@ -1,6 +1,6 @@
 """Fitted through the query path on validation queries: the verification head, relevance =
-sigmoid(w . [distance, log1p(inliers)] + b), by logistic regression on the verified shortlists; and
-the prior of the verified spatial expansion."""
+sigmoid(w . [distance, log1p(inliers)] + b), by logistic regression on the verified shortlists; the
+prior of the verified spatial expansion; and the location head, P(the best hit shows the place)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataset.layout import Dataset
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
 from model.calibrate import fit_logistic
+from retrieval.locate import best_hit
 from retrieval.searcher import Searcher, at_place, found_place
 
 
@@ -29,8 +30,22 @@ def fit_verify_head(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> l
         inl = searcher.verifier.inliers(query.verify_features, query.verify_words, ids)
         feats.append(np.column_stack([[h.distance for h in hits], np.log1p(inl)]))
         labels.append(dataset.sim[q, ids])
-    w = fit_logistic(np.concatenate(feats), np.concatenate(labels).astype(np.float64))
-    return [float(v) for v in w]
+    return monotone_head(np.concatenate(feats), np.concatenate(labels).astype(np.float64))
+
+
+def monotone_head(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> list[float]:
+    """Logistic weights for [distance, log1p(inliers), 1] in which a nearer map image with more inliers
+    never scores lower. Shortlists that a few features separate perfectly (small or easy data) drive
+    unregularised weights to any sign and size; there the feature whose weight came out backwards
+    is left out and the other refitted."""
+    w = fit_logistic(x, y, l2=l2)
+    if w[0] <= 0 and w[1] >= 0:
+        return [float(v) for v in w]
+    if w[1] >= 0:  # distance counted against: inliers alone
+        _, wi, b = fit_logistic(np.column_stack([np.zeros(len(x)), x[:, 1]]), y, l2=l2)
+        return [0.0, float(max(wi, 0.0)), float(b)]
+    wd, _, b = fit_logistic(np.column_stack([x[:, 0], np.zeros(len(x))]), y, l2=l2)
+    return [float(min(wd, 0.0)), 0.0, float(b)]
 
 
 def fit_expand_prior(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> float:
@@ -53,3 +68,27 @@ def fit_expand_prior(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> 
         relevant += int(dataset.sim[q, ids].sum())
         lifted += len(ids)
     return (relevant + 1) / (lifted + 2)
+
+
+def fit_location_head(searcher: Searcher, dataset: Dataset, rows: np.ndarray, top: int = 10) -> list[float]:
+    """[a, b] of P(the best hit shows the place) = sigmoid(a * logit(its score) + b), by logistic
+    regression over the queries at `rows` (ground truth: the best hit is relevant); a >= 0, so a higher
+    score never means less confidence. The other heads must be fitted first (they make the scores)."""
+    if dataset.sim is None:
+        raise ValueError("fitting the location head needs ground truth")
+    logits, labels = [], []
+    for q in rows:
+        try:
+            query = searcher.analyze(dataset.image_path(dataset.queries.paths[q]).read_bytes())
+        except (ImageDecodeError, NoKeypointsError):
+            continue
+        best = best_hit(searcher.rank(query, top), top)
+        if best is None:
+            continue
+        s = min(max(best.score, 1e-9), 1.0 - 1e-9)
+        logits.append(np.log(s / (1.0 - s)))
+        labels.append(float(dataset.sim[q, best.id]))
+    if len(set(labels)) < 2:  # all right or all wrong: nothing to calibrate, keep the scores
+        return [1.0, 0.0]
+    a, b = fit_logistic(np.array(logits), np.array(labels), l2=1.0)
+    return [float(max(a, 0.0)), float(b)]

@@ -41,7 +41,7 @@ def search_image(
     timings = {} if timings is None else timings
     query = searcher.analyze(data, timings)
     hits = searcher.rank(query, k, timings)
-    location = estimate_location(hits, utm_epsg)
+    location = estimate_location(hits, utm_epsg, head=searcher.location_head)
     return QueryResult(hits, location, searcher.preset, searcher.version, timings, query)
 
 

@@ -40,6 +40,8 @@ def change_arrays(query: Query) -> dict[str, np.ndarray]:
             "descriptors": query.verify_features.descriptors,
             "words": np.asarray(query.verify_words),
         }
+        if query.verify_features.angles is not None:
+            out["angles"] = np.asarray(query.verify_features.angles, np.float32)
     return out
 
 
@@ -54,7 +56,9 @@ def _stored(rec: dict[str, Any], searcher: Searcher, changelog: ChangeLog) -> Ad
     emb = arrays["embedding"].reshape(1, -1).astype(np.float32)
     if emb.shape[1] != searcher.index.d:
         return None
-    kp = (OrbFeatures(arrays["xy"], arrays["descriptors"]), arrays["words"]) if need_kp else None
+    kp = None
+    if need_kp:
+        kp = OrbFeatures(arrays["xy"], arrays["descriptors"], angles=arrays.get("angles")), arrays["words"]
     return emb, kp
 
 

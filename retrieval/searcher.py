@@ -79,6 +79,9 @@ class Searcher:
         self.images: dict[int, ImageRecord] = loaded.images
         self.applied = applied or Applied(max_id=max(loaded.images, default=-1))
         self._verify_conf = verify_features_conf(self.conf) if self.verifier is not None else None
+        # [a, b] of P(best hit shows the place) = sigmoid(a * logit(score) + b), fitted at index time
+        # (retrieval/calibrate.py); None: the best score itself.
+        self.location_head: list[float] | None = loaded.manifest.get("location_head")
 
     @property
     def size(self) -> int:
@@ -171,8 +174,8 @@ def expand_place(
     """Verified spatial expansion. When the best verified hit has at least `min_inliers`, its place
     is found: every other hit standing within `radius_m` of it and looking within `heading_deg` of its
     heading scores at least prior x its score (prior: the share of such neighbours that were relevant
-    on validation queries), and those of `tail` (not verified) join the verified block, which is
-    sorted by score again. Returns the new (verified block, tail); ranks are set by the caller."""
+    on validation queries), and those of `tail` (not verified) join the verified block, scoring no
+    more than the top hit, which is sorted by score again. Returns the new (verified block, tail); ranks are set by the caller."""
     if not found_place(verified, spec):
         return verified, tail
     top = verified[0]
@@ -181,7 +184,9 @@ def expand_place(
     rest = []
     for h in tail:
         if at_place(h, top, spec):
-            block.append(replace(h, score=max(h.score, floor)))
+            # An unverified hit's own score comes from the first stage's head, another scale: capped
+            # at the top hit's, so the answer stays ordered by score.
+            block.append(replace(h, score=min(max(h.score, floor), top.score)))
         else:
             rest.append(h)
     return [top, *sorted(block, key=lambda h: -h.score)], rest

@@ -63,16 +63,14 @@ class ShardServer:
     def search(self, version: str, embedding: np.ndarray, k: int) -> list[Hit]:
         return self.at(version).search_embedding(embedding, k)
 
-    def inliers(
-        self, version: str, xy: np.ndarray, descriptors: np.ndarray, words: np.ndarray, ids: list[int]
-    ) -> np.ndarray:
+    def inliers(self, version: str, q: OrbFeatures, words: np.ndarray, ids: list[int]) -> np.ndarray:
         searcher = self.at(version)
         if searcher.verifier is None:
             raise ValueError(f"index version {version} does not verify")
         foreign = [i for i in ids if shard_of(i, self.shards) != self.shard]
         if foreign:
             raise ValueError(f"shard {self.shard} of {self.shards} does not own images {foreign[:5]}")
-        return searcher.verifier.inliers(OrbFeatures(xy, descriptors), words, ids)
+        return searcher.verifier.inliers(q, words, ids)
 
     def status(self) -> dict[str, object]:
         s = self.live.sync()
@@ -123,7 +121,7 @@ class LocalShards(ShardClient):
 
     def inliers(self, version: str, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
         def ask(shard: int, part: list[int]) -> Answer:
-            answer = self.servers[shard].inliers(version, q.xy, q.descriptors, q_words, part)
+            answer = self.servers[shard].inliers(version, q, q_words, part)
             return lambda: answer
 
         return gather_inliers(ids, len(self.servers), ask)

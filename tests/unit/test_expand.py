@@ -54,8 +54,15 @@ def test_default_index_fits_the_prior_and_lifts_the_found_place(tiny_data: Path,
 
     version = build_all(tiny_data, tmp_path, DEFAULT_PRESET, jobs=1)
     searcher = Searcher(store.load(version))
-    prior = json.loads((version / "manifest.json").read_text())["verify_expand_prior"]
+    manifest = json.loads((version / "manifest.json").read_text())
+    prior = manifest["verify_expand_prior"]
     assert 0 < prior < 1 and searcher.verifier.expand_prior == prior
+    # The location head is fitted beside the prior and served with the index.
+    head = manifest["location_head"]
+    assert len(head) == 2 and head[0] >= 0 and searcher.location_head == head
+    # Verify a short shortlist: on 60 map images the default's first stage already ranks every view
+    # of a place within its verified 50, leaving the expansion nothing to lift from the tail.
+    searcher.verifier.conf = searcher.verifier.conf | {"n": 8}
     ds = load_dataset(tiny_data)
     spec = searcher.conf["verify"]["expand"]
     lifted_somewhere = False

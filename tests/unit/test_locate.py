@@ -41,3 +41,17 @@ def test_localisation_summary() -> None:
     s = localisation_summary(np.array([5.0, 30.0, np.nan, 10.0]))
     assert s == {"localisation_answered": 0.75, "localisation_median_m": 10.0, "localised_within_25m": 0.5}
     assert localisation_summary(np.array([np.nan]))["localisation_median_m"] is None
+
+
+def test_the_location_head_recalibrates_the_best_score() -> None:
+    from retrieval.locate import location_confidence
+
+    hits = [hit(1, 0.3, 699400.0, 5709840.0, 0.0), hit(2, 0.2, 699405.0, 5709840.0, 0.0)]
+    # logit(0.3) = -0.847; head [1, 1.5]: sigmoid(0.653) = 0.658, over the 0.5 bar: answered.
+    est = estimate_location(hits, utm_epsg=32630, head=[1.0, 1.5])
+    assert est.status == "estimated" and est.confidence == pytest.approx(0.6577, abs=1e-3)
+    assert est.support == 2
+    # The identity head [1, 0] gives the score back; a steeper one spreads scores around 0.5.
+    assert location_confidence(0.3, [1.0, 0.0]) == pytest.approx(0.3)
+    assert location_confidence(0.3, [3.0, 0.0]) < 0.3 < 0.7 < location_confidence(0.7, [3.0, 0.0])
+    assert location_confidence(0.0, [1.0, 0.0]) == pytest.approx(0.0, abs=1e-6)  # no log(0)

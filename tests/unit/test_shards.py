@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dataset.layout import Location, load_dataset
+from features.orb import OrbFeatures
 from indexer import store
 from indexer.store import Part
 from model.verify import MapFeatures
@@ -142,7 +143,8 @@ def test_a_shard_refuses_a_version_it_no_longer_holds(family: Path) -> None:
     with pytest.raises(NotReadyError, match="does not hold index version"):
         server.at(old, wait=0.2)
     with pytest.raises(ValueError, match="does not own"):
-        server.inliers(server.live.sync().version, np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), [], [1])
+        empty = OrbFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8))
+        server.inliers(server.live.sync().version, empty, np.zeros(0, np.int64), [1])
 
 
 def test_a_head_needs_shards(family: Path) -> None:

@@ -103,3 +103,20 @@ def test_vlad_regions_describe_each_band() -> None:
     assert np.allclose(x[0], x[1]) and not x[2].any()
     plain = Vectorizer({"name": "vlad", "words": 8, "power": 0.5}, v.centroids)
     assert np.allclose(plain(top_only), x[0] * np.sqrt(2), atol=1e-5)
+
+
+def test_vlad_columns_describe_the_left_and_right_halves() -> None:
+    sets = random_sets(20, 200)
+    conf = {"name": "vlad", "words": 8, "power": 0.5, "regions": [[0.0, 0.5], [0.5, 1.0]]}
+    conf["columns"] = [[0.0, 0.5], [0.5, 1.0]]
+    v = Vectorizer(conf).fit(sets, seed=0)
+    assert v.n_blocks == 5 and v.dim == 5 * 8 * 256
+    # The first 50 keypoints stand at the top left, the others at the bottom right.
+    xy = np.where(np.arange(200)[:, None] < 50, [[10.0, 10.0]], [[300.0, 90.0]]).astype(np.float32)
+    x = v(OrbFeatures(xy, sets[0], height=100, width=341)).reshape(5, -1)
+    left = Vectorizer({"name": "vlad", "words": 8, "power": 0.5}, v.centroids)(OrbFeatures(xy[:50], sets[0][:50]))
+    # The top band and the left column hold the same keypoints: equal blocks, both the left-only VLAD.
+    assert np.allclose(x[1], x[3]) and np.allclose(x[3] / np.linalg.norm(x[3]), left, atol=1e-5)
+    assert np.allclose(x[2], x[4]) and not np.allclose(x[3], x[4])
+    with pytest.raises(ValueError, match="image width"):
+        v(OrbFeatures(xy, sets[0], height=100))

@@ -58,3 +58,57 @@ def test_map_features_roundtrip_and_sorted_by_word(tmp_path: Path) -> None:
     assert store.words.tolist() == [0, 1, 1, 2, 3]
     loaded = MapFeatures.load(store.save(tmp_path / "v.npz"))
     assert np.array_equal(loaded.descriptors, store.descriptors) and loaded.ids.tolist() == [7]
+
+
+def test_orientations_are_extracted_stored_and_compared(tmp_path: Path) -> None:
+    from model.verify import same_turn
+
+    conf = verify_features_conf(get_conf("orb-vlad-verify"))["features"]
+    f = extract_orb(scene(1), conf)
+    assert f.angles is not None and len(f.angles) == len(f.xy)
+    assert np.all((f.angles >= 0) & (f.angles < 360)) and np.unique(f.angles).size > 10  # FAST corners turn
+    words = np.arange(len(f.xy)) % 7
+    loaded = MapFeatures.load(MapFeatures.build([3], [f], [words]).save(tmp_path / "v.npz"))
+    order = np.argsort(words, kind="stable")
+    assert np.allclose(loaded.angles.astype(np.float32), f.angles[order], atol=0.3)  # float16 on disk
+    # The difference wraps at 360; an orientation that is not known (NaN) never drops a match.
+    q = np.array([359.0, 10.0, 100.0, 5.0], np.float32)
+    m = np.array([1.0, 45.0, 100.0, np.nan], np.float16)
+    assert same_turn(q, m, 30.0).tolist() == [True, False, True, True]
+    assert same_turn(None, m, 30.0).all()
+
+
+def test_the_orientation_filter_keeps_true_matches_and_drops_chance_ones() -> None:
+    conf = verify_features_conf(get_conf("orb-dense-teblid-rvlad-lw-verify-angle-expand"))
+    fconf, vconf = conf["features"], conf["verify"]
+    base = scene(1)
+    shifted = np.roll(base, (6, 9), axis=(0, 1))
+    from model.verify import Verifier
+
+    feats = [extract_orb(base, fconf), extract_orb(scene(2), fconf)]
+    store = MapFeatures.build([10, 20], feats, [np.zeros(len(f.xy), np.int64) for f in feats])
+    q = extract_orb(shifted, fconf)
+    qw = np.zeros(len(q.xy), np.int64)
+    on = Verifier(vconf, store, 1, [0.0, 1.0, 0.0]).inliers(q, qw, [10, 20])
+    off = Verifier(vconf | {"max_angle_deg": None}, store, 1, [0.0, 1.0, 0.0]).inliers(q, qw, [10, 20])
+    assert on[0] >= 0.9 * off[0] and on[0] > 30  # the same scene keeps (nearly) all its inliers
+    assert on[1] <= off[1]  # another scene can only lose chance inliers
+    # Turn the query keypoints' orientations by 90 degrees: no match of the same scene survives.
+    turned = OrbFeatures(q.xy, q.descriptors, q.height, (q.angles + 90.0) % 360.0)
+    assert Verifier(vconf, store, 1, [0.0, 1.0, 0.0]).inliers(turned, qw, [10])[0] == 0
+
+
+def test_the_verification_head_never_ranks_nearer_and_better_verified_lower() -> None:
+    from retrieval.calibrate import monotone_head
+
+    rng = np.random.default_rng(0)
+    inl = rng.integers(0, 60, 400).astype(float)
+    dist = rng.uniform(0.8, 1.4, 400)
+    # Labels a logistic regression explains best with a backwards distance weight (farther = relevant).
+    y = ((np.log1p(inl) + 3.0 * dist + rng.normal(0, 0.3, 400)) > 6.5).astype(float)
+    w = monotone_head(np.column_stack([dist, np.log1p(inl)]), y)
+    assert w[0] == 0.0 and w[1] > 0
+    # Normal data keeps both features, with the expected signs.
+    y2 = ((np.log1p(inl) - 4.0 * dist + rng.normal(0, 0.3, 400)) > -2.0).astype(float)
+    w2 = monotone_head(np.column_stack([dist, np.log1p(inl)]), y2)
+    assert w2[0] < 0 < w2[1]

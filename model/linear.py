@@ -1,0 +1,99 @@
+"""The linear encoders of the aggregate vectors, and the matching pairs they learn from.
+
+An encoder is a PCA of the map vectors (optionally preceded by a PCA of each VLAD block, one per
+image region, which keeps the projection small however many regions there are), then optionally the
+whitening learned from matching pairs, then L2 normalisation.
+
+Matching pairs come from locations alone. Anchors are the train queries and the map images at least
+`holdout_m` from every validation and test query (map-map relevance follows from locations, so they
+add thousands of anchors for free; those near the held-out areas are left out so the held-out figures
+stay honest). An anchor's positives are its relevant map images (sim; map images under `min_pair_m`
+apart are the same frame, not a pair), each with its graded relevance fov.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dataset.layout import Dataset
+from dataset.relevance import fov_matrix, pairwise_distance, sim_matrix
+from model.encoder import NumpyEncoder, block_layer
+from model.projection import pair_whitening, pca_projection
+
+
+def anchors_and_positives(
+    dataset: Dataset, split: dict[str, np.ndarray], conf: dict[str, Any]
+) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    """Anchor rows of [map images; queries] (queries offset by the map size), the relevant map
+    images of each and their fov. Raises ValueError when there is nothing to train on."""
+    ndb = len(dataset.database)
+    rows, pos, fov = [], [], []
+    for q in split["train"]:
+        p = np.flatnonzero(dataset.sim[q])
+        if len(p):
+            rows.append(ndb + int(q))
+            pos.append(p)
+            fov.append(dataset.fov[q, p].astype(np.float32))
+    if conf["map_pairs"]:
+        loc = dataset.database.loc
+        held = dataset.queries.loc[np.concatenate([split["val"], split["test"]])]
+        usable = pairwise_distance(loc, held).min(axis=1, initial=np.inf) >= float(conf["holdout_m"])
+        msim = sim_matrix(loc, loc) & (pairwise_distance(loc, loc) >= float(conf["min_pair_m"]))
+        msim &= usable[None, :]
+        mfov = fov_matrix(loc, loc)
+        for j in np.flatnonzero(usable):
+            p = np.flatnonzero(msim[j])
+            if len(p):
+                rows.append(j)
+                pos.append(p)
+                fov.append(mfov[j, p].astype(np.float32))
+    if not rows:
+        raise ValueError("no train query or usable map image has a relevant map image: nothing to train on")
+    return rows, pos, fov
+
+
+def base_projection(
+    conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The linear part of the preset's encoder, (d, embed_dim) and its offset: PCA of the map vectors
+    to embed_dim (whitened by whiten_power), then, with `whiten: "pairs"`, the whitening learned from
+    the matching pairs above (each weighted by its fov: graded relevance). Raises ValueError when
+    there are no pairs."""
+    proj, offset = pca_projection(xd, int(conf["embed_dim"]), float(conf["whiten_power"]))
+    if conf.get("whiten", "pca") == "pca":
+        return proj, offset
+    if conf["whiten"] != "pairs":
+        raise ValueError(f"unknown whitening {conf['whiten']!r}; known: pca, pairs")
+    rows, pos, fov = anchors_and_positives(dataset, split, conf)
+    z = np.concatenate([xd @ proj + offset, xq @ proj + offset])
+    first = np.repeat(rows, [len(p) for p in pos])
+    w = pair_whitening(z, first, np.concatenate(pos), np.concatenate(fov), float(conf["whiten_shrink"]))
+    return (proj @ w).astype(np.float32), (offset @ w).astype(np.float32)
+
+
+def linear_encoder(
+    conf: dict[str, Any],
+    dataset: Dataset,
+    xq: np.ndarray,
+    xd: np.ndarray,
+    split: dict[str, np.ndarray],
+    n_blocks: int = 1,
+) -> NumpyEncoder:
+    """The preset's linear encoder (no score head yet). With `block_dim`, each of the n_blocks equal
+    blocks of the vectors is first projected on its own top block_dim principal directions (fitted on
+    the map vectors, not whitened); base_projection then works on their concatenation."""
+    weights, biases, acts = [], [], []
+    if conf.get("block_dim"):
+        if xd.shape[1] % n_blocks:
+            raise ValueError(f"vectors of {xd.shape[1]} values do not split into {n_blocks} blocks")
+        size = xd.shape[1] // n_blocks
+        parts = [pca_projection(xd[:, i * size : (i + 1) * size], int(conf["block_dim"])) for i in range(n_blocks)]
+        w, b = np.stack([p for p, _ in parts]), np.concatenate([o for _, o in parts])
+        weights.append(w)
+        biases.append(b)
+        acts.append("linear")
+        xd, xq = block_layer(xd, w, b), block_layer(xq, w, b)
+    proj, offset = base_projection(conf, dataset, xq, xd, split)
+    return NumpyEncoder([*weights, proj], [*biases, offset], [*acts, "linear_l2"], 0.0, 0.0)

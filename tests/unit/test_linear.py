@@ -1,0 +1,120 @@
+"""Matching pairs from locations, the whitening learned from them and the linear encoders
+(model/linear.py, model/projection.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.presets import get_conf
+from dataset.layout import load_dataset
+from dataset.relevance import pairwise_distance
+from dataset.split import split_queries
+from model.linear import anchors_and_positives, base_projection, linear_encoder
+from model.projection import pair_whitening
+
+
+def test_pair_whitening_shrinks_what_differs_between_matching_views() -> None:
+    rng = np.random.default_rng(0)
+    # 300 places; two views of each differ along direction 0 (nuisance: light, season) and agree
+    # along direction 1 (the place), which has the smaller variance overall.
+    place = rng.normal(size=(300, 4)) * np.array([1.0, 3.0, 1.0, 1.0])
+    nuisance = np.zeros((2, 300, 4))
+    nuisance[:, :, 0] = rng.normal(scale=5.0, size=(2, 300))
+    nuisance[:, :, 1:] = rng.normal(scale=0.3, size=(2, 300, 3))
+    z = np.concatenate([place + nuisance[0], place + nuisance[1]])
+    first, second = np.arange(300), np.arange(300, 600)
+    w = pair_whitening(z, first, second, np.ones(300), shrink=0.0)
+    d = (z[first] - z[second]) @ w
+    # The whitened pair differences have identity covariance (C_S^(-1/2) C_S C_S^(-1/2) = I) ...
+    assert np.allclose(d.T @ d / len(d), np.eye(4), atol=1e-6)
+
+    # ... and a matching view is now nearer than any other image far more often than before.
+    def nn_accuracy(x: np.ndarray) -> float:
+        dist = ((x[first][:, None] - x[second][None]) ** 2).sum(-1)
+        return float((dist.argmin(axis=1) == np.arange(300)).mean())
+
+    assert nn_accuracy(z @ w) > nn_accuracy(z) + 0.15
+
+
+def test_pair_whitening_weights_and_shrinkage() -> None:
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(50, 3))
+    a, b = np.arange(0, 20), np.arange(20, 40)
+    # A weight of 2 counts a pair twice: the same as listing it twice with weight 1.
+    w2 = pair_whitening(z, a, b, np.r_[np.full(10, 2.0), np.ones(10)], 0.0)
+    dup = pair_whitening(z, np.r_[a, a[:10]], np.r_[b, b[:10]], np.ones(30), 0.0)
+    assert np.allclose(w2 @ w2.T, dup @ dup.T, atol=1e-5)  # same metric (the rotation may differ)
+    # Full shrinkage towards the identity leaves a multiple of the identity metric.
+    near_identity = pair_whitening(z, a, b, np.ones(20), 0.999)
+    m = near_identity @ near_identity.T
+    assert np.allclose(m / m[0, 0], np.eye(3), atol=0.01)
+    with pytest.raises(ValueError, match="shrink"):
+        pair_whitening(z, a, b, np.ones(20), 1.0)
+    with pytest.raises(ValueError, match="one weight per pair"):
+        pair_whitening(z, a, b, np.ones(19), 0.1)
+
+
+def test_map_anchors_keep_away_from_held_out_queries_and_duplicates(tiny_data: Path) -> None:
+    ds = load_dataset(tiny_data)
+    conf = get_conf("orb-dense-teblid-rvlad-lw")
+    split = split_queries(ds.queries.loc, conf["split"])
+    m = conf["model"] | {"holdout_m": 30.0, "min_pair_m": 3.0}
+    rows, pos, fov = anchors_and_positives(ds, split, m)
+    ndb = len(ds.database)
+    held = ds.queries.loc[np.concatenate([split["val"], split["test"]])]
+    loc = ds.database.loc
+    queries = [r - ndb for r in rows if r >= ndb]
+    assert set(queries) <= set(split["train"].tolist()) and queries
+    for r, p, f in zip(rows, pos, fov, strict=True):
+        assert len(p) and np.all(f >= 0) and len(f) == len(p)
+        if r < ndb:  # a map anchor and its positives are far from every held-out query
+            assert pairwise_distance(loc[[r, *p]], held).min() >= 30.0
+            assert pairwise_distance(loc[[r]], loc[p]).min() >= 3.0
+    without = anchors_and_positives(ds, split, m | {"map_pairs": False})[0]
+    assert all(r >= ndb for r in without)
+
+
+def test_base_projection_is_pca_then_the_pairs_whitening(tiny_data: Path) -> None:
+    from model.projection import pca_projection
+
+    ds = load_dataset(tiny_data)
+    conf = get_conf("orb-dense-teblid-rvlad-lw")["model"] | {"embed_dim": 8, "holdout_m": 0.0}
+    split = split_queries(ds.queries.loc, get_conf("orb-dense-teblid-rvlad-lw")["split"])
+    rng = np.random.default_rng(0)
+    xd, xq = rng.normal(size=(len(ds.database), 20)), rng.normal(size=(len(ds.queries), 20))
+    proj, offset = base_projection(conf, ds, xq, xd, split)
+    p0, o0 = pca_projection(xd, 8, conf["whiten_power"])
+    assert proj.shape == (20, 8) and not np.allclose(proj, p0)
+    # The learned part is an invertible map of the PCA output: the same subspace, re-weighted.
+    w = np.linalg.lstsq(p0, proj, rcond=None)[0]
+    assert np.allclose(p0 @ w, proj, atol=1e-4) and np.allclose(o0 @ w, offset, atol=1e-4)
+    assert np.allclose(base_projection(conf | {"whiten": "pca"}, ds, xq, xd, split)[0], p0)
+    with pytest.raises(ValueError, match="unknown whitening"):
+        base_projection(conf | {"whiten": "zca"}, ds, xq, xd, split)
+
+
+def test_block_encoder_projects_each_block_then_whitens_jointly(tiny_data: Path, tmp_path: Path) -> None:
+    from model.encoder import NumpyEncoder
+    from model.projection import pca_projection
+
+    ds = load_dataset(tiny_data)
+    conf = get_conf("orb-dense-teblid-rvlad-lw")["model"] | {"embed_dim": 6, "block_dim": 4, "holdout_m": 0.0}
+    split = split_queries(ds.queries.loc, get_conf("orb-dense-teblid-rvlad-lw")["split"])
+    rng = np.random.default_rng(0)
+    xd, xq = rng.normal(size=(len(ds.database), 30)), rng.normal(size=(len(ds.queries), 30))
+    enc = linear_encoder(conf, ds, xq, xd, split, n_blocks=3)
+    assert enc.weights[0].shape == (3, 10, 4) and enc.input_dim == 30 and enc.dim == 6
+    # Block b of the first layer is the PCA of the map vectors' values 10b..10b+9 alone.
+    p1, o1 = pca_projection(xd[:, 10:20], 4)
+    h = enc.weights[0]
+    assert np.allclose(h[1], p1, atol=1e-4) and np.allclose(enc.biases[0][4:8], o1, atol=1e-4)
+    emb = enc.embed(xd)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # Saved and loaded, the block layer computes the same.
+    loaded = NumpyEncoder.load(enc.save(tmp_path / "enc.npz"))
+    assert np.allclose(loaded.embed(xq), enc.embed(xq), atol=1e-6)
+    with pytest.raises(ValueError, match="do not split into 4 blocks"):
+        linear_encoder(conf, ds, xq, xd, split, n_blocks=4)
