@@ -175,7 +175,8 @@ def expand_place(
     is found: every other hit standing within `radius_m` of it and looking within `heading_deg` of its
     heading scores at least prior x its score (prior: the share of such neighbours that were relevant
     on validation queries), and those of `tail` (not verified) join the verified block, scoring no
-    more than the top hit, which is sorted by score again. Returns the new (verified block, tail); ranks are set by the caller."""
+    more than the top hit, which is sorted by score again. Returns the new (verified block, tail);
+    ranks are set by the caller."""
     if not found_place(verified, spec):
         return verified, tail
     top = verified[0]
