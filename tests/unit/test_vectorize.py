@@ -120,3 +120,39 @@ def test_vlad_columns_describe_the_left_and_right_halves() -> None:
     assert np.allclose(x[2], x[4]) and not np.allclose(x[3], x[4])
     with pytest.raises(ValueError, match="image width"):
         v(OrbFeatures(xy, sets[0], height=100))
+
+
+def test_overlapping_blocks_equal_each_block_aggregated_alone() -> None:
+    # Blocks summed from shared cells must equal each block's VLAD computed from its own keypoints,
+    # for overlapping and empty bands alike.
+    sets = random_sets(20, 300)
+    rng = np.random.default_rng(3)
+    conf = {"name": "vlad", "words": 8, "power": 0.5, "regions": [[0.0, 0.3], [0.2, 0.7], [0.9, 1.0]]}
+    conf["columns"] = [[0.0, 0.6], [0.4, 1.0]]
+    v = Vectorizer(conf).fit(sets, seed=0)
+    xy = np.column_stack([rng.uniform(0, 341, 300), rng.uniform(0, 85, 300)]).astype(np.float32)
+    got = v(OrbFeatures(xy, sets[1], height=100, width=341)).reshape(v.n_blocks, -1)
+    plain = Vectorizer({"name": "vlad", "words": 8, "power": 0.5}, v.centroids)
+    y, x = xy[:, 1] / 100, xy[:, 0] / 341
+    masks = [np.ones(300, bool)] + [(y >= a) & (y < b) for a, b in conf["regions"]]
+    masks += [(x >= a) & (x < b) for a, b in conf["columns"]]
+    for block, m in zip(got, masks, strict=True):
+        if not m.any():  # the band 0.9-1.0 holds no keypoint (all y < 0.85)
+            assert not block.any()
+            continue
+        alone = plain(OrbFeatures(xy[m], sets[1][m]))
+        assert np.allclose(block / np.linalg.norm(block), alone, atol=1e-5)
+
+
+def test_words_are_the_nearest_centroids_in_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    sets = random_sets(10, 100)
+    v = Vectorizer({"name": "vlad", "words": 16}).fit(sets, seed=0)
+    desc = np.concatenate(sets[:3])
+    d2 = ((unpack(desc).astype(np.float64)[:, None, :] - v.centroids[None].astype(np.float64)) ** 2).sum(-1)
+    want = d2.argmin(1)
+    monkeypatch.setattr("model.vectorize.WORDS_CHUNK", 7)  # 300 rows in chunks of 7, the last one short
+    got = v.words(desc)
+    assert got.dtype == np.int64 and got.shape == (300,)
+    # Equal up to exact ties of the float distances.
+    assert np.allclose(d2[np.arange(300), got], d2[np.arange(300), want])
+    assert len(v.words(desc[:0])) == 0
