@@ -22,7 +22,7 @@ from evaluation.run import evaluate_searcher
 from indexer import build as index_build
 from indexer import store
 from model import train, vectors
-from retrieval.calibrate import fit_expand_prior, fit_location_head, fit_verify_head
+from retrieval.calibrate import analyse_queries, fit_expand_prior, fit_location_head, fit_verify_head
 from retrieval.searcher import Searcher
 
 
@@ -82,11 +82,12 @@ def run_index(
         split = load_split(model_dir / "split.json", dataset.queries.paths)
         # One query at a time, as the service runs them: single-threaded kernels are faster per query.
         with single_threaded():
+            val = analyse_queries(Searcher(staged.loaded), dataset, split["val"])
             if staged.loaded.verifier is not None:
-                staged.set_verify_head(fit_verify_head(Searcher(staged.loaded), dataset, split["val"]))
+                staged.set_verify_head(fit_verify_head(Searcher(staged.loaded), dataset, val))
                 if conf["verify"].get("expand"):
-                    staged.set_expand_prior(fit_expand_prior(Searcher(staged.loaded), dataset, split["val"]))
-            staged.set_location_head(fit_location_head(Searcher(staged.loaded), dataset, split["val"]))
+                    staged.set_expand_prior(fit_expand_prior(Searcher(staged.loaded), dataset, val))
+            staged.set_location_head(fit_location_head(Searcher(staged.loaded), dataset, val))
             # Retrieval quality of this index on held-out queries, computed once here, served by the API.
             metrics = evaluate_searcher(Searcher(staged.loaded), dataset, split["test"], "test").summary
     return index_build.publish(staged, metrics)

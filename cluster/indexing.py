@@ -24,7 +24,7 @@ from indexer.build import MapArrays, image_keypoints, image_vector
 from model.encoder import NumpyEncoder
 from model.vectorize import Vectorizer
 from model.vectors import vectorizer_path
-from model.verify import MapFeatures
+from model.verify import MapFeatures, keypoint_arrays, keypoints_of_arrays
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,7 @@ class Embedder:
                 vectors[j], ok[j] = v, True
             if self.vconf is not None:
                 feats, words = image_keypoints(data, self.vconf, self.vectorizer)
-                angles = np.zeros(len(feats.xy), np.float32) if feats.angles is None else feats.angles
-                keypoints.append(
-                    npz_bytes(xy=feats.xy, descriptors=feats.descriptors, words=np.asarray(words), angles=angles)
-                )
+                keypoints.append(npz_bytes(**keypoint_arrays(feats, words)))
         out = {"id": batch["id"], "ok": ok, "embedding": self.encoder.embed(vectors)}
         if self.vconf is not None:
             out["keypoints"] = np.array(keypoints, dtype=object)
@@ -65,8 +62,7 @@ class Embedder:
 
 
 def _unpack(blob: bytes) -> tuple[OrbFeatures, np.ndarray]:
-    z = npz_arrays(blob)
-    return OrbFeatures(z["xy"], z["descriptors"], angles=z["angles"]), z["words"]
+    return keypoints_of_arrays(npz_arrays(blob))
 
 
 def embed_map_images(

@@ -172,7 +172,7 @@ confs["orb-dense-teblid-rvlad-siamese-verify-expand"] = _merge(
 
 # Learned whitening: PCA of the map vectors to 1,024, then whitened by the covariance of the
 # differences of matching pairs (train queries and map-map pairs from locations, fov-weighted;
-# model/pairs.py), which shrinks what changes between two views of one place.
+# model/linear.py), which shrinks what changes between two views of one place.
 PAIR_WHITEN = {
     "whiten": "pairs",
     "embed_dim": 1024,

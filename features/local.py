@@ -37,7 +37,7 @@ class LocalStore:
     xy: np.ndarray  # (N, 2) float32
     descriptors: np.ndarray  # (N, 32) uint8
     heights: np.ndarray  # (n,) float32 image heights, for positions relative to the image
-    angles: np.ndarray  # (N,) float32 keypoint orientations in degrees
+    angles: np.ndarray  # (N,) float32 keypoint orientations in degrees, NaN where not known
     widths: np.ndarray  # (n,) float32 image widths
 
     def row_of(self) -> dict[str, int]:
@@ -84,7 +84,7 @@ class LocalStore:
 
 
 def _angles(f: OrbFeatures) -> np.ndarray:
-    return np.zeros(len(f.xy), np.float32) if f.angles is None else np.asarray(f.angles, np.float32)
+    return np.full(len(f.xy), np.nan, np.float32) if f.angles is None else np.asarray(f.angles, np.float32)
 
 
 def local_name(conf: dict[str, Any], names: list[str] | None = None) -> str:

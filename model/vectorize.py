@@ -108,8 +108,8 @@ class Vectorizer:
         """Nearest visual word of each descriptor, (n,) int64."""
         if self.centroids is None or self._sq is None:
             raise RuntimeError("vectorizer has no vocabulary")
-        # One BLAS product per chunk, 4 x faster than a FAISS flat search for these sizes (4k x 128 words;
-        # BENCHMARKS.md); chunks bound the (rows x words) distance matrix.
+        # One BLAS product per chunk: as fast as a FAISS flat search on an idle machine, 4 x faster while
+        # other processes share the cores (BENCHMARKS.md); chunks bound the (rows x words) matrix.
         words = np.empty(len(descriptors), np.int64)
         for start in range(0, len(descriptors), WORDS_CHUNK):
             bits = unpack(descriptors[start : start + WORDS_CHUNK])

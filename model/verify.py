@@ -99,6 +99,20 @@ class MapFeatures:
         return cls(z["ids"], z["offsets"], z["xy"], np.ascontiguousarray(z["descriptors"]), z["words"], angles)
 
 
+def keypoint_arrays(features: OrbFeatures, words: np.ndarray) -> dict[str, np.ndarray]:
+    """An image's verification keypoints and their words as named arrays, to store with a change or
+    send to another process; orientations only where known (keypoints_of_arrays reads them back)."""
+    out = {"xy": features.xy, "descriptors": features.descriptors, "words": np.asarray(words)}
+    if features.angles is not None:
+        out["angles"] = np.asarray(features.angles, np.float32)
+    return out
+
+
+def keypoints_of_arrays(arrays: dict[str, np.ndarray]) -> tuple[OrbFeatures, np.ndarray]:
+    """The inverse of keypoint_arrays."""
+    return OrbFeatures(arrays["xy"], arrays["descriptors"], angles=arrays.get("angles")), arrays["words"]
+
+
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Concatenated aranges [s, e) for each pair, and their lengths."""
     lens = ends - starts

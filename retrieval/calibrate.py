@@ -11,20 +11,31 @@ from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
 from model.calibrate import fit_logistic
 from retrieval.locate import best_hit
-from retrieval.searcher import Searcher, at_place, found_place
+from retrieval.searcher import Query, Searcher, at_place, found_place
+
+Analysed = list[tuple[int, Query]]  # query rows and their features and embedding
 
 
-def fit_verify_head(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> list[float]:
-    """Weights for [distance, log1p(inliers), 1] from the queries at `rows` (with ground truth)."""
+def analyse_queries(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> Analysed:
+    """The queries at `rows` through features and embedding, once for all the fits below (which do
+    not change them: the heads act after the embedding). A photo the pipeline refuses teaches nothing
+    and is left out."""
+    out = []
+    for q in rows:
+        try:
+            out.append((int(q), searcher.analyze(dataset.image_path(dataset.queries.paths[q]).read_bytes())))
+        except (ImageDecodeError, NoKeypointsError):
+            continue
+    return out
+
+
+def fit_verify_head(searcher: Searcher, dataset: Dataset, queries: Analysed) -> list[float]:
+    """Weights for [distance, log1p(inliers), 1] from the analysed `queries` (with ground truth)."""
     if searcher.verifier is None or dataset.sim is None:
         raise ValueError("fitting the verification head needs a verifying index and ground truth")
     feats, labels = [], []
     n = int(searcher.verifier.conf["n"])
-    for q in rows:
-        try:
-            query = searcher.analyze(dataset.image_path(dataset.queries.paths[q]).read_bytes())
-        except (ImageDecodeError, NoKeypointsError):
-            continue  # nothing to learn from this query
+    for q, query in queries:
         hits = searcher.search_embedding(query.embedding, n)
         ids = [h.id for h in hits]
         inl = searcher.verifier.inliers(query.verify_features, query.verify_words, ids)
@@ -48,19 +59,15 @@ def monotone_head(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> list[float]:
     return [float(min(wd, 0.0)), 0.0, float(b)]
 
 
-def fit_expand_prior(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> float:
+def fit_expand_prior(searcher: Searcher, dataset: Dataset, queries: Analysed) -> float:
     """The share of relevant map images among those the expansion would lift (near a top hit with
-    enough inliers), over the queries at `rows`, with add-one smoothing; the verifier's head must be
+    enough inliers), over the analysed `queries`, with add-one smoothing; the verifier's head must be
     fitted first (the top hit depends on it)."""
     spec = None if searcher.verifier is None else searcher.verifier.conf.get("expand")
     if spec is None or dataset.sim is None:
         raise ValueError("fitting the expansion prior needs a preset that expands and ground truth")
     relevant = lifted = 0
-    for q in rows:
-        try:
-            query = searcher.analyze(dataset.image_path(dataset.queries.paths[q]).read_bytes())
-        except (ImageDecodeError, NoKeypointsError):
-            continue
+    for q, query in queries:
         hits = searcher.rank(query, int(spec["pool"]), expand=False)
         if not found_place([h for h in hits if h.inliers is not None], spec):
             continue
@@ -70,18 +77,14 @@ def fit_expand_prior(searcher: Searcher, dataset: Dataset, rows: np.ndarray) -> 
     return (relevant + 1) / (lifted + 2)
 
 
-def fit_location_head(searcher: Searcher, dataset: Dataset, rows: np.ndarray, top: int = 10) -> list[float]:
+def fit_location_head(searcher: Searcher, dataset: Dataset, queries: Analysed, top: int = 10) -> list[float]:
     """[a, b] of P(the best hit shows the place) = sigmoid(a * logit(its score) + b), by logistic
-    regression over the queries at `rows` (ground truth: the best hit is relevant); a >= 0, so a higher
+    regression over the analysed `queries` (ground truth: the best hit is relevant); a >= 0, so a higher
     score never means less confidence. The other heads must be fitted first (they make the scores)."""
     if dataset.sim is None:
         raise ValueError("fitting the location head needs ground truth")
     logits, labels = [], []
-    for q in rows:
-        try:
-            query = searcher.analyze(dataset.image_path(dataset.queries.paths[q]).read_bytes())
-        except (ImageDecodeError, NoKeypointsError):
-            continue
+    for q, query in queries:
         best = best_hit(searcher.rank(query, top), top)
         if best is None:
             continue

@@ -23,6 +23,7 @@ from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError, OrbFeatures
 from indexer.changes import ChangeLog, Tail
 from indexer.store import ImageRecord, merge_indexes
+from model.verify import keypoint_arrays, keypoints_of_arrays
 from retrieval.searcher import Applied, Query, Searcher
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,7 @@ def change_arrays(query: Query) -> dict[str, np.ndarray]:
     """What an added image contributes to an index: its embedding and verification keypoints."""
     out = {"embedding": np.asarray(query.embedding, np.float32)}
     if query.verify_features is not None and query.verify_words is not None:
-        out |= {
-            "xy": query.verify_features.xy,
-            "descriptors": query.verify_features.descriptors,
-            "words": np.asarray(query.verify_words),
-        }
-        if query.verify_features.angles is not None:
-            out["angles"] = np.asarray(query.verify_features.angles, np.float32)
+        out |= keypoint_arrays(query.verify_features, query.verify_words)
     return out
 
 
@@ -56,10 +51,7 @@ def _stored(rec: dict[str, Any], searcher: Searcher, changelog: ChangeLog) -> Ad
     emb = arrays["embedding"].reshape(1, -1).astype(np.float32)
     if emb.shape[1] != searcher.index.d:
         return None
-    kp = None
-    if need_kp:
-        kp = OrbFeatures(arrays["xy"], arrays["descriptors"], angles=arrays.get("angles")), arrays["words"]
-    return emb, kp
+    return emb, keypoints_of_arrays(arrays) if need_kp else None
 
 
 def _embedded(rec: dict[str, Any], searcher: Searcher, changelog: ChangeLog) -> Added | None:
