@@ -14,7 +14,8 @@ Measures, on the held-out test queries of the served index:
 - rss_mb and pss_mb of the server (all its processes) after the load, and ready_s from start to /readyz = 200;
 - index_build_s / index_build_speedup: bench/index_build.py with every core, and with one worker
   pinned to one core;
-- ann: bench/ann.py (generated vectors of the encoder's dimension).
+- ann: bench/ann.py (generated vectors of the encoder's dimension);
+- served_1m: bench/million.py (a million map entries served through POST /search).
 Writes bench/results.json and the table between the markers in BENCHMARKS.md.
 """
 
@@ -161,7 +162,7 @@ def wrk(url: str, image_files: list[Path], connections: int, duration_s: int) ->
     return r
 
 
-def wait_ready(url: str, proc: subprocess.Popen, t0: float, server_workers: int) -> float:
+def wait_ready(url: str, proc: subprocess.Popen, t0: float, server_workers: int, timeout: float = 300) -> float:
     """Seconds from start to the first /readyz = 200; then waits until several fresh connections in a
     row are ready, so that every worker has loaded the index before the load starts."""
     ready_s, in_a_row = None, 0
@@ -173,7 +174,7 @@ def wait_ready(url: str, proc: subprocess.Popen, t0: float, server_workers: int)
         if ok and ready_s is None:
             ready_s = time.perf_counter() - t0
         in_a_row = in_a_row + 1 if ok else 0
-        if proc.poll() is not None or time.perf_counter() - t0 > 300:
+        if proc.poll() is not None or time.perf_counter() - t0 > timeout:
             raise RuntimeError("server did not become ready")
         if not ok:
             time.sleep(0.05)
@@ -270,6 +271,13 @@ def index_build(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def served_1m(args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, str(BENCH / "million.py"), "--data", str(args.data), "--artifacts", str(args.artifacts)]
+    cmd += ["--preset", args.preset, "--size", str(args.served_size), "--out", str(args.out)]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return json.loads(args.out.read_text(encoding="utf-8"))["served_1m"]
+
+
 def ann(args: argparse.Namespace, index_dir: Path) -> dict[str, Any]:
     cmd = [sys.executable, str(BENCH / "ann.py"), "--index-dir", str(index_dir), "--out", str(args.out)]
     cmd += ["--sizes", *map(str, args.ann_sizes)]
@@ -298,11 +306,43 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     if "index_build_speedup" in r:
         sp = r["index_build_speedup"]
         out.append(("index_build_speedup >= 1.6", f"{sp:.2f}", sp >= 1.6))
+    out += lean_targets(r)
     big = r.get("ann", {}).get("sizes", {}).get("1000000")
     if big is not None:
         best = big.get("fastest_at_recall_0.95")
         text = "none" if best is None else f"{index_label(best)}: {best['p50_ms']} ms, recall {best['recall_at_10']}"
         out.append(("1M vectors: p50 <= 2 ms at recall@10 >= 0.95", text, best is not None and best["p50_ms"] <= 2))
+    return out
+
+
+def lean_targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """Issue 14's targets: ratios within this run."""
+    out: list[tuple[str, str, bool | None]] = []
+    features = r.get("stages_ms", {}).get("features")
+    if features:
+        ratio = r["inproc_floor_ms"] / features
+        text = f"{ratio:.2f} x ({r['inproc_floor_ms']} / {features} ms)"
+        out.append(("inproc floor <= 2.5 x the features stage (issue 14)", text, ratio <= 2.5))
+    if "http_p50_ms_c1" in r:
+        ratio = r["http_p50_ms_c1"] / r["inproc_floor_ms"]
+        out.append(("http_p50_ms_c1 <= 1.1 x inproc floor (issue 14)", f"{ratio:.3f} x", ratio <= 1.1))
+        gain, errors = r["rps_c8"] / r["rps_c1"], r["errors_c1"] + r["errors_c8"]
+        text = f"{gain:.2f} x, {errors} errors ({r['server_workers']} workers)"
+        out.append(("rps_c8 >= 1.85 x rps_c1, no errors (issue 14)", text, gain >= 1.85 and errors == 0))
+        text = f"{r['rss_mb']:.0f} MB RSS ({r['server_workers']} workers; PSS {r.get('pss_mb', '–')} MB)"
+        out.append(("RSS of the serving tree <= 1.0 GB (issue 14)", text, r["rss_mb"] <= 1024))
+        out.append(("ready_s <= 3 s (issue 14)", f"{r['ready_s']} s", r["ready_s"] <= 3))
+    big = r.get("served_1m")
+    if big:
+        ratio = big["search_p50_ms"] / big["exact_p50_ms"]
+        text = (
+            f"search stage {big['search_p50_ms']} ms / exact {big['exact_p50_ms']} ms = 1/{1 / ratio:.0f}, "
+            f"recall@10 {big['recall_at_10']} (London queries: {big['recall_at_10_london_queries']})"
+        )
+        ok = ratio <= 0.01 and big["recall_at_10"] >= 0.95
+        out.append((f"{big['n']:,} served: search <= 1/100 exact at recall@10 >= 0.95 (issue 14)", text, ok))
+        text = f"{big['rss_mb']:.0f} MB ({big['workers']} workers), ready in {big['ready_s']} s"
+        out.append((f"{big['n']:,} served: RSS <= 6 GB (issue 14)", text, big["rss_mb"] <= 6144))
     return out
 
 
@@ -386,7 +426,34 @@ def markdown(r: dict[str, Any]) -> str:
             )
         if "hnsw_skipped" in size:
             lines += ["", size["hnsw_skipped"]]
-    lines += ["", "Targets (issue 4):", "", "| target | measured | met |", "|---|---|---|"]
+    big = r.get("served_1m")
+    if big:
+        lines += [
+            "",
+            f"Served collection of {big['n']:,} map entries ({big['real_map_images']:,} London, the rest generated; "
+            f"bench/million.py), {big['queries']} London test queries through POST /search, {big['workers']} workers:",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| index kind (indexer/kinds.py) | {big['index_kind']} |",
+            f"| search_p50_ms (search stage, server log) | {big['search_p50_ms']} |",
+            f"| exact_p50_ms (flat search of the same vectors, same run) | {big['exact_p50_ms']} |",
+            f"| search / exact | {big['search_over_exact']} |",
+            f"| recall_at_10 against exact (generated queries) | {big['recall_at_10']} |",
+            f"| recall@10 against exact (London queries) | {big['recall_at_10_london_queries']} |",
+            f"| London first-stage R@10, exact / served | {big['london_first_stage_r10_exact']} / "
+            f"{big['london_first_stage_r10_served']} |",
+            f"| London R@10 verified and expanded, exact / served index (in-process) | "
+            f"{big['london_r10_exact_index']} / {big['london_r10_served_index']} |",
+            f"| London R@10 through POST /search | {big['london_r10_through_search']} |",
+            f"| stages p50 ms (server log) | {big['stages_p50_ms']} |",
+            f"| HTTP p50 ms (one client) | {big['http_p50_ms']} |",
+            f"| rss_mb / pss_mb (serving tree) | {big['rss_mb']} / {big['pss_mb']} |",
+            f"| ready_s (first worker / every worker) | {big['ready_s']} / {big.get('all_workers_ready_s', '–')} |",
+            f"| generate / index build / publish s | {big['generate_s']} / {big['index_build_s']} / "
+            f"{big['publish_s']} |",
+        ]
+    lines += ["", "Targets (issues 4, 12, 14):", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'met' if ok else 'missed'} |" for t, m, ok in targets(r)]
     return "\n".join(lines)
 
@@ -427,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-index-build", action="store_true")
     p.add_argument("--skip-ann", action="store_true")
     p.add_argument("--ann-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--skip-served-1m", action="store_true", help="do not serve the generated 1M collection")
+    p.add_argument("--served-size", type=int, default=1_000_000, help="entries of that collection (bench/million.py)")
     p.add_argument(
         "--report-only", action="store_true", help="rewrite BENCHMARKS.md from --out (e.g. after bench/ann.py)"
     )
@@ -483,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.out.exists():  # keep the last ANN figures (slow to remeasure) when skipped
         with contextlib.suppress(ValueError, KeyError):
             result["ann"] = json.loads(args.out.read_text(encoding="utf-8"))["ann"]
+    if not args.skip_served_1m:
+        # After the ANN run, which rewrites args.out: million.py adds its field to the same file.
+        args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+        result["served_1m"] = served_1m(args)
     result["machine"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     result["created"] = utc_timestamp()
     result["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(result)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import tempfile
 import zipfile
@@ -108,6 +109,34 @@ def mapped_npz(path: Path) -> dict[str, np.ndarray]:
                 continue
             order = "F" if fortran else "C"
             out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+    return out
+
+
+def read_rows(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Rows [start, end) of `a` for each pair, concatenated. From an array memory-mapped by
+    mapped_npz they are read from its file (pread) rather than through the mapping: the pages go to
+    the page cache, shared and reclaimable, but not into this process's resident memory, and the
+    kernel's read-ahead does not map the neighbouring rows in with them (with random rows of a
+    multi-GB file that made one worker hold most of the file)."""
+    starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+    lens = ends - starts
+    out = np.empty((int(lens.sum()), *a.shape[1:]), a.dtype)
+    if len(out) == 0:
+        return out
+    if not (isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.flags.c_contiguous):
+        base = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+        return a[base + np.arange(len(out))]
+    row = a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
+    buf = out.reshape(-1).view(np.uint8)
+    pos = 0
+    with open(a.filename, "rb") as f:
+        for s, n in zip(starts.tolist(), lens.tolist(), strict=True):
+            if n <= 0:
+                continue
+            size = n * row
+            if os.preadv(f.fileno(), [memoryview(buf[pos : pos + size])], a.offset + s * row) != size:
+                raise OSError(f"{a.filename}: short read")
+            pos += size
     return out
 
 

@@ -51,7 +51,11 @@ DEFAULTS: dict[str, Any] = {
     },
     # Held-out areas: queries grouped into 250 m cells, whole cells per split.
     "split": {"train": 0.8, "val": 0.1, "test": 0.1, "cell_m": 250.0, "seed": 0},
-    "index": {"type": "flat-l2"},
+    # The served vector index by collection size (indexer/kinds.py): exact below `exact_below`
+    # vectors; above, fast-scan PQ codes of m x 4 bits (trained on up to train_size of the vectors)
+    # whose nearest `rerank` (at least k) are re-ranked exactly. 100 at m 64: recall@10 0.96-0.999 at
+    # 1M (bench/ann.py, bench/million.py); exact search of 200k 1,024-d vectors takes ~100 ms a query.
+    "index": {"type": "auto", "exact_below": 200_000, "m": 64, "rerank": 100, "train_size": 65_536},
     # Geometric verification of the shortlist (None: off). Its "features" override the ORB settings.
     "verify": None,
 }
@@ -214,7 +218,16 @@ confs["orb-dense-teblid-r5vlad-lw-verify-angle-expand"] = _merge(
     confs["orb-dense-teblid-r5vlad-lw"], {"verify": confs["orb-dense-teblid-rvlad-lw-verify-angle-expand"]["verify"]}
 )
 
-DEFAULT_PRESET = "orb-dense-teblid-r5vlad-lw-verify-angle-expand"
+# The same with each region's projection factored through an r-dimensional descriptor basis shared
+# by its words (model/linear.py: word_basis): a query streams 5 x (256 r + 128 r x 256) weights
+# instead of 5 x 32,768 x 256. At r 96: 65 MB instead of 165 MB, embedding 12 ms instead of 28, and
+# validation R@1 53.0 / R@10 77.8 against 53.0 / 78.3 (r 64: 52.0 / 77.3; r 128: 53.0 / 77.8).
+for _rank in (64, 96, 128):
+    confs[f"orb-dense-teblid-r5vlad-wb{_rank}-lw-verify-angle-expand"] = _merge(
+        confs["orb-dense-teblid-r5vlad-lw-verify-angle-expand"], {"model": {"word_basis": _rank}}
+    )
+
+DEFAULT_PRESET = "orb-dense-teblid-r5vlad-wb96-lw-verify-angle-expand"
 
 
 class UnknownPresetError(ValueError):

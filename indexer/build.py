@@ -26,6 +26,7 @@ from features.decode import ImageDecodeError
 from features.extract import image_to_features
 from features.orb import NoKeypointsError, OrbFeatures
 from indexer import store
+from indexer.kinds import build_index
 from model.encoder import NumpyEncoder
 from model.vectorize import Vectorizer
 from model.vectors import load_vectors, vectorizer_path
@@ -135,10 +136,10 @@ def build(
     vectorizer = Vectorizer.load(vectorizer_path(vectors_path), conf["vector"])
     if arrays.embeddings.shape != (len(dataset.database), encoder.dim):
         raise ValueError(f"embeddings of shape {arrays.embeddings.shape} for {len(dataset.database)} map images")
-    index = store.new_flat_index(encoder.dim)
-    # FAISS ids are the map images' rows in database.json, kept in the id map file as well.
+    # FAISS ids are the map images' rows in database.json, kept in the id map file as well; the
+    # index's kind follows the collection's size (indexer/kinds.py).
     ids = np.arange(len(dataset.database), dtype=np.int64)
-    index.add_with_ids(arrays.embeddings, ids)
+    index = build_index(conf["index"], arrays.embeddings, ids)
     images = {int(i): store.ImageRecord(int(i), dataset.database.paths[i], dataset.database.location(i)) for i in ids}
     files = {
         "vectorizer.npz": vectorizer_path(vectors_path),

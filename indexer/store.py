@@ -16,10 +16,12 @@ Layout of one index family (one data folder, one preset), under <artifacts>/<dat
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,17 @@ import numpy as np
 from common.clock import version_stamp
 from common.files import atomic_write_text, confined_file, fsync_directory, fsync_files, json_digest, sha256_file
 from dataset.layout import Location, data_tag
+from indexer.kinds import (
+    EXACT,
+    PQ,
+    VECTORS_FILE,
+    AnyIndex,
+    PQIndex,
+    build_index,
+    index_contents,
+    index_ids,
+    new_flat_index,
+)
 from model.encoder import NumpyEncoder
 from model.vectorize import Vectorizer
 from model.verify import MapFeatures, Verifier
@@ -125,41 +138,37 @@ def shard_file(name: str, shard: int, shards: int) -> str:
     return f"{stem}.s{shard}{dot}{ext}"
 
 
-def split_index(index: faiss.Index, shards: int) -> list[faiss.Index]:
-    """A flat IndexIDMap2 split by owner (id % shards), vectors bit for bit."""
+def split_index(index: AnyIndex, shards: int, conf: dict[str, Any]) -> list[AnyIndex]:
+    """An index split by owner (id % shards), vectors bit for bit; each shard of the kind its own
+    size calls for (indexer/kinds.py)."""
     ids, xb = index_contents(index)
-    out = []
-    for i in range(shards):
-        part = new_flat_index(index.d)
-        keep = ids % shards == i
-        if keep.any():
-            part.add_with_ids(xb[keep], ids[keep])
-        out.append(part)
-    return out
+    return [build_index(conf, xb[ids % shards == i], ids[ids % shards == i]) for i in range(shards)]
 
 
-def merge_indexes(parts: list[faiss.Index], dim: int) -> faiss.Index:
-    """A new flat index owning copies of the parts' vectors (safe to change, whatever the parts are)."""
-    out = new_flat_index(dim)
-    for part in parts:
-        ids, xb = index_contents(part)
-        if len(ids):
-            out.add_with_ids(xb, ids)
-    return out
+def merge_indexes(parts: list[AnyIndex], dim: int, conf: dict[str, Any]) -> AnyIndex:
+    """One index of the parts' vectors, of the kind their total size calls for."""
+    contents = [index_contents(p) for p in parts]
+    ids = np.concatenate([np.zeros(0, np.int64)] + [i for i, _ in contents])
+    xb = np.concatenate([np.zeros((0, dim), np.float32)] + [x for _, x in contents])
+    return build_index(conf, xb, ids)
 
 
-def index_ids(index: faiss.Index) -> np.ndarray:
-    """The ids of an IndexIDMap2, in storage order."""
-    if index.ntotal == 0:
-        return np.zeros(0, np.int64)
-    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+def write_index(index: AnyIndex, directory: Path, shard: int, shards: int) -> None:
+    """index.faiss (the codes, for a pq-fastscan index, with its float vectors in vectors.npz)."""
+    path = directory / shard_file("index.faiss", shard, shards)
+    if isinstance(index, PQIndex):
+        index.save(path, directory / shard_file(VECTORS_FILE, shard, shards))
+    else:
+        faiss.write_index(index, str(path))
 
 
-def index_contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of a flat IndexIDMap2, in storage order."""
-    if index.ntotal == 0:
-        return index_ids(index), np.zeros((0, index.d), np.float32)
-    return index_ids(index), faiss.downcast_index(index).index.reconstruct_n(0, index.ntotal)
+def read_index(directory: Path, shard: int, shards: int, kind: str) -> AnyIndex:
+    path = directory / shard_file("index.faiss", shard, shards)
+    if kind == PQ:
+        return PQIndex.load(path, directory / shard_file(VECTORS_FILE, shard, shards))
+    # Memory-mapped read-only, shared by the workers like the encoder. FAISS aborts the process on an
+    # in-place change of a mapped index: every change works on a copy (kinds.copy_for_change).
+    return faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
 
 
 @dataclass
@@ -167,7 +176,7 @@ class LoadedIndex:
     version: str
     directory: Path
     manifest: dict[str, Any]
-    index: faiss.Index
+    index: AnyIndex
     images: dict[int, ImageRecord]
     vectorizer: Vectorizer
     encoder: NumpyEncoder
@@ -188,14 +197,9 @@ class LoadedIndex:
         return json_digest(parts, 16, default=str)
 
 
-def new_flat_index(dim: int) -> faiss.Index:
-    # IndexIDMap2 keeps our ids in the index; the id map file gives each id its image.
-    return faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
-
-
 def publish(
     family: Path,
-    index: faiss.Index,
+    index: AnyIndex,
     images: list[ImageRecord],
     files: dict[str, Path],
     manifest: dict[str, Any],
@@ -214,7 +218,7 @@ def publish(
 
 def _publish_locked(
     family: Path,
-    index: faiss.Index,
+    index: AnyIndex,
     images: list[ImageRecord],
     files: dict[str, Path],
     manifest: dict[str, Any],
@@ -226,11 +230,10 @@ def _publish_locked(
         version += "x"
     tmp = family / f".{version}.tmp"
     tmp.mkdir()
-    if shards == 1:
-        faiss.write_index(index, str(tmp / "index.faiss"))
-    else:
-        for i, part in enumerate(split_index(index, shards)):
-            faiss.write_index(part, str(tmp / shard_file("index.faiss", i, shards)))
+    index_conf = manifest["conf"].get("index") or {"type": EXACT}
+    parts = [index] if shards == 1 else split_index(index, shards, index_conf)
+    for i, part in enumerate(parts):
+        write_index(part, tmp, i, shards)
     (tmp / "images.json").write_text(json.dumps([r.to_json() for r in images]), encoding="utf-8")
     for name, src in files.items():
         if name == "verify.npz" and shards > 1:
@@ -239,9 +242,12 @@ def _publish_locked(
                 kp.subset(kp.ids % shards == i).save(tmp / shard_file(name, i, shards))
         else:
             shutil.copyfile(src, tmp / name)
+    kinds = [p.kind if isinstance(p, PQIndex) else EXACT for p in parts]
     manifest = dict(manifest, version=version, count=int(index.ntotal), dim=int(index.d), shards=shards)
+    manifest["index_kinds"] = kinds  # per shard: what read_index reads
     manifest["checksums"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    _record_checked(tmp, _hashed(tmp, manifest["checksums"]))
     fsync_files(tmp)
     final = family / version
     os.replace(tmp, final)
@@ -299,6 +305,61 @@ def current_version(family: Path) -> Path:
     return path
 
 
+CHECKED = ".checked.json"  # the files of a version whose checksums were verified, by their stat
+# File times tick coarsely (a few ms): a file written again within the tick it was hashed in would
+# look unchanged. A hash vouches for a file only if the file was older than this when it was hashed.
+RACY_NS = 2_000_000_000
+
+
+def _stat(f: Path) -> dict[str, int]:
+    st = f.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _record_checked(directory: Path, entries: dict[str, dict[str, Any]]) -> None:
+    # Best effort: a read-only artifacts folder only means the next process hashes again.
+    with contextlib.suppress(OSError):
+        atomic_write_text(directory / CHECKED, json.dumps(entries), durable=False)
+
+
+def _hashed(directory: Path, digests: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Entries of .checked.json for files whose digests were just computed."""
+    now = time.time_ns()
+    return {n: {"sha256": d, **_stat(directory / n), "checked_ns": now} for n, d in digests.items()}
+
+
+def verify_checksums(directory: Path, checksums: dict[str, str]) -> None:
+    """Every file against its manifest digest; raises IndexLoadError for a missing or altered one.
+
+    A file hashed before on this machine (by the publisher or an earlier load) and not changed since
+    (same size, modification time and inode, in the version's .checked.json) is not read again: a
+    version of a million map images holds ~8 GB, which every worker would otherwise hash at start.
+    A write to a file changes its modification time, so it is hashed again."""
+    try:
+        checked = json.loads((directory / CHECKED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        checked = {}
+    checked = checked if isinstance(checked, dict) else {}
+    fresh = {}
+    for name, digest in checksums.items():
+        f = directory / name
+        if not f.is_file():
+            raise IndexLoadError(f"{f}: missing; refusing to serve the version")
+        known = checked.get(name)
+        if (
+            isinstance(known, dict)
+            and known.get("sha256") == digest
+            and {k: known.get(k) for k in ("size", "mtime_ns", "inode")} == _stat(f)
+            and known["mtime_ns"] < known.get("checked_ns", 0) - RACY_NS
+        ):
+            continue
+        if sha256_file(f) != digest:
+            raise IndexLoadError(f"{f}: checksum mismatch; refusing to serve it")
+        fresh[name] = digest
+    if fresh:
+        _record_checked(directory, checked | _hashed(directory, fresh))
+
+
 def load(directory: Path, part: Part = WHOLE) -> LoadedIndex:
     """Load one version (or one part of it, see Part), checking checksums, count and dimension against
     its manifest. Only the files the part reads are read and checked."""
@@ -311,27 +372,29 @@ def load(directory: Path, part: Part = WHOLE) -> LoadedIndex:
         raise IndexLoadError(f"{directory}: the version has {shards} shard(s), this process serves 1 of {part.shards}")
     wanted = [] if part.head else list(range(shards)) if part.whole else [int(part.shard or 0)]
     verifies = manifest["conf"].get("verify") is not None
+    # Versions written before there were index kinds are flat.
+    kinds = manifest.get("index_kinds") or [EXACT] * shards
+    if len(kinds) != shards or any(k not in (EXACT, PQ) for k in kinds):
+        raise IndexLoadError(f"{directory}: manifest index kinds {kinds} do not fit {shards} shard(s)")
     needed = ["images.json", "vectorizer.npz", "encoder.npz"] + [shard_file("index.faiss", i, shards) for i in wanted]
+    needed += [shard_file(VECTORS_FILE, i, shards) for i in wanted if kinds[i] == PQ]
     needed += [shard_file("verify.npz", i, shards) for i in wanted] if verifies else []
     checksums = manifest.get("checksums") or {}
     for name in needed:
         if name not in checksums:
             raise IndexLoadError(f"{directory}: manifest has no checksum for {name}")
-    sharded = {shard_file(n, i, shards) for n in ("index.faiss", "verify.npz") for i in range(shards)}
-    for name, digest in checksums.items():
-        if name in sharded and name not in needed:
-            continue  # another shard's file: its own process checks it
-        f = directory / name
-        if not f.is_file() or sha256_file(f) != digest:
-            raise IndexLoadError(f"{f}: missing or checksum mismatch; refusing to serve it")
+    sharded = {shard_file(n, i, shards) for n in ("index.faiss", "verify.npz", VECTORS_FILE) for i in range(shards)}
+    # Another shard's files are checked by its own process.
+    verify_checksums(directory, {n: d for n, d in checksums.items() if n not in sharded or n in needed})
     dim = int(manifest.get("dim", -1))
-    # Memory-mapped read-only, shared by the workers like the encoder. FAISS aborts the process on an
-    # in-place change of a mapped index: every change works on a copy (retrieval/replay.py clones).
-    flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
-    parts = [faiss.read_index(str(directory / shard_file("index.faiss", i, shards)), flags) for i in wanted]
+    try:
+        parts = [read_index(directory, i, shards, kinds[i]) for i in wanted]
+    except (RuntimeError, ValueError, KeyError) as e:  # FAISS raises RuntimeError on a file it cannot read
+        raise IndexLoadError(f"{directory}: an index file does not load ({e})") from e
     if any(p.d != dim for p in parts):
         raise IndexLoadError(f"{directory}: an index file's dimension differs from the manifest's {dim}")
-    index = parts[0] if len(parts) == 1 else merge_indexes(parts, max(dim, 1))
+    index_conf = manifest["conf"].get("index") or {"type": EXACT}
+    index = parts[0] if len(parts) == 1 else merge_indexes(parts, max(dim, 1), index_conf)
     raw = json.loads((directory / "images.json").read_text(encoding="utf-8"))
     images = {int(r["id"]): ImageRecord.from_json(r) for r in raw}
     encoder = NumpyEncoder.load(directory / "encoder.npz")

@@ -25,12 +25,21 @@ _ACTIVATIONS = {
 
 
 def block_layer(h: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """h @ w + b; a 3-D w (blocks, d_in, d_out) is block-diagonal: each block of d_in inputs has its
-    own projection (a VLAD block per image region), at a fraction of a dense matrix's size."""
+    """h @ w + b; a 3-D w (blocks, d_in, d_out) is block-diagonal: each of the `blocks` equal parts
+    of h (a VLAD block per image region) has its own projection, at a fraction of a dense matrix's
+    size. A part wider than d_in is cut into pieces of d_in values (one per visual word), all
+    projected by the same w[i]: a descriptor-space basis tied across the words of a region."""
     if w.ndim == 2:
         return h @ w + b
-    blocks, d_in, _ = w.shape
-    return np.concatenate([h[:, i * d_in : (i + 1) * d_in] @ w[i] for i in range(blocks)], axis=1) + b
+    blocks, d_in, d_out = w.shape
+    n, width = h.shape
+    tiles = width // (blocks * d_in)
+    if tiles * blocks * d_in != width:
+        raise ValueError(f"{width} values do not split into {blocks} blocks of pieces of {d_in}")
+    if tiles == 1:
+        return np.concatenate([h[:, i * d_in : (i + 1) * d_in] @ w[i] for i in range(blocks)], axis=1) + b
+    out = np.matmul(h.reshape(n, blocks, tiles, d_in), w[None])  # (n, blocks, tiles, d_out)
+    return out.reshape(n, blocks * tiles * d_out) + b
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ class NumpyEncoder:
         if not self.weights:
             return self.identity_dim
         w = self.weights[0]
-        return int(w.shape[0]) if w.ndim == 2 else int(w.shape[0] * w.shape[1])
+        return int(w.shape[0]) if w.ndim == 2 else int(w.shape[0] * w.shape[1] * self.tiles)
 
     @property
     def dim(self) -> int:
@@ -59,6 +68,13 @@ class NumpyEncoder:
             return self.identity_dim
         w = self.weights[-1]
         return int(w.shape[-1]) if w.ndim == 2 else int(w.shape[0] * w.shape[2])
+
+    @property
+    def tiles(self) -> int:
+        """Pieces per block of a first layer with a tied basis (block_layer): the bias of such a layer
+        has one value per output, blocks x tiles x d_out of them."""
+        w = self.weights[0]
+        return 1 if w.ndim == 2 else len(self.biases[0]) // (w.shape[0] * w.shape[2])
 
     def with_head(self, head_w: float, head_b: float) -> NumpyEncoder:
         return NumpyEncoder(self.weights, self.biases, self.activations, head_w, head_b, self.identity_dim)

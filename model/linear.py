@@ -80,10 +80,17 @@ def linear_encoder(
     xd: np.ndarray,
     split: dict[str, np.ndarray],
     n_blocks: int = 1,
+    n_words: int = 0,
 ) -> NumpyEncoder:
     """The preset's linear encoder (no score head yet). With `block_dim`, each of the n_blocks equal
     blocks of the vectors is first projected on its own top block_dim principal directions (fitted on
-    the map vectors, not whitened); base_projection then works on their concatenation."""
+    the map vectors, not whitened); base_projection then works on their concatenation.
+
+    With `word_basis` r as well (and n_words, the visual words of a VLAD block), each block's
+    projection is factored through the r-dimensional descriptor subspace that carries most of it,
+    shared by the block's words: every word's residual is first reduced to r values (one small
+    product), and the block projection then reads words x r values instead of words x 256. That is
+    what a query streams from memory: 4 x less at r 64 of 256 (BENCHMARKS.md, issue 14)."""
     weights, biases, acts = [], [], []
     if conf.get("block_dim"):
         if xd.shape[1] % n_blocks:
@@ -91,9 +98,36 @@ def linear_encoder(
         size = xd.shape[1] // n_blocks
         parts = [pca_projection(xd[:, i * size : (i + 1) * size], int(conf["block_dim"])) for i in range(n_blocks)]
         w, b = np.stack([p for p, _ in parts]), np.concatenate([o for _, o in parts])
+        if conf.get("word_basis"):
+            basis, w = word_basis(w, n_words, int(conf["word_basis"]))
+            weights.append(basis)
+            biases.append(np.zeros(n_blocks * n_words * basis.shape[2], np.float32))
+            acts.append("linear")
+            xd, xq = block_layer(xd, basis, biases[-1]), block_layer(xq, basis, biases[-1])
         weights.append(w)
         biases.append(b)
         acts.append("linear")
         xd, xq = block_layer(xd, w, b), block_layer(xq, w, b)
     proj, offset = base_projection(conf, dataset, xq, xd, split)
     return NumpyEncoder([*weights, proj], [*biases, offset], [*acts, "linear_l2"], 0.0, 0.0)
+
+
+def word_basis(w: np.ndarray, n_words: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A block-diagonal projection w (blocks, n_words * d, out) factored as basis then reduced
+    projection: basis (blocks, d, rank) holds each block's top `rank` left singular vectors of its
+    words' slices side by side (d x n_words * out), and the reduced projection (blocks, n_words * rank,
+    out) is each slice seen through them, so basis-then-reduced equals w projected on that subspace."""
+    blocks, width, out = w.shape
+    if n_words <= 0 or width % n_words:
+        raise ValueError(f"blocks of {width} values do not split into {n_words} visual words")
+    d = width // n_words
+    if not 0 < rank <= d:
+        raise ValueError(f"word_basis {rank} must be in 1..{d}")
+    slices = w.reshape(blocks, n_words, d, out)
+    basis = np.empty((blocks, d, rank), np.float32)
+    reduced = np.empty((blocks, n_words * rank, out), np.float32)
+    for i in range(blocks):
+        u = np.linalg.svd(slices[i].transpose(1, 0, 2).reshape(d, n_words * out), full_matrices=False)[0][:, :rank]
+        basis[i] = u
+        reduced[i] = np.einsum("dr,wdo->wro", u, slices[i]).reshape(n_words * rank, out)
+    return basis, reduced

@@ -89,7 +89,7 @@ def train_siamese_diag(
     m = conf["model"]
     keras.utils.set_random_seed(int(m["seed"]))
     rng = np.random.default_rng(int(m["seed"]))
-    base = linear_encoder(m, dataset, xq, xd, split, Vectorizer(conf["vector"]).n_blocks)
+    base = linear_encoder(m, dataset, xq, xd, split, Vectorizer(conf["vector"]).n_blocks, int(conf["vector"]["words"]))
     # The fixed part of both branches, computed once: whitened, L2-normalised aggregates.
     white = np.concatenate([base.embed(xd), base.embed(xq)])
     ndb, dim = len(xd), white.shape[1]

@@ -162,7 +162,9 @@ def _linear(
     from model.vectorize import Vectorizer
 
     try:
-        enc = linear_encoder(conf["model"], dataset, xq, xd, split, Vectorizer(conf["vector"]).n_blocks)
+        enc = linear_encoder(
+            conf["model"], dataset, xq, xd, split, Vectorizer(conf["vector"]).n_blocks, int(conf["vector"]["words"])
+        )
     except ValueError as e:
         raise TrainingError(str(e)) from e
     return _with_calibrated_head(enc, conf, dataset, xq, xd, split["val"], tmp)

@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from common.files import atomic_savez, mapped_npz
+from common.files import atomic_savez, mapped_npz, read_rows
 from features.orb import OrbFeatures
 
 
@@ -71,6 +71,20 @@ class MapFeatures:
             angles=self.angles[flat],
         )
 
+    def take(self, rows: np.ndarray) -> MapFeatures:
+        """The images at `rows`, in that order, read from the file when the store is memory-mapped
+        (common/files.py: read_rows): a query's candidates are read from disk on demand, without
+        mapping the keypoints of every map image into the worker."""
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        return MapFeatures(
+            ids=self.ids[rows],
+            offsets=np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64),
+            xy=read_rows(self.xy, starts, ends),
+            descriptors=read_rows(self.descriptors, starts, ends),
+            words=read_rows(self.words, starts, ends),
+            angles=read_rows(self.angles, starts, ends),
+        )
+
     @classmethod
     def concat(cls, parts: list[MapFeatures]) -> MapFeatures:
         """One store of several (the shards of a version, served by one process)."""
@@ -96,7 +110,7 @@ class MapFeatures:
         z = mapped_npz(path)
         # Versions written before the orientations were stored: not known (never filtered on).
         angles = z["angles"] if "angles" in z else np.full(len(z["xy"]), np.nan, np.float16)
-        return cls(z["ids"], z["offsets"], z["xy"], np.ascontiguousarray(z["descriptors"]), z["words"], angles)
+        return cls(z["ids"], z["offsets"], z["xy"], z["descriptors"], z["words"], angles)
 
 
 def keypoint_arrays(features: OrbFeatures, words: np.ndarray) -> dict[str, np.ndarray]:
@@ -136,38 +150,37 @@ def match_by_word(
     Each map keypoint is compared with every query keypoint of the same word; the nearest is kept if
     its Hamming distance is <= max_hamming and < ratio x the second nearest; each query keypoint then
     keeps its best map keypoint per image. Returns (candidate position, query index, map index).
-    Hamming distances of one word's keypoints come from one matrix product of their bits
-    (|a| + |b| - 2 a.b), which BLAS does far faster than pairwise popcounts.
+    The map keypoints of all candidates are gathered once, grouped by word, and each word's two
+    nearest query keypoints come from OpenCV's popcount kernel (cv2.batchDistance, K=2): no bits are
+    unpacked, and ties go to the lowest query index, as an argmin would.
     """
     empty = np.zeros(0, np.int64)
     midx, mlen = _ranges(store.offsets[rows], store.offsets[rows + 1])
     if len(midx) == 0 or len(q_words) == 0:
         return empty, empty, empty
     cpos_all = np.repeat(np.arange(len(rows)), mlen)
-    mwords = store.words[midx]
-    q_bits = np.unpackbits(q_desc, axis=1).astype(np.float32)
     q_order = np.argsort(q_words, kind="stable")
     q_start = np.searchsorted(q_words[q_order], np.arange(n_words + 1))
-    m_order = np.argsort(mwords, kind="stable")
-    m_start = np.searchsorted(mwords[m_order], np.arange(n_words + 1))
+    m_order = np.argsort(store.words[midx], kind="stable")
+    m_start = np.searchsorted(store.words[midx][m_order], np.arange(n_words + 1))
+    m_rows = midx[m_order]
+    m_desc = np.ascontiguousarray(store.descriptors[m_rows])  # word by word, read once from the store
+    q_sorted = np.ascontiguousarray(q_desc[q_order])
     out_c, out_q, out_m, out_h = [], [], [], []
-    for w in range(n_words):
-        qs = q_order[q_start[w] : q_start[w + 1]]
-        ms = m_order[m_start[w] : m_start[w + 1]]
-        if len(qs) == 0 or len(ms) == 0:
-            continue
-        mb = np.unpackbits(store.descriptors[midx[ms]], axis=1).astype(np.float32)
-        qb = q_bits[qs]
-        ham = qb.sum(axis=1)[:, None] + mb.sum(axis=1)[None, :] - 2.0 * (qb @ mb.T)  # (nq_w, nm_w)
-        best_q = np.argmin(ham, axis=0)
-        best = ham[best_q, np.arange(len(ms))]
-        # With one query keypoint in the word there is no second nearest: the ratio test passes.
-        second = np.partition(ham, 1, axis=0)[1] if len(qs) > 1 else np.full(len(ms), np.inf, np.float32)
-        ok = (best <= max_hamming) & (best < ratio * second)
-        out_c.append(cpos_all[ms[ok]])
-        out_q.append(qs[best_q[ok]])
-        out_m.append(midx[ms[ok]])
-        out_h.append(best[ok])
+    for w in np.flatnonzero((np.diff(q_start) > 0) & (np.diff(m_start) > 0)):
+        qa, qb, ma, mb = q_start[w], q_start[w + 1], m_start[w], m_start[w + 1]
+        dist, nearest = cv2.batchDistance(
+            m_desc[ma:mb], q_sorted[qa:qb], cv2.CV_32S, normType=cv2.NORM_HAMMING, K=2
+        )
+        best = dist[:, 0]
+        ok = best <= max_hamming
+        if qb - qa > 1:  # with one query keypoint in the word there is no second nearest: the ratio test passes
+            ok &= best < ratio * dist[:, 1]
+        sel = np.flatnonzero(ok)
+        out_c.append(cpos_all[m_order[ma + sel]])
+        out_q.append(q_order[qa + nearest[sel, 0]])
+        out_m.append(m_rows[ma + sel])
+        out_h.append(best[sel])
     if not out_c:
         return empty, empty, empty
     cpos, qi, mi, hb = (np.concatenate(a) for a in (out_c, out_q, out_m, out_h))
@@ -258,6 +271,8 @@ class Verifier:
         if len(rows) == 0 or len(q.descriptors) == 0:
             return out
         c = self.conf
+        store = store.take(rows)  # the candidates' keypoints alone, from disk
+        rows = np.arange(len(rows))
         cpos, qi, mi = match_by_word(
             np.ascontiguousarray(q.descriptors), q_words, store, rows, self.n_words, c["max_hamming"], c["ratio"]
         )

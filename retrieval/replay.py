@@ -22,7 +22,8 @@ from dataset.layout import Location
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError, OrbFeatures
 from indexer.changes import ChangeLog, Tail
-from indexer.store import ImageRecord, merge_indexes
+from indexer.kinds import copy_for_change
+from indexer.store import ImageRecord
 from model.verify import keypoint_arrays, keypoints_of_arrays
 from retrieval.searcher import Applied, Query, Searcher
 
@@ -125,9 +126,8 @@ def apply_changes(searcher: Searcher, tail: Tail, changelog: ChangeLog) -> Searc
         return Searcher(dataclasses.replace(searcher.loaded, images=images), applied, searcher.shards)
     if not added and not removed:
         return Searcher(searcher.loaded, applied, searcher.shards)
-    # FAISS indexes are not safe to change while another thread searches them: change a copy, one that
-    # owns its vectors (a clone of a memory-mapped index still views the read-only file).
-    index = merge_indexes([searcher.index], searcher.index.d)
+    # Indexes are not safe to change while another thread searches them: change a copy.
+    index = copy_for_change(searcher.index)
     if removed:
         index.remove_ids(np.array(sorted(removed), np.int64))
     if added:

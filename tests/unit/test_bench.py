@@ -159,3 +159,54 @@ def test_process_tree_finds_children(run: ModuleType) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_lean_targets_are_ratios_of_one_run(run: ModuleType) -> None:
+    def met(**over: object) -> dict:
+        return {t: ok for t, _, ok in run.lean_targets(_result(**over))}
+
+    now = met()  # floor 60 = 6.7 x features 9; HTTP 70 = 1.17 x floor; 25 / 14 = 1.79 x; 1,600 MB; 2 s
+    assert now["inproc floor <= 2.5 x the features stage (issue 14)"] is False
+    assert now["http_p50_ms_c1 <= 1.1 x inproc floor (issue 14)"] is False
+    assert now["rps_c8 >= 1.85 x rps_c1, no errors (issue 14)"] is False
+    assert now["RSS of the serving tree <= 1.0 GB (issue 14)"] is False
+    assert now["ready_s <= 3 s (issue 14)"] is True
+    lean = met(inproc_floor_ms=22.0, http_p50_ms_c1=24.0, rps_c8=26.0, rss_mb=900.0, ready_s=3.5)
+    assert lean["inproc floor <= 2.5 x the features stage (issue 14)"] is True  # 22 / 9 = 2.44
+    assert lean["http_p50_ms_c1 <= 1.1 x inproc floor (issue 14)"] is True
+    assert lean["rps_c8 >= 1.85 x rps_c1, no errors (issue 14)"] is True
+    assert lean["RSS of the serving tree <= 1.0 GB (issue 14)"] is True
+    assert lean["ready_s <= 3 s (issue 14)"] is False
+    big = {"n": 1_000_000, "search_p50_ms": 4.0, "exact_p50_ms": 500.0, "recall_at_10": 0.97}
+    big |= {"recall_at_10_london_queries": 0.5, "rss_mb": 5000.0, "workers": 3, "ready_s": 9.0}
+    served = {t: ok for t, _, ok in run.lean_targets({"served_1m": big})}
+    assert served == {
+        "1,000,000 served: search <= 1/100 exact at recall@10 >= 0.95 (issue 14)": True,
+        "1,000,000 served: RSS <= 6 GB (issue 14)": True,
+    }
+    slow = {t: ok for t, _, ok in run.lean_targets({"served_1m": big | {"search_p50_ms": 5.5, "rss_mb": 7000.0}})}
+    assert not any(slow.values())
+
+
+def test_the_million_collection_keeps_the_real_keypoints_and_generates_the_rest(run: ModuleType) -> None:
+    from features.orb import OrbFeatures
+    from model.verify import MapFeatures
+
+    million = _module("million")
+    rng = np.random.default_rng(0)
+    feats = [
+        OrbFeatures(rng.random((n, 2)).astype(np.float32), rng.integers(0, 256, (n, 32), dtype=np.uint8))
+        for n in (4, 2)
+    ]
+    real = MapFeatures.build([0, 1], feats, [rng.integers(0, 8, 4), rng.integers(0, 8, 2)])
+    kp = million.generated_keypoints(real, 5, 3, 8, seed=0)
+    assert kp.ids.tolist() == [0, 1, 2, 3, 4] and kp.offsets.tolist() == [0, 4, 6, 9, 12, 15]
+    assert np.array_equal(kp.descriptors[:6], real.descriptors) and np.array_equal(kp.xy[:6], real.xy)
+    for r in range(2, 5):  # each generated set sorted by word, as the store keeps every image
+        w = kp.words[kp.offsets[r] : kp.offsets[r + 1]]
+        assert np.all(np.diff(w) >= 0) and w.max() < 8
+    assert len(kp.xy) == len(kp.descriptors) == len(kp.words) == len(kp.angles) == 15
+    # Hit rate: a query counts when one of its ids is a relevant real image (generated ids never are).
+    relevant = np.array([[True, False], [False, False], [False, True]])
+    found = np.array([[5, 0, -1], [1, 0, 7], [9, 8, 7]])
+    assert million.hit_rate(found, relevant) == round(1 / 3, 4)

@@ -129,7 +129,7 @@ def test_parallel_extraction_after_opencv_threads_ran(tiny_data: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "preset", ["paper", "orb-dense-rvlad-verify", "orb-dense-teblid-r5vlad-lw-verify-angle-expand"]
+    "preset", ["paper", "orb-dense-rvlad-verify", "orb-dense-teblid-r5vlad-wb96-lw-verify-angle-expand"]
 )
 @pytest.mark.parametrize("shape", [(1, 341), (341, 1), (3, 500)])
 def test_thin_images_have_no_keypoints_not_an_opencv_error(preset: str, shape: tuple[int, int]) -> None:

@@ -118,3 +118,39 @@ def test_block_encoder_projects_each_block_then_whitens_jointly(tiny_data: Path,
     assert np.allclose(loaded.embed(xq), enc.embed(xq), atol=1e-6)
     with pytest.raises(ValueError, match="do not split into 4 blocks"):
         linear_encoder(conf, ds, xq, xd, split, n_blocks=4)
+
+
+def test_word_basis_factors_each_block_through_a_shared_descriptor_subspace(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from model.encoder import NumpyEncoder
+    from model.linear import word_basis
+
+    ds = load_dataset(tiny_data)
+    base = get_conf("orb-dense-teblid-rvlad-lw")["model"] | {"embed_dim": 6, "block_dim": 5, "holdout_m": 0.0}
+    split = split_queries(ds.queries.loc, get_conf("orb-dense-teblid-rvlad-lw")["split"])
+    rng = np.random.default_rng(1)
+    # 3 blocks of 4 words x 8 descriptor values.
+    xd, xq = rng.normal(size=(len(ds.database), 96)), rng.normal(size=(len(ds.queries), 96))
+    plain = linear_encoder(base, ds, xq, xd, split, n_blocks=3, n_words=4)
+    full = linear_encoder(base | {"word_basis": 8}, ds, xq, xd, split, n_blocks=3, n_words=4)
+    low = linear_encoder(base | {"word_basis": 2}, ds, xq, xd, split, n_blocks=3, n_words=4)
+    assert [w.shape for w in low.weights[:2]] == [(3, 8, 2), (3, 4 * 2, 5)]
+    assert low.input_dim == 96 and low.dim == 6 and low.tiles == 4
+    # A basis of full rank changes nothing; a smaller one is the block projection seen through the
+    # block's top descriptor directions: basis then reduced projection equals U U^T w.
+    assert np.allclose(full.embed(xq), plain.embed(xq), atol=1e-4)
+    basis, reduced = word_basis(plain.weights[0], 4, 2)
+    h = xq[:3].astype(np.float32)
+    for i in range(3):
+        w = plain.weights[0][i].reshape(4, 8, 5)
+        projected = np.einsum("dr,er,wep->wdp", basis[i], basis[i], w).reshape(32, 5)
+        part = h[:, 32 * i : 32 * (i + 1)]
+        assert np.allclose(part @ projected, (part.reshape(3, 4, 8) @ basis[i]).reshape(3, 8) @ reduced[i], atol=1e-4)
+    assert not np.allclose(low.embed(xq), plain.embed(xq), atol=1e-2)
+    loaded = NumpyEncoder.load(low.save(tmp_path / "enc.npz"))
+    assert loaded.input_dim == 96 and np.allclose(loaded.embed(xq), low.embed(xq), atol=1e-6)
+    with pytest.raises(ValueError, match=r"word_basis 9 must be in 1\.\.8"):
+        word_basis(plain.weights[0], 4, 9)
+    with pytest.raises(ValueError, match="do not split into 5 visual words"):
+        word_basis(plain.weights[0], 5, 2)

@@ -64,3 +64,34 @@ def test_encoder_and_keypoints_load_mapped_and_compute_as_before(tmp_path: Path)
     assert not back.descriptors.flags.owndata and not back.descriptors.flags.writeable
     for field in ("ids", "offsets", "xy", "descriptors", "words"):
         assert np.array_equal(getattr(back, field), getattr(kp, field)), field
+
+
+def test_rows_of_a_mapped_file_are_read_from_it_not_through_the_mapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from common.files import read_rows
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "xy": rng.random((1000, 2)).astype(np.float32),
+        "descriptors": rng.integers(0, 256, (1000, 32), dtype=np.uint8),
+        "angles": rng.random(1000).astype(np.float16),
+    }
+    mapped = mapped_npz(atomic_savez(tmp_path / "k.npz", **arrays))
+    starts, ends = np.array([5, 0, 990, 400, 7]), np.array([9, 3, 1000, 400, 8])  # one empty range
+    reads: list[int] = []
+    real = os.preadv
+
+    def counting(fd: int, buffers: list, offset: int) -> int:
+        reads.append(offset)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counting)
+    for name, a in arrays.items():
+        expected = np.concatenate([a[s:e] for s, e in zip(starts, ends, strict=True)])
+        assert np.array_equal(read_rows(mapped[name], starts, ends), expected)
+        assert np.array_equal(read_rows(a, starts, ends), expected)  # an array in memory: indexed
+    assert len(reads) == 4 * len(arrays)  # one read per non-empty range of a mapped array
+    assert read_rows(mapped["xy"], np.array([3]), np.array([3])).shape == (0, 2)

@@ -98,3 +98,49 @@ def test_missing_or_bad_pointer(tmp_path: Path) -> None:
     (family / "CURRENT").write_text("../../etc")
     with pytest.raises(store.IndexLoadError, match="not an index version"):
         store.current_version(family)
+
+
+def test_files_are_hashed_once_per_machine_until_they_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    version = publish_some(tmp_path, [1, 2, 3])
+    names = sorted(json.loads((version / "manifest.json").read_text())["checksums"])
+    hashed: list[str] = []
+    real = store.sha256_file
+
+    def counting(path: Path) -> str:
+        hashed.append(path.name)
+        return real(path)
+
+    def age(name: str) -> None:  # as if written a minute ago
+        t = (version / name).stat().st_mtime - 60
+        os.utime(version / name, (t, t))
+
+    monkeypatch.setattr(store, "sha256_file", counting)
+    store.load(version)
+    # Just written: a hash taken in the same clock tick could miss a write, so they are hashed again.
+    assert sorted(hashed) == names
+    for name in names:
+        age(name)
+    store.load(version)  # changed times: hashed, and now vouched for
+    hashed.clear()
+    store.load(version)
+    assert hashed == []
+    # A file written again (even with the same bytes) is hashed again.
+    (version / "index.faiss").write_bytes((version / "index.faiss").read_bytes())
+    store.load(version)
+    assert hashed == ["index.faiss"]
+    # Without the record (another machine, a read-only copy), every file is hashed.
+    (version / store.CHECKED).unlink()
+    hashed.clear()
+    store.load(version)
+    assert sorted(hashed) == names
+    # Altered behind the record's back, same size, time set back: the inode or time still differ.
+    for name in names:
+        age(name)
+    store.load(version)
+    data = bytearray((version / "encoder.npz").read_bytes())
+    data[-1] ^= 0xFF
+    (version / "encoder.npz").write_bytes(bytes(data))
+    with pytest.raises(store.IndexLoadError, match="checksum mismatch"):
+        store.load(version)

@@ -51,6 +51,47 @@ def test_matching_finds_the_same_scene_and_not_another() -> None:
     assert inl[0] > 30 and inl[0] > 5 * max(inl[1], 1)
 
 
+def brute_force_matches(q_desc, q_words, store, rows, max_hamming, ratio):
+    """The matching rule, pair by pair: for each map keypoint the nearest query keypoint of its word
+    (lowest index on ties), kept by the distance and ratio tests; then each query keypoint's nearest
+    map keypoint per candidate (lowest Hamming, then lowest map index)."""
+    best: dict[tuple[int, int], tuple[int, int]] = {}
+    for c, r in enumerate(rows):
+        for m in range(store.offsets[r], store.offsets[r + 1]):
+            same = [i for i in range(len(q_words)) if q_words[i] == store.words[m]]
+            if not same:
+                continue
+            d = [int(np.unpackbits(q_desc[i] ^ store.descriptors[m]).sum()) for i in same]
+            j = int(np.argmin(d))
+            second = sorted(d)[1] if len(d) > 1 else np.inf
+            if d[j] <= max_hamming and d[j] < ratio * second:
+                key, val = (c, same[j]), (d[j], m)
+                best[key] = min(best.get(key, val), val)
+    return sorted((c, q, m) for (c, q), (_, m) in best.items())
+
+
+def test_matching_equals_the_rule_pair_by_pair() -> None:
+    rng = np.random.default_rng(3)
+    # Few distinct bits, so that distances tie often: ties must go where the rule says.
+    base = rng.integers(0, 256, (6, 32), dtype=np.uint8)
+    def noisy(n: int) -> np.ndarray:
+        d = base[rng.integers(0, 6, n)].copy()
+        d[:, :2] ^= rng.integers(0, 4, (n, 2), dtype=np.uint8)
+        return d
+
+    feats = [OrbFeatures(rng.random((n, 2)).astype(np.float32), noisy(n)) for n in (40, 0, 25, 60)]
+    store = MapFeatures.build([5, 6, 7, 8], feats, [rng.integers(0, 4, len(f.xy)) for f in feats])
+    q_desc, q_words = noisy(30), rng.integers(0, 5, 30)  # word 4 has no map keypoint
+    q_words[0] = 3  # and a word with a single query keypoint: no second nearest
+    rows = np.array([3, 0, 1, 2])
+    for max_hamming, ratio in ((64, 0.9), (6, 1.0), (3, 0.5)):
+        got = match_by_word(q_desc, q_words, store, rows, 5, max_hamming, ratio)
+        assert sorted(zip(*(a.tolist() for a in got), strict=True)) == brute_force_matches(
+            q_desc, q_words, store, rows, max_hamming, ratio
+        )
+    assert len(match_by_word(q_desc, q_words, store, rows, 5, 64, 0.9)[0]) > 20
+
+
 def test_map_features_roundtrip_and_sorted_by_word(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     f = OrbFeatures(rng.random((5, 2)).astype(np.float32), rng.integers(0, 255, (5, 32), dtype=np.uint8))

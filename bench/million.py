@@ -1,0 +1,353 @@
+#!/usr/bin/env python3
+"""A million map images served on one node (issue 14): `served_1m` in bench/results.json.
+
+    python bench/million.py --data ../shared/datasets/london [--size 1000000] [--workers 3] [--keep]
+
+Builds a collection of --size map entries and serves it through `imgsearch serve`:
+- the 3,291 London map images as they are served (embeddings, keypoints, paths, locations), ids
+  0..3290, and generated entries after them: embeddings drawn with the covariance of the real ones
+  (bench/ann.py's Generator: places, and photos of each place), a generated keypoint set each
+  (--keypoints keypoints: positions, orientations, descriptors and visual words drawn at random) and
+  a location in London's bounding box;
+- indexed by the indexer's own rule (indexer/kinds.py: above `exact_below`, fast-scan PQ codes with
+  exact re-rank from the float vectors on disk), published as an index version with the London
+  version's encoder, vectorizer and heads, in a data folder of its own under --work;
+- then `imgsearch serve` (--workers uvicorn workers) answers the London held-out test queries through
+  POST /search, one client, while this script reads each request's stage timings from the server's
+  JSON log lines.
+
+Reports: search_p50_ms (the search stage of POST /search), exact_p50_ms (exact flat search of the same
+vectors, one query and one thread, in this process, same run), recall_at_10 of the served index's
+search against that exact search (the version the server serves, loaded here), rss_mb / pss_mb of
+the serving tree after the queries, ready_s (start to /readyz), and the HTTP p50. --work is removed
+afterwards unless --keep (its files take ~8 GB at 1M).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+# bench/ is sys.path[0] for these scripts
+from ann import Generator, recall_at_k
+from procstat import process_tree, pss_mb, rss_mb, stop_server
+from run import free_port, wait_ready
+
+from app.core.config import Settings
+from common.clock import utc_timestamp
+from common.presets import confs, get_conf
+from common.threads import single_threaded_kernels
+from dataset.layout import DatasetError, Location, load_dataset
+from dataset.split import load_split
+from features.decode import ImageDecodeError
+from features.orb import NoKeypointsError
+from indexer import store
+from indexer.kinds import build_index
+from model.verify import MapFeatures
+from retrieval.searcher import Query, Searcher
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 10
+
+
+def generated_keypoints(real: MapFeatures, n: int, per_image: int, n_words: int, seed: int) -> MapFeatures:
+    """The real map images' keypoints, then n - len(real.ids) generated sets of per_image keypoints
+    (each sorted by word, as MapFeatures keeps them); ids 0..n-1, the real ones first."""
+    n_real = len(real.ids)
+    if not np.array_equal(real.ids, np.arange(n_real)):
+        raise ValueError("the served version's keypoints are not ids 0..n-1 in order")
+    m = n - n_real
+    rng = np.random.default_rng([seed, 5])
+    words = np.sort(rng.integers(0, n_words, size=(m, per_image), dtype=np.int32), axis=1).ravel()
+    side = 341.0  # the presets' image size (max_side)
+    return MapFeatures(
+        ids=np.arange(n, dtype=np.int64),
+        offsets=np.concatenate([real.offsets, real.offsets[-1] + per_image * np.arange(1, m + 1)]).astype(np.int64),
+        xy=np.concatenate([real.xy, rng.uniform(0, side, size=(m * per_image, 2)).astype(np.float32)]),
+        descriptors=np.concatenate([real.descriptors, rng.integers(0, 256, size=(m * per_image, 32), dtype=np.uint8)]),
+        words=np.concatenate([real.words, words]),
+        angles=np.concatenate([real.angles, rng.uniform(0, 360, size=m * per_image).astype(np.float16)]),
+    )
+
+
+def generated_records(real: dict[int, store.ImageRecord], n: int, seed: int) -> list[store.ImageRecord]:
+    """The real map images' records, then generated ones at random places in their bounding box."""
+    recs = [real[i] for i in range(len(real))]
+    e = np.array([r.loc.easting for r in recs])
+    no = np.array([r.loc.northing for r in recs])
+    rng = np.random.default_rng([seed, 6])
+    m = n - len(recs)
+    east, north = rng.uniform(e.min(), e.max(), m), rng.uniform(no.min(), no.max(), m)
+    heading = rng.uniform(0, 360, m)
+    for j in range(m):
+        i = len(real) + j
+        recs.append(store.ImageRecord(i, f"database/generated/{i:07d}.jpg", Location(east[j], north[j], heading[j])))
+    return recs
+
+
+def write_data_folder(folder: Path, london: Path, records: list[store.ImageRecord]) -> Path:
+    """A data folder in the course layout naming every map entry (the server checks it; the real
+    images resolve through a link to the London folder's, the generated ones have no file)."""
+    (folder / "database").mkdir(parents=True)
+    (folder / "query").mkdir()
+    db = {"loc": [r.loc.as_list() for r in records], "im_paths": [r.path for r in records]}
+    (folder / "database" / "database.json").write_text(json.dumps(db), encoding="utf-8")
+    shutil.copyfile(london / "query" / "query.json", folder / "query" / "query.json")
+    (folder / "database" / "images").symlink_to((london / "database" / "images").resolve())
+    return folder
+
+
+def build_collection(
+    args: argparse.Namespace, london: store.LoadedIndex
+) -> tuple[Path, Path, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Data folder and published version of the collection; returns (data folder, version, vectors,
+    generated queries, build figures)."""
+    t0 = time.perf_counter()
+    real_ids, real_x = store.index_contents(london.index)
+    order = np.argsort(real_ids)
+    real_ids, real_x = real_ids[order], real_x[order]
+    if not np.array_equal(real_ids, np.arange(len(real_ids))) or args.size <= len(real_ids):
+        raise ValueError(f"need a served version with ids 0..n-1 and --size above its {len(real_ids)} images")
+    gen = Generator(real_x, max(1, (args.size - len(real_ids)) // args.per_place), args.spread, args.seed)
+    xb = np.empty((args.size, real_x.shape[1]), np.float32)
+    xb[: len(real_ids)] = real_x
+    row = len(real_ids)
+    for chunk in gen.database(args.size - len(real_ids)):
+        xb[row : row + len(chunk)] = chunk
+        row += len(chunk)
+    generate_s = time.perf_counter() - t0
+    # The indexer's rule of today's preset (the London version may predate it) picks the index kind.
+    conf = dict(london.manifest["conf"], index=get_conf(london.manifest["conf"]["preset"])["index"])
+    t0 = time.perf_counter()
+    index = build_index(conf["index"], xb, np.arange(args.size, dtype=np.int64))
+    index_s = time.perf_counter() - t0
+    records = generated_records(london.images, args.size, args.seed)
+    data = write_data_folder(args.work / "data", args.data, records)
+    files = {n: london.directory / n for n in ("vectorizer.npz", "encoder.npz", "split.json")}
+    if london.verifier is not None:
+        kp = generated_keypoints(london.verifier.store, args.size, args.keypoints, london.vectorizer.n_words, args.seed)
+        files["verify.npz"] = kp.save(args.work / "verify.npz")
+        del kp
+    skip = ("version", "count", "dim", "checksums", "shards", "index_kinds", "metrics")
+    manifest = {k: v for k, v in london.manifest.items() if k not in skip} | {"conf": conf}
+    manifest |= {"data": str(data), "generated": {"size": args.size, "keypoints": args.keypoints, "seed": args.seed}}
+    t0 = time.perf_counter()
+    family = store.index_family(args.work / "artifacts", data, conf["preset"])
+    version = store.publish(family, index, records, files, manifest)
+    publish_s = time.perf_counter() - t0
+    (args.work / "verify.npz").unlink(missing_ok=True)
+    figures = {"generate_s": round(generate_s, 1), "index_build_s": round(index_s, 1), "publish_s": round(publish_s, 1)}
+    return data, version, xb, gen.queries(args.generated_queries), figures
+
+
+def hit_rate(found: np.ndarray, relevant: np.ndarray) -> float:
+    """Share of queries with a relevant map image among their ids (relevant: (nq, n_real) bool; the
+    generated entries are relevant to no query)."""
+    ok = [bool(np.any(relevant[r, f[(f >= 0) & (f < relevant.shape[1])]])) for r, f in enumerate(found)]
+    return round(float(np.mean(ok)), 4)
+
+
+def exact_and_served(
+    version: Path, xb: np.ndarray, queries: list[Query], xg: np.ndarray, relevant: np.ndarray
+) -> dict[str, Any]:
+    """Exact search of the same vectors against the served version's own search, in this process,
+    for the London queries (xq, timed) and for generated ones (xg: new photos of generated places,
+    whose neighbours are generated entries, where the codes must tell near-alike vectors apart)."""
+    threads = faiss.omp_get_max_threads()
+    flat = faiss.IndexFlatL2(xb.shape[1])
+    flat.add(xb)
+    served = store.load(version)
+    recall = {}
+    xq = np.concatenate([q.embedding for q in queries])
+    for name, x in (("recall_at_10", xg), ("recall_at_10_london_queries", xq)):
+        _, truth = flat.search(x, K)
+        found = served.index.search(x, K)[1]
+        recall[name] = round(recall_at_k(found, truth), 4)
+    # What the user sees of it: London test queries with a relevant map image in the first stage's
+    # top 10 among all entries, exact search against the served index.
+    recall["london_first_stage_r10_exact"] = hit_rate(truth, relevant)
+    recall["london_first_stage_r10_served"] = hit_rate(found, relevant)
+    # And after verification and expansion (the whole ranking of POST /search), over either index.
+    for name, index in (("exact", flat), ("served", served.index)):
+        searcher = Searcher(dataclasses.replace(served, index=index))  # flat rows are the ids 0..n-1
+        ranked = np.array([[h.id for h in searcher.rank(q, K)] for q in queries])
+        recall[f"london_r10_{name}_index"] = hit_rate(ranked, relevant)
+    faiss.omp_set_num_threads(1)  # one query on one thread, as `imgsearch serve` runs FAISS
+    try:
+        exact, local = [], []
+        for q in xq:
+            t0 = time.perf_counter()
+            flat.search(q[None, :], K)
+            exact.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            served.index.search(q[None, :], K)
+            local.append(time.perf_counter() - t0)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return {
+        "index_kind": served.manifest["index_kinds"][0],
+        "exact_p50_ms": round(1000 * float(np.median(exact)), 2),
+        "search_inproc_p50_ms": round(1000 * float(np.median(local)), 3),
+        **recall,
+    }
+
+
+def serve_queries(args: argparse.Namespace, data: Path, preset: str, files: list[Path]) -> dict[str, Any]:
+    """`imgsearch serve` on the collection; the queries through POST /search, one client."""
+    import httpx
+
+    port = free_port()
+    env = os.environ | {
+        "IMGSEARCH_DATA": str(data),
+        "IMGSEARCH_ARTIFACTS": str(args.work / "artifacts"),
+        "IMGSEARCH_PRESET": preset,
+        "IMGSEARCH_PORT": str(port),
+        "IMGSEARCH_WORKERS": str(args.workers),
+        "IMGSEARCH_LOG_FORMAT": "json",
+    }
+    log_path = args.work / "server.log"
+    with open(log_path, "wb") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve"], cwd=ROOT, env=env, stdout=log, stderr=log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            ready_s = wait_ready(url, proc, t0, args.workers, timeout=900)
+            # Every worker loads the collection on its own: nothing is timed before the last one
+            # serves (each logs "serving index" once loaded).
+            while log_path.read_text(encoding="utf-8", errors="replace").count("serving index") < args.workers:
+                if proc.poll() is not None or time.perf_counter() - t0 > 900:
+                    raise RuntimeError("not every worker loaded the collection")
+                time.sleep(0.2)
+            all_ready_s = time.perf_counter() - t0
+            took, answers = [], []
+            with httpx.Client(timeout=120) as c:
+                for f in files[: 2 * args.workers]:  # every worker answers once before anything counts
+                    c.post(f"{url}/search", params={"k": K}, files={"file": ("q.jpg", f.read_bytes())})
+                first_timed = sum(1 for _ in log_path.open(encoding="utf-8", errors="replace"))
+                for f in files:
+                    t1 = time.perf_counter()
+                    r = c.post(f"{url}/search", params={"k": K}, files={"file": ("q.jpg", f.read_bytes())})
+                    took.append(time.perf_counter() - t1)
+                    if r.status_code != 200:
+                        raise RuntimeError(f"POST /search answered {r.status_code}: {r.text[:200]}")
+                    answers.append([h["id"] for h in r.json()["results"]])
+            pids = process_tree(proc.pid)
+            rss = {p: rss_mb(p) for p in pids}
+            pss = {p: pss_mb(p) for p in pids}
+        finally:
+            stop_server(proc)
+    stages: dict[str, list[float]] = {}
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines()[first_timed:]:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        for stage, ms in (rec.get("timings_ms") or {}).items():
+            stages.setdefault(stage, []).append(float(ms))
+    if len(stages.get("search", [])) < len(files):
+        raise RuntimeError(f"the server logged {len(stages.get('search', []))} search timings for {len(files)} queries")
+    return {
+        "workers": args.workers,
+        "search_p50_ms": round(float(np.median(stages["search"])), 3),
+        "stages_p50_ms": {s: round(float(np.median(v)), 2) for s, v in stages.items()},
+        "http_p50_ms": round(1000 * float(np.median(took)), 2),
+        "answers": answers,
+        "rss_mb": round(sum(rss.values()), 1),
+        "rss_mb_by_process": sorted(rss.values(), reverse=True),
+        "pss_mb": round(sum(pss.values()), 1),
+        "ready_s": round(ready_s, 2),
+        "all_workers_ready_s": round(all_ready_s, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "london")
+    p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
+    p.add_argument("--preset", choices=sorted(confs), default=Settings().preset)
+    p.add_argument("--size", type=int, default=1_000_000, help="map entries in the collection (default 1,000,000)")
+    p.add_argument("--keypoints", type=int, default=64, help="keypoints of each generated entry (default 64)")
+    p.add_argument("--workers", type=int, default=Settings().workers, help="uvicorn workers (default: the setting)")
+    p.add_argument("--queries", type=int, default=100, help="held-out test queries sent (default 100)")
+    p.add_argument("--generated-queries", type=int, default=1000, help="generated queries for recall (default 1000)")
+    p.add_argument("--per-place", type=int, default=20, help="generated entries per generated place (default 20)")
+    p.add_argument("--spread", type=float, default=1.0, help="photo noise relative to the place spread")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench-1m", help="where the collection is built")
+    p.add_argument("--keep", action="store_true", help="keep --work afterwards")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    args = p.parse_args(argv)
+    small = min(args.keypoints, args.workers, args.per_place) < 1 or min(args.queries, args.generated_queries) < 5
+    if args.size < 10_000 or small:
+        p.error("--size >= 10000; --keypoints, --workers, --per-place >= 1; --queries, --generated-queries >= 5")
+    if args.spread <= 0:
+        p.error("--spread must be > 0")
+    settings = Settings(data=args.data, artifacts=args.artifacts, preset=args.preset)
+    try:
+        ds = load_dataset(args.data, check_files=False)
+        family = store.index_family(settings.artifacts, settings.data_root, settings.preset)
+        london = store.load(store.current_version(family))
+    except (DatasetError, OSError, ValueError) as e:
+        print(f"million: {e} (build the London index first: imgsearch build)", file=sys.stderr)
+        return 2
+    single_threaded_kernels()
+    rows = load_split(london.directory / "split.json", ds.queries.paths)["test"][: args.queries]
+    files = [ds.image_path(ds.queries.paths[q]) for q in rows]
+    searcher = Searcher(london)
+    xq, sent, kept = [], [], []
+    for q, f in zip(rows, files, strict=True):
+        try:
+            xq.append(searcher.analyze(f.read_bytes()))
+        except (ImageDecodeError, NoKeypointsError):
+            continue
+        sent.append(f)
+        kept.append(q)
+    relevant = np.asarray(ds.sim[kept], bool)
+    args.n_real = len(london.images)
+    if args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True)
+    try:
+        data, version, xb, xg, out = build_collection(args, london)
+        print(f"collection: {json.dumps(out)}", flush=True)
+        del london, searcher
+        out |= exact_and_served(version, xb, xq, xg, relevant)
+        del xb
+        print(f"exact and served search: {json.dumps(out)}", flush=True)
+        served = serve_queries(args, data, settings.preset, sent)
+        # Through POST /search (verified, expanded): London test queries with a relevant map image
+        # in the top 10 among all entries.
+        out |= {k: v for k, v in served.items() if k != "answers"}
+        out["london_r10_through_search"] = hit_rate(np.array(served["answers"]), relevant)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.work, ignore_errors=True)
+    out = {
+        "n": args.size,
+        "real_map_images": args.n_real,
+        "keypoints_per_generated_entry": args.keypoints,
+        "queries": len(sent),
+        **out,
+        "search_over_exact": round(out["search_p50_ms"] / out["exact_p50_ms"], 4),
+        "created": utc_timestamp(),
+    }
+    print(json.dumps(out), flush=True)
+    results = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
+    results["served_1m"] = out
+    args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

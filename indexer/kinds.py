@@ -1,0 +1,276 @@
+"""The served vector index, picked by collection size.
+
+- `flat-l2`: exact search (FAISS IndexFlatL2 under an IndexIDMap2), memory-mapped from the version's
+  index.faiss. Below `exact_below` vectors it is both exact and fast enough (3,291 London map images:
+  ~2 ms a query).
+- `pq-fastscan`: above it, every vector's 4-bit product-quantisation code (m x 4 bits: 32 bytes at
+  m 64) is scanned with SIMD distance tables (FAISS IndexPQFastScan, no coarse partition, so no true
+  neighbour is lost to an unprobed cell), and the codes' nearest `rerank` (at least k) are re-ranked
+  by their exact distance to the float vectors, which stay on disk (vectors.npz, memory-mapped: a query reads only
+  its shortlist's rows, and all workers share the pages). bench/ann.py compares the alternatives;
+  bench/run.py serves a million vectors this way (`served_1m` in bench/results.json).
+
+A PQIndex answers the calls the service makes of a FAISS index (search, add_with_ids, remove_ids,
+ntotal, d), so the searcher and the living index do not care which kind they hold. An online add is
+encoded into the codes at once and its float vector kept in memory until the next version is
+published; a delete takes the code out. Changes go to a copy (`copy_for_change`): the codes are small
+(32 MB a million) and copied, the float vectors on disk are shared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from common.files import atomic_savez, mapped_npz, read_rows
+
+EXACT = "flat-l2"
+PQ = "pq-fastscan"
+KINDS = ("auto", EXACT, PQ)
+VECTORS_FILE = "vectors.npz"  # the float vectors a pq-fastscan index re-ranks with
+
+
+def new_flat_index(dim: int) -> faiss.Index:
+    # IndexIDMap2 keeps our ids in the index; the id map file gives each id its image.
+    return faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
+
+
+def index_kind(conf: dict[str, Any], n: int) -> str:
+    """The kind of index for n vectors under the preset's `index` conf; raises ValueError on a
+    conf that names no kind."""
+    kind = str(conf.get("type", "auto"))
+    if kind not in KINDS:
+        raise ValueError(f"unknown index type {kind!r}; known: {', '.join(KINDS)}")
+    if kind == "auto":
+        return PQ if n >= int(conf["exact_below"]) else EXACT
+    return kind
+
+
+class PQIndex:
+    """Fast-scan PQ codes of every vector, whose shortlist is re-ranked exactly (module docstring).
+
+    Codes sit in slots, in the order they were added: the version's vectors first, sorted by id (their
+    float vectors are the rows of the version's vectors.npz), then those added online (float vectors
+    in memory). A delete marks its slot dead rather than taking the code out (FAISS's fast-scan
+    remove_ids scrambles the codes added after it, measured on faiss 1.15), and dead slots are left
+    out of every answer; publishing a version writes the live ones only."""
+
+    kind = PQ
+
+    def __init__(
+        self,
+        codes: faiss.IndexPQFastScan,
+        slot_ids: np.ndarray,
+        base: np.ndarray,
+        rerank: int,
+        alive: np.ndarray | None = None,
+        added: list[np.ndarray] | None = None,
+        added_slot: dict[int, int] | None = None,
+    ) -> None:
+        self.codes = codes
+        self.slot_ids = slot_ids  # (slots,) int64: the id whose code each slot holds
+        self.base = base  # (n_base, d) float32 vectors of the first slots, memory-mapped
+        self.rerank = int(rerank)  # codes' candidates re-ranked exactly (at least k)
+        self.alive = np.ones(len(slot_ids), bool) if alive is None else alive
+        self.added = list(added or [])  # float vectors of the slots after the base ones
+        self.added_slot = dict(added_slot or {})  # id -> its live slot among those added online
+        self._ntotal = int(self.alive.sum())
+
+    @classmethod
+    def build(cls, xb: np.ndarray, ids: np.ndarray, conf: dict[str, Any], seed: int = 0) -> PQIndex:
+        """Codes trained on (a seeded sample of) xb itself, then every vector encoded."""
+        xb = np.ascontiguousarray(xb, np.float32)
+        ids = np.asarray(ids, np.int64)
+        if xb.ndim != 2 or len(xb) != len(ids):
+            raise ValueError(f"{len(ids)} ids for vectors of shape {xb.shape}")
+        m = int(conf["m"])
+        if xb.shape[1] % m:
+            raise ValueError(f"dimension {xb.shape[1]} does not split into m={m} sub-vectors")
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("the ids of an index must be unique")
+        if not np.all(ids[1:] > ids[:-1]):  # base slots are in id order, so an id finds its row by bisection
+            order = np.argsort(ids, kind="stable")
+            xb, ids = xb[order], ids[order]
+        codes = faiss.IndexPQFastScan(xb.shape[1], m, 4)
+        n_train = min(len(xb), int(conf["train_size"]))
+        rows = np.sort(np.random.default_rng(seed).choice(len(xb), size=n_train, replace=False))
+        codes.train(np.ascontiguousarray(xb[rows]))
+        for start in range(0, len(xb), 65536):
+            codes.add(xb[start : start + 65536])
+        return cls(codes, ids, xb, int(conf["rerank"]))
+
+    @property
+    def d(self) -> int:
+        return int(self.codes.d)
+
+    @property
+    def ntotal(self) -> int:
+        return self._ntotal
+
+    def ids(self) -> np.ndarray:
+        """The served ids, in slot order."""
+        return self.slot_ids[self.alive]
+
+    def _slots_of(self, ids: np.ndarray) -> np.ndarray:
+        """The live slot of each id, -1 where it has none."""
+        ids = np.asarray(ids, np.int64)
+        out = np.full(len(ids), -1, np.int64)
+        n_base = len(self.base)
+        if n_base:
+            rows = np.minimum(np.searchsorted(self.slot_ids[:n_base], ids), n_base - 1)
+            hit = (self.slot_ids[rows] == ids) & self.alive[rows]
+            out[hit] = rows[hit]
+        for p, i in enumerate(ids.tolist()):
+            if i in self.added_slot:
+                out[p] = self.added_slot[i]
+        return out
+
+    def _vectors(self, slots: np.ndarray) -> np.ndarray:
+        out = np.empty((len(slots), self.d), np.float32)
+        n_base = len(self.base)
+        stored = np.flatnonzero(slots < n_base)
+        order = stored[np.argsort(slots[stored])]  # read the file front to back
+        out[order] = read_rows(self.base, slots[order], slots[order] + 1)
+        for p in np.flatnonzero(slots >= n_base):
+            out[p] = self.added[int(slots[p]) - n_base]
+        return out
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """The float vectors of these served ids; KeyError for one that is not served."""
+        slots = self._slots_of(ids)
+        if np.any(slots < 0):
+            raise KeyError(f"ids not in the index: {np.asarray(ids)[slots < 0][:5].tolist()}")
+        return self._vectors(slots)
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(squared distances, ids) of the k nearest, each row sorted; -1 ids pad short answers."""
+        x = np.ascontiguousarray(x, np.float32)
+        d2 = np.full((len(x), max(k, 0)), np.inf, np.float32)
+        found = np.full((len(x), max(k, 0)), -1, np.int64)
+        if k <= 0 or self.ntotal == 0:
+            return d2, found
+        dead = len(self.alive) - self.ntotal  # dead codes can fill the shortlist: ask for that many more
+        # The top 10 of the 100 nearest codes: recall@10 0.999 against exact at 1M (BENCHMARKS.md).
+        # A deeper k (the expansion pool of 200) is re-ranked as deep, not 10 x deeper: its tail
+        # only feeds expansion, which looks at places, not at the exact order.
+        _, cand = self.codes.search(x, min(len(self.alive), max(k, self.rerank) + dead))
+        for r, row in enumerate(cand):
+            slots = row[row >= 0]
+            slots = slots[self.alive[slots]]
+            exact = ((self._vectors(slots) - x[r]) ** 2).sum(axis=1)
+            top = np.argsort(exact, kind="stable")[:k]
+            d2[r, : len(top)], found[r, : len(top)] = exact[top], self.slot_ids[slots[top]]
+        return d2, found
+
+    def add_with_ids(self, x: np.ndarray, ids: np.ndarray) -> None:
+        """Encode and serve these vectors (an id must not be served already: remove it first)."""
+        x = np.ascontiguousarray(x, np.float32)
+        ids = np.asarray(ids, np.int64)
+        if np.any(self._slots_of(ids) >= 0):
+            raise ValueError("an id to add is served already; remove it first")
+        first = len(self.alive)
+        self.codes.add(x)  # encoded now: the codes stay in step with the online adds
+        self.slot_ids = np.concatenate([self.slot_ids, ids])
+        self.alive = np.concatenate([self.alive, np.ones(len(ids), bool)])
+        for j, (i, v) in enumerate(zip(ids.tolist(), x, strict=True)):
+            self.added.append(v.copy())
+            self.added_slot[i] = first + j
+        self._ntotal += len(ids)
+
+    def remove_ids(self, ids: np.ndarray) -> int:
+        slots = self._slots_of(ids)
+        slots = np.unique(slots[slots >= 0])
+        self.alive[slots] = False
+        for i in np.asarray(ids, np.int64).tolist():
+            self.added_slot.pop(i, None)
+        self._ntotal -= len(slots)
+        return len(slots)
+
+    def copy(self) -> PQIndex:
+        """A copy safe to change while this one serves: its own codes and slot tables (small), the same
+        read-only float vectors on disk."""
+        return PQIndex(
+            faiss.clone_index(self.codes),
+            self.slot_ids.copy(),
+            self.base,
+            self.rerank,
+            self.alive.copy(),
+            self.added,
+            self.added_slot,
+        )
+
+    def save(self, index_path: Path, vectors_path: Path) -> None:
+        """The live codes to index_path, their float vectors to vectors_path, both in id order. Without
+        online changes the codes are written as they are; otherwise the live vectors are encoded
+        again by the same trained quantizer."""
+        ids = np.sort(self.ids())
+        xb = self.vectors_of(ids)
+        codes = self.codes
+        if len(self.alive) != len(self.base) or not self.alive.all():
+            codes = faiss.clone_index(self.codes)
+            codes.reset()  # keeps the trained codebooks
+            for start in range(0, len(xb), 65536):
+                codes.add(xb[start : start + 65536])
+        faiss.write_index(codes, str(index_path))
+        atomic_savez(vectors_path, ids=ids, vectors=xb, rerank=np.array(self.rerank))
+
+    @classmethod
+    def load(cls, index_path: Path, vectors_path: Path) -> PQIndex:
+        codes = faiss.read_index(str(index_path))
+        if not isinstance(codes, faiss.IndexPQFastScan):
+            raise ValueError(f"{index_path} holds no fast-scan PQ codes")
+        z = mapped_npz(vectors_path)
+        ids = np.asarray(z["ids"], np.int64)
+        if z["vectors"].shape != (len(ids), codes.d) or codes.ntotal != len(ids):
+            raise ValueError(f"{vectors_path}: vectors of shape {z['vectors'].shape} for {codes.ntotal} codes")
+        if not np.all(ids[1:] > ids[:-1]):
+            raise ValueError(f"{vectors_path}: ids are not sorted and unique")
+        return cls(codes, ids, z["vectors"], int(z["rerank"]))
+
+
+AnyIndex = faiss.Index | PQIndex
+
+
+def build_index(conf: dict[str, Any], xb: np.ndarray, ids: np.ndarray) -> AnyIndex:
+    """The kind of index the collection's size calls for (index_kind), holding xb under ids."""
+    if index_kind(conf, len(ids)) == PQ:
+        return PQIndex.build(xb, ids, conf)
+    index = new_flat_index(int(xb.shape[1]))
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(xb, np.float32), np.asarray(ids, np.int64))
+    return index
+
+
+def index_ids(index: AnyIndex) -> np.ndarray:
+    """The ids held, in storage order."""
+    if isinstance(index, PQIndex):
+        return index.ids()
+    if index.ntotal == 0:
+        return np.zeros(0, np.int64)
+    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+
+
+def index_contents(index: AnyIndex) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float vectors) held, in storage order."""
+    ids = index_ids(index)
+    if isinstance(index, PQIndex):
+        return ids, index.vectors_of(ids)
+    if index.ntotal == 0:
+        return ids, np.zeros((0, index.d), np.float32)
+    return ids, faiss.downcast_index(index).index.reconstruct_n(0, index.ntotal)
+
+
+def copy_for_change(index: AnyIndex) -> AnyIndex:
+    """A copy to apply online changes to while `index` keeps serving. FAISS indexes are not safe to
+    change while another thread searches them, and a flat index memory-mapped from its file cannot be
+    changed at all: the flat copy owns its vectors."""
+    if isinstance(index, PQIndex):
+        return index.copy()
+    out = new_flat_index(index.d)
+    ids, xb = index_contents(index)
+    if len(ids):
+        out.add_with_ids(xb, ids)
+    return out

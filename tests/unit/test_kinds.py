@@ -1,0 +1,169 @@
+"""The served index by collection size (indexer/kinds.py): exact below the threshold, fast-scan PQ
+with exact re-rank above it, persisted, sharded, and kept in step with online changes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from dataset.layout import Location
+from indexer import store
+from indexer.kinds import EXACT, PQ, PQIndex, build_index, index_kind
+from retrieval.live import LiveIndex, compact
+
+PQ_CONF = {"type": "auto", "exact_below": 1000, "m": 8, "rerank": 100, "train_size": 4096}
+
+
+def clustered(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
+    """Unit vectors around n // 10 places, as photos of places are."""
+    rng = np.random.default_rng(seed)
+    places = rng.normal(size=(max(1, n // 10), d))
+    x = places[rng.integers(len(places), size=n)] + 0.3 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute(xb: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    d2 = ((xb[None, :, :] - q[:, None, :]) ** 2).sum(axis=2)
+    top = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d2, top, axis=1), ids[top]
+
+
+def test_the_kind_follows_the_collection_size() -> None:
+    assert index_kind(PQ_CONF, 999) == EXACT and index_kind(PQ_CONF, 1000) == PQ
+    assert index_kind({"type": "flat-l2"}, 10**7) == EXACT  # versions written before kinds
+    assert index_kind({"type": PQ}, 10) == PQ
+    with pytest.raises(ValueError, match="unknown index type 'hnsw'"):
+        index_kind({"type": "hnsw"}, 10)
+    xb = clustered(1200)
+    assert isinstance(build_index(PQ_CONF, xb, np.arange(1200)), PQIndex)
+    small = build_index(PQ_CONF, xb[:500], np.arange(500))
+    assert isinstance(small, faiss.Index) and small.ntotal == 500
+
+
+def test_fast_scan_shortlist_reranked_exactly_finds_the_true_neighbours() -> None:
+    both = clustered(5200)  # queries are new photos of the map's places
+    xb, q = both[:5000], both[5000:]
+    ids = np.arange(5000, dtype=np.int64) * 7 + 3  # ids are not row numbers
+    index = PQIndex.build(xb, ids, PQ_CONF)
+    d2, found = index.search(q, 10)
+    _, truth = brute(xb, ids, q, 10)
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
+    assert recall >= 0.95
+    # The distances are the exact ones of the ids returned (re-ranked against the float vectors).
+    rows = (found - 3) // 7
+    assert np.allclose(d2, ((xb[rows] - q[:, None, :]) ** 2).sum(axis=2), atol=1e-5)
+    assert np.all(np.diff(d2, axis=1) >= 0)
+    # Without the re-rank (the codes' top 10 alone) the PQ order is far worse: the re-rank does the work.
+    rough = PQIndex(index.codes, index.slot_ids, index.base, 1)
+    rough_recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(rough.search(q, 10)[1], truth, strict=True)])
+    assert rough_recall < recall - 0.1
+    # Asking for more than there is pads with -1.
+    d2, found = PQIndex.build(xb[:20], ids[:20], PQ_CONF | {"train_size": 20}).search(q[:1], 30)
+    assert (found[0, :20] >= 0).all() and (found[0, 20:] == -1).all() and np.isinf(d2[0, 20:]).all()
+
+
+def test_online_adds_and_deletes_keep_the_codes_in_step_on_a_copy() -> None:
+    xb, ids = clustered(3000), np.arange(3000, dtype=np.int64)
+    index = PQIndex.build(xb, ids, PQ_CONF)
+    changed = index.copy()
+    new = clustered(3005)[3000:]
+    changed.add_with_ids(new, np.array([5000, 5001, 5002, 5003, 5004]))
+    assert changed.remove_ids(np.array([10, 11, 5004])) == 3
+    d2, found = changed.search(new[:4], 1)
+    assert found[:, 0].tolist() == [5000, 5001, 5002, 5003] and np.allclose(d2, 0, atol=1e-6)
+    assert 10 not in changed.search(xb[10:11], 50)[1] and 5004 not in changed.search(new[4:], 50)[1]
+    assert changed.ntotal == 3000 + 5 - 3
+    # The served one is untouched: a request searching it meanwhile sees the version as it was.
+    assert index.ntotal == 3000 and index.search(xb[10:11], 1)[1][0, 0] == 10
+    assert 5000 not in index.search(new[:1], 50)[1]
+    # A re-added id (an image replaced) serves its new vector, not the stored one.
+    changed.remove_ids(np.array([7]))
+    changed.add_with_ids(new[:1], np.array([7]))
+    assert changed.search(new[:1], 2)[1][0].tolist()[:2] in ([5000, 7], [7, 5000])
+    assert np.array_equal(changed.vectors_of(np.array([7]))[0], new[0])
+    with pytest.raises(ValueError, match="served already"):
+        changed.add_with_ids(new[:1], np.array([7]))
+    # Deletes first, adds after (what FAISS's own fast-scan remove_ids gets wrong): all still found.
+    other = index.copy()
+    other.remove_ids(np.array([10, 11]))
+    other.add_with_ids(new, np.array([6000, 6001, 6002, 6003, 6004]))
+    assert other.search(new, 1)[1][:, 0].tolist() == [6000, 6001, 6002, 6003, 6004]
+
+
+def publish_pq(tmp_path: Path, shards: int = 1) -> tuple[Path, np.ndarray]:
+    from model.vectorize import Vectorizer
+    from tests.unit.test_store import VECTOR_CONF, encoder_file
+
+    xb = clustered(1500, d=4)
+    ids = np.arange(1500, dtype=np.int64)
+    images = [store.ImageRecord(int(i), f"database/images/{i}.jpg", Location(1.0 * i, 2.0, 90.0)) for i in ids]
+    files = {
+        "encoder.npz": encoder_file(tmp_path, 4),
+        "vectorizer.npz": Vectorizer(VECTOR_CONF).save(tmp_path / "vectorizer.npz"),
+    }
+    conf = {"vector": VECTOR_CONF, "index": PQ_CONF | {"m": 2, "exact_below": 600}}
+    index = build_index(conf["index"], xb, ids)
+    store.publish(tmp_path / "family", index, images, files, {"preset": "t", "conf": conf}, shards)
+    return tmp_path / "family", xb
+
+
+def test_a_pq_version_is_published_loaded_and_checked(tmp_path: Path) -> None:
+    family, xb = publish_pq(tmp_path)
+    version = store.current_version(family)
+    manifest = store.load(version).manifest
+    assert manifest["index_kinds"] == [PQ] and "vectors.npz" in manifest["checksums"]
+    loaded = store.load(version)
+    assert isinstance(loaded.index, PQIndex) and isinstance(loaded.index.base, np.memmap)  # read on demand
+    assert loaded.index.search(xb[42:43], 1)[1][0, 0] == 42
+    # Two shards of 750 each: above the threshold of 600, each shard is a PQ index of its own.
+    family2, _ = publish_pq(tmp_path / "sharded", shards=2)
+    v2 = store.current_version(family2)
+    assert store.load(v2, store.Part(1, 2)).manifest["index_kinds"] == [PQ, PQ]
+    shard = store.load(v2, store.Part(1, 2)).index
+    assert isinstance(shard, PQIndex) and set(shard.ids().tolist()) == set(range(1, 1500, 2))
+    # The float vectors are checked like every other file: an altered one is refused.
+    vec = version / "vectors.npz"
+    data = bytearray(vec.read_bytes())
+    data[-8:] = b"\x00" * 8
+    vec.write_bytes(bytes(data))
+    with pytest.raises(store.IndexLoadError, match="checksum"):
+        store.load(version)
+
+
+def test_the_living_index_serves_online_changes_of_a_pq_version(
+    tiny_artifacts: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    artifacts = Path(shutil.copytree(tiny_artifacts, tmp_path / "artifacts"))
+    family = store.index_family(artifacts, tiny_data, "paper")
+    # The tiny map republished as a fast-scan PQ version (its threshold set below its size).
+    loaded = store.load(store.current_version(family))
+    ids, xb = store.index_contents(loaded.index)
+    conf = dict(loaded.manifest["conf"], index=PQ_CONF | {"m": 2, "exact_below": 1, "train_size": len(ids)})
+    files = {n: loaded.directory / n for n in ("vectorizer.npz", "encoder.npz", "split.json")}
+    skip = ("version", "count", "dim", "checksums", "shards", "index_kinds")
+    manifest = {k: v for k, v in loaded.manifest.items() if k not in skip} | {"conf": conf}
+    images = [loaded.images[i] for i in sorted(loaded.images)]
+    store.publish(family, build_index(conf["index"], xb, ids), images, files, manifest)
+    live = LiveIndex(family)
+    before = live.load_now()
+    assert isinstance(before.index, PQIndex)
+    img = sorted((tiny_data / "query" / "images").iterdir())[0].read_bytes()
+    rec = live.add(img, Location(700010.5, 5710003.25, 42.5))
+    after = live.sync()
+    assert after is not None and isinstance(after.index, PQIndex) and after.size == before.size + 1
+    query = after.analyze(img)
+    assert after.search_embedding(query.embedding, 1)[0].id == rec.id  # its code was added
+    assert rec.id not in {h.id for h in before.search_embedding(query.embedding, before.size)}
+    gone = int(ids[0])
+    live.delete(gone)
+    now = live.sync()
+    assert now is not None and gone not in {h.id for h in now.search_embedding(query.embedding, now.size)}
+    # Compaction folds the changes into a new PQ version: its codes and vectors hold the added image.
+    out = compact(family)
+    folded = store.load(out)
+    assert folded.manifest["index_kinds"] == [PQ] and rec.id in set(folded.index.ids().tolist())
+    assert gone not in set(folded.index.ids().tolist())
