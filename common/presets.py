@@ -220,8 +220,8 @@ confs["orb-dense-teblid-r5vlad-lw-verify-angle-expand"] = _merge(
 
 # The same with each region's projection factored through an r-dimensional descriptor basis shared
 # by its words (model/linear.py: word_basis): a query streams 5 x (256 r + 128 r x 256) weights
-# instead of 5 x 32,768 x 256. At r 96: 65 MB instead of 165 MB, embedding 12 ms instead of 28, and
-# validation R@1 53.0 / R@10 77.8 against 53.0 / 78.3 (r 64: 52.0 / 77.3; r 128: 53.0 / 77.8).
+# instead of 5 x 32,768 x 256. At r 96: 65 MB instead of 165 MB, and validation R@1 53.0 / R@10
+# 77.8 against 53.0 / 78.3 (r 64: 52.0 / 77.3; r 128: 53.0 / 77.8; README, issue 14).
 for _rank in (64, 96, 128):
     confs[f"orb-dense-teblid-r5vlad-wb{_rank}-lw-verify-angle-expand"] = _merge(
         confs["orb-dense-teblid-r5vlad-lw-verify-angle-expand"], {"model": {"word_basis": _rank}}
