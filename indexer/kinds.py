@@ -6,15 +6,15 @@
 - `pq-fastscan`: above it, every vector's 4-bit product-quantisation code (m x 4 bits: 32 bytes at
   m 64) is scanned with SIMD distance tables (FAISS IndexPQFastScan, no coarse partition, so no true
   neighbour is lost to an unprobed cell), and the codes' nearest `rerank` (at least k) are re-ranked
-  by their exact distance to the float vectors, which stay on disk (vectors.npz, memory-mapped: a query reads only
-  its shortlist's rows, and all workers share the pages). bench/ann.py compares the alternatives;
-  bench/run.py serves a million vectors this way (`served_1m` in bench/results.json).
+  by their exact distance to the float vectors, which stay on disk (vectors.npz: a query reads only
+  its shortlist's rows, with pread, into the page cache all workers share). bench/ann.py compares
+  the alternatives; bench/million.py serves a million vectors this way (`served_1m`).
 
 A PQIndex answers the calls the service makes of a FAISS index (search, add_with_ids, remove_ids,
 ntotal, d), so the searcher and the living index do not care which kind they hold. An online add is
 encoded into the codes at once and its float vector kept in memory until the next version is
-published; a delete takes the code out. Changes go to a copy (`copy_for_change`): the codes are small
-(32 MB a million) and copied, the float vectors on disk are shared.
+published; a delete marks its code dead. Changes go to a copy (`copy_for_change`): the codes are
+small (32 MB a million) and copied, the float vectors on disk are shared.
 """
 
 from __future__ import annotations
