@@ -2,7 +2,8 @@
 
 Layout of one index family (one data folder, one preset), under <artifacts>/<data tag>/:
     index-<preset>/CURRENT            name of the served version (replaced atomically)
-    index-<preset>/v<time>/index.faiss
+    index-<preset>/v<time>/index.faiss   the vectors (flat-l2) or their codes (pq-fastscan, indexer/kinds.py)
+                          /vectors.npz   the float vectors a pq-fastscan index re-ranks with
                           /images.json   FAISS id -> map image (path, location): the saved id map
                           /vectorizer.npz the fitted vectorizer (vocabulary, idf) for queries
                           /encoder.npz   the encoder the embeddings came from (queries use the same)
@@ -10,7 +11,8 @@ Layout of one index family (one data folder, one preset), under <artifacts>/<dat
                           (a version split into N > 1 shards has index.s<i>.faiss and verify.s<i>.npz
                           instead: shard i holds the images whose id % N == i; manifest "shards": N)
                           /split.json    the model's train/val/test queries (metrics use the test ones)
-                          /manifest.json preset, conf, model hash, count, dim, checksums, metrics
+                          /manifest.json preset, conf, model hash, count, dim, index kinds, checksums, metrics
+                          /.checked.json which files this machine has hashed, by their stat (verify_checksums)
     index-<preset>/changes.log, uploads/, changes/   online changes (indexer/changes.py)
 """
 
