@@ -40,18 +40,16 @@ import faiss
 import numpy as np
 
 # bench/ is sys.path[0] for these scripts
-from ann import Generator, recall_at_k
+from ann import recall_at_k
+from london import add_arguments, analysed_queries, collection, hit_rate, open_london
 from procstat import process_tree, pss_mb, rss_mb, stop_server
 from run import free_port, wait_ready
 
 from app.core.config import Settings
 from common.clock import utc_timestamp
-from common.presets import confs, get_conf
+from common.presets import get_conf
 from common.threads import single_threaded_kernels
-from dataset.layout import DatasetError, Location, load_dataset
-from dataset.split import load_split
-from features.decode import ImageDecodeError
-from features.orb import NoKeypointsError
+from dataset.layout import Location
 from indexer import store
 from indexer.kinds import build_index
 from model.verify import MapFeatures
@@ -114,18 +112,7 @@ def build_collection(
     """Data folder and published version of the collection; returns (data folder, version, vectors,
     generated queries, build figures)."""
     t0 = time.perf_counter()
-    real_ids, real_x = store.index_contents(london.index)
-    order = np.argsort(real_ids)
-    real_ids, real_x = real_ids[order], real_x[order]
-    if not np.array_equal(real_ids, np.arange(len(real_ids))) or args.size <= len(real_ids):
-        raise ValueError(f"need a served version with ids 0..n-1 and --size above its {len(real_ids)} images")
-    gen = Generator(real_x, max(1, (args.size - len(real_ids)) // args.per_place), args.spread, args.seed)
-    xb = np.empty((args.size, real_x.shape[1]), np.float32)
-    xb[: len(real_ids)] = real_x
-    row = len(real_ids)
-    for chunk in gen.database(args.size - len(real_ids)):
-        xb[row : row + len(chunk)] = chunk
-        row += len(chunk)
+    xb, gen = collection(london, args.size, args.per_place, args.spread, args.seed)
     generate_s = time.perf_counter() - t0
     # The indexer's rule of today's preset (the London version may predate it) picks the index kind.
     conf = dict(london.manifest["conf"], index=get_conf(london.manifest["conf"]["preset"])["index"])
@@ -149,13 +136,6 @@ def build_collection(
     (args.work / "verify.npz").unlink(missing_ok=True)
     figures = {"generate_s": round(generate_s, 1), "index_build_s": round(index_s, 1), "publish_s": round(publish_s, 1)}
     return data, version, xb, gen.queries(args.generated_queries), figures
-
-
-def hit_rate(found: np.ndarray, relevant: np.ndarray) -> float:
-    """Share of queries with a relevant map image among their ids (relevant: (nq, n_real) bool; the
-    generated entries are relevant to no query)."""
-    ok = [bool(np.any(relevant[r, f[(f >= 0) & (f < relevant.shape[1])]])) for r, f in enumerate(found)]
-    return round(float(np.mean(ok)), 4)
 
 
 def exact_and_served(
@@ -273,9 +253,7 @@ def serve_queries(args: argparse.Namespace, data: Path, preset: str, files: list
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "london")
-    p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
-    p.add_argument("--preset", choices=sorted(confs), default=Settings().preset)
+    add_arguments(p)
     p.add_argument("--size", type=int, default=1_000_000, help="map entries in the collection (default 1,000,000)")
     p.add_argument("--keypoints", type=int, default=64, help="keypoints of each generated entry (default 64)")
     p.add_argument("--workers", type=int, default=Settings().workers, help="uvicorn workers (default: the setting)")
@@ -293,26 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--size >= 10000; --keypoints, --workers, --per-place >= 1; --queries, --generated-queries >= 5")
     if args.spread <= 0:
         p.error("--spread must be > 0")
-    settings = Settings(data=args.data, artifacts=args.artifacts, preset=args.preset)
-    try:
-        ds = load_dataset(args.data, check_files=False)
-        family = store.index_family(settings.artifacts, settings.data_root, settings.preset)
-        london = store.load(store.current_version(family))
-    except (DatasetError, OSError, ValueError) as e:
-        print(f"million: {e} (build the London index first: imgsearch build)", file=sys.stderr)
+    opened = open_london(args, "million")
+    if opened is None:
         return 2
+    ds, london = opened
     single_threaded_kernels()
-    rows = load_split(london.directory / "split.json", ds.queries.paths)["test"][: args.queries]
-    files = [ds.image_path(ds.queries.paths[q]) for q in rows]
     searcher = Searcher(london)
-    xq, sent, kept = [], [], []
-    for q, f in zip(rows, files, strict=True):
-        try:
-            xq.append(searcher.analyze(f.read_bytes()))
-        except (ImageDecodeError, NoKeypointsError):
-            continue
-        sent.append(f)
-        kept.append(q)
+    kept, sent, xq = analysed_queries(searcher, ds, "test", args.queries)
     relevant = np.asarray(ds.sim[kept], bool)
     args.n_real = len(london.images)
     if args.work.exists():
@@ -325,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         out |= exact_and_served(version, xb, xq, xg, relevant)
         del xb
         print(f"exact and served search: {json.dumps(out)}", flush=True)
-        served = serve_queries(args, data, settings.preset, sent)
+        served = serve_queries(args, data, args.preset, sent)
         # Through POST /search (verified, expanded): London test queries with a relevant map image
         # in the top 10 among all entries.
         out |= {k: v for k, v in served.items() if k != "answers"}

@@ -17,38 +17,24 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 
 # bench/ is sys.path[0] for these scripts
-from ann import Generator
+from london import add_arguments, analysed_queries, collection, hit_rate, open_london
 
-from app.core.config import Settings
-from common.presets import confs
-from dataset.layout import DatasetError, load_dataset
-from dataset.split import load_split
-from features.decode import ImageDecodeError
-from features.orb import NoKeypointsError
-from indexer import store
 from retrieval.searcher import Searcher
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def hit_at(found: np.ndarray, relevant: np.ndarray, k: int) -> float:
-    """Share of queries with a relevant map image among their first k ids (generated ids are
-    relevant to no query)."""
-    n_real = relevant.shape[1]
-    return round(float(np.mean([relevant[r, f[:k][f[:k] < n_real]].any() for r, f in enumerate(found)])), 3)
+    """Share of queries with a relevant map image among their first k ids."""
+    return hit_rate(found[:, :k], relevant)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "london")
-    p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
-    p.add_argument("--preset", choices=sorted(confs), default=Settings().preset)
+    add_arguments(p)
     p.add_argument("--size", type=int, default=1_000_000)
     p.add_argument("--split", choices=["val", "test"], default="val")
     p.add_argument("--m", type=int, nargs="+", default=[64, 128, 256])
@@ -57,26 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.size < 10_000 or min(args.m) < 1 or min(args.depth) < 200:
         p.error("--size >= 10000, --m >= 1, --depth >= 200")
-    try:
-        ds = load_dataset(args.data, check_files=False)
-        family = store.index_family(args.artifacts, args.data, args.preset)
-        london = store.load(store.current_version(family))
-    except (DatasetError, OSError, ValueError) as e:
-        print(f"pq_quality: {e} (build the London index first: imgsearch build)", file=sys.stderr)
+    opened = open_london(args, "pq_quality")
+    if opened is None:
         return 2
-    searcher = Searcher(london)
-    rows, xq = [], []
-    for q in load_split(london.directory / "split.json", ds.queries.paths)[args.split]:
-        try:
-            xq.append(searcher.analyze(ds.image_path(ds.queries.paths[q]).read_bytes()).embedding[0])
-            rows.append(q)
-        except (ImageDecodeError, NoKeypointsError):
-            continue
-    xq_a, relevant = np.stack(xq), np.asarray(ds.sim[rows], bool)
-    ids, real = store.index_contents(london.index)
-    real = real[np.argsort(ids)]
-    gen = Generator(real, max(1, (args.size - len(real)) // 20), 1.0, args.seed)
-    xb = np.concatenate([real, *gen.database(args.size - len(real))])
+    ds, london = opened
+    rows, _, queries = analysed_queries(Searcher(london), ds, args.split)
+    xq_a, relevant = np.stack([q.embedding[0] for q in queries]), np.asarray(ds.sim[rows], bool)
+    xb, _ = collection(london, args.size, 20, 1.0, args.seed)
+    real = xb[: len(london.images)]
     _, alone = faiss.knn(xq_a, real, 200)
     print(
         json.dumps(
@@ -92,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         flush=True,
     )
-    sample = xb[np.sort(np.random.default_rng(args.seed).choice(len(xb), 65_536, replace=False))]
+    sample = xb[np.sort(np.random.default_rng(args.seed).choice(len(xb), min(len(xb), 65_536), replace=False))]
     faiss.omp_set_num_threads(1)
     for m in args.m:
         codes = faiss.IndexPQFastScan(xb.shape[1], m, 4)

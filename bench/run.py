@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
-# bench/procstat.py: bench/ is sys.path[0] for these scripts
+# bench/london.py, bench/procstat.py: bench/ is sys.path[0] for these scripts
+import london
+import numpy as np
 from procstat import cpu_seconds, process_tree, pss_mb, rss_mb, stop_server
 
 from app.core.config import Settings
@@ -476,9 +477,7 @@ def write_markdown(path: Path, r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "london")
-    p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
-    p.add_argument("--preset", choices=sorted(confs), default=Settings().preset)
+    london.add_arguments(p)
     p.add_argument("--queries", type=int, default=200, help="held-out test queries to send (default 200)")
     p.add_argument("--duration", type=int, default=20, help="seconds of each wrk run (default 20)")
     p.add_argument(

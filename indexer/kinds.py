@@ -3,12 +3,14 @@
 - `flat-l2`: exact search (FAISS IndexFlatL2 under an IndexIDMap2), memory-mapped from the version's
   index.faiss. Below `exact_below` vectors it is both exact and fast enough (3,291 London map images:
   ~2 ms a query).
-- `pq-fastscan`: above it, every vector's 4-bit product-quantisation code (m x 4 bits: 32 bytes at
-  m 64) is scanned with SIMD distance tables (FAISS IndexPQFastScan, no coarse partition, so no true
-  neighbour is lost to an unprobed cell), and the codes' nearest `rerank` (at least k) are re-ranked
-  by their exact distance to the float vectors, which stay on disk (vectors.npz: a query reads only
-  its shortlist's rows, with pread, into the page cache all workers share). bench/ann.py compares
-  the alternatives; bench/million.py serves a million vectors this way (`served_1m`).
+- `pq-fastscan`: above it, 4-bit product-quantisation codes (m x 4 bits: 32 bytes at m 64) scanned
+  with SIMD distance tables, and the codes' nearest `rerank` (at least k) re-ranked by their exact
+  distance to the float vectors, which stay on disk (vectors.npz: a query reads only its
+  shortlist's rows, with pread, into the page cache all workers share). With `nlist` > 0 the codes
+  are held in that many cells of a coarse k-means (FAISS IndexIVFPQFastScan) and a query scans the
+  `nprobe` nearest cells; with 0 (the presets' choice, see common/presets.py), every code
+  (IndexPQFastScan, so no true neighbour is lost to an unprobed cell). bench/ann.py compares the
+  alternatives; bench/million.py serves a million vectors this way (`served_1m`).
 
 A PQIndex answers the calls the service makes of a FAISS index (search, add_with_ids, remove_ids,
 ntotal, d), so the searcher and the living index do not care which kind they hold. An online add is
@@ -47,6 +49,24 @@ def index_kind(conf: dict[str, Any], n: int) -> str:
     if kind == "auto":
         return PQ if n >= int(conf["exact_below"]) else EXACT
     return kind
+
+
+MIN_TRAIN_PER_CELL = 39  # FAISS's k-means warns below 39 training points a centroid
+
+
+def new_codes(d: int, m: int, conf: dict[str, Any], n_train: int) -> faiss.Index:
+    """Untrained fast-scan codes of m x 4 bits: in conf["nlist"] cells probed conf["nprobe"] at a
+    time, as many as n_train training vectors can place; with nlist 0 (or too few vectors) one flat
+    scan of every code."""
+    nlist = min(int(conf.get("nlist", 0)), n_train // MIN_TRAIN_PER_CELL)
+    if nlist < 2:
+        return faiss.IndexPQFastScan(d, m, 4)
+    quantizer = faiss.IndexFlatL2(d)
+    codes = faiss.IndexIVFPQFastScan(quantizer, d, nlist, m, 4)
+    codes.own_fields = True  # the codes free their coarse quantizer; Python must not
+    quantizer.this.disown()
+    codes.nprobe = min(int(conf["nprobe"]), nlist)
+    return codes
 
 
 class PQIndex:
@@ -94,8 +114,8 @@ class PQIndex:
         if not np.all(ids[1:] > ids[:-1]):  # base slots are in id order, so an id finds its row by bisection
             order = np.argsort(ids, kind="stable")
             xb, ids = xb[order], ids[order]
-        codes = faiss.IndexPQFastScan(xb.shape[1], m, 4)
         n_train = min(len(xb), int(conf["train_size"]))
+        codes = new_codes(int(xb.shape[1]), m, conf, n_train)
         rows = np.sort(np.random.default_rng(seed).choice(len(xb), size=n_train, replace=False))
         codes.train(np.ascontiguousarray(xb[rows]))
         for start in range(0, len(xb), 65536):
@@ -123,9 +143,14 @@ class PQIndex:
             rows = np.minimum(np.searchsorted(self.slot_ids[:n_base], ids), n_base - 1)
             hit = (self.slot_ids[rows] == ids) & self.alive[rows]
             out[hit] = rows[hit]
-        for p, i in enumerate(ids.tolist()):
-            if i in self.added_slot:
-                out[p] = self.added_slot[i]
+        if self.added_slot:  # ids added online: their slots are after the base ones
+            keys = np.fromiter(self.added_slot.keys(), np.int64, len(self.added_slot))
+            slots = np.fromiter(self.added_slot.values(), np.int64, len(self.added_slot))
+            order = np.argsort(keys)
+            keys, slots = keys[order], slots[order]
+            at = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+            hit = keys[at] == ids
+            out[hit] = slots[at[hit]]
         return out
 
     def _vectors(self, slots: np.ndarray) -> np.ndarray:
@@ -198,8 +223,8 @@ class PQIndex:
             self.base,
             self.rerank,
             self.alive.copy(),
-            self.added,
-            self.added_slot,
+            list(self.added),  # the copy's adds must not show in this one's tables
+            dict(self.added_slot),
         )
 
     def save(self, index_path: Path, vectors_path: Path) -> None:
@@ -220,7 +245,7 @@ class PQIndex:
     @classmethod
     def load(cls, index_path: Path, vectors_path: Path) -> PQIndex:
         codes = faiss.read_index(str(index_path))
-        if not isinstance(codes, faiss.IndexPQFastScan):
+        if not isinstance(codes, faiss.IndexPQFastScan | faiss.IndexIVFPQFastScan):
             raise ValueError(f"{index_path} holds no fast-scan PQ codes")
         z = mapped_npz(vectors_path)
         ids = np.asarray(z["ids"], np.int64)

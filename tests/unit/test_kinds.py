@@ -16,6 +16,9 @@ from indexer.kinds import EXACT, PQ, PQIndex, build_index, index_kind
 from retrieval.live import LiveIndex, compact
 
 PQ_CONF = {"type": "auto", "exact_below": 1000, "m": 8, "rerank": 100, "train_size": 4096}
+# The same codes in 16 cells of a coarse k-means, 8 of them scanned a query.
+IVF_CONF = PQ_CONF | {"nlist": 16, "nprobe": 8}
+BOTH = pytest.mark.parametrize("conf", [PQ_CONF, IVF_CONF], ids=["every-code", "cells"])
 
 
 def clustered(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
@@ -44,11 +47,14 @@ def test_the_kind_follows_the_collection_size() -> None:
     assert isinstance(small, faiss.Index) and small.ntotal == 500
 
 
-def test_fast_scan_shortlist_reranked_exactly_finds_the_true_neighbours() -> None:
+@BOTH
+def test_fast_scan_shortlist_reranked_exactly_finds_the_true_neighbours(conf: dict) -> None:
     both = clustered(5200)  # queries are new photos of the map's places
     xb, q = both[:5000], both[5000:]
     ids = np.arange(5000, dtype=np.int64) * 7 + 3  # ids are not row numbers
-    index = PQIndex.build(xb, ids, PQ_CONF)
+    index = PQIndex.build(xb, ids, conf)
+    cells = isinstance(index.codes, faiss.IndexIVFPQFastScan)
+    assert cells == ("nlist" in conf) and (not cells or (index.codes.nlist, index.codes.nprobe) == (16, 8))
     d2, found = index.search(q, 10)
     _, truth = brute(xb, ids, q, 10)
     recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
@@ -66,9 +72,10 @@ def test_fast_scan_shortlist_reranked_exactly_finds_the_true_neighbours() -> Non
     assert (found[0, :20] >= 0).all() and (found[0, 20:] == -1).all() and np.isinf(d2[0, 20:]).all()
 
 
-def test_online_adds_and_deletes_keep_the_codes_in_step_on_a_copy() -> None:
+@BOTH
+def test_online_adds_and_deletes_keep_the_codes_in_step_on_a_copy(conf: dict) -> None:
     xb, ids = clustered(3000), np.arange(3000, dtype=np.int64)
-    index = PQIndex.build(xb, ids, PQ_CONF)
+    index = PQIndex.build(xb, ids, conf)
     changed = index.copy()
     new = clustered(3005)[3000:]
     changed.add_with_ids(new, np.array([5000, 5001, 5002, 5003, 5004]))
@@ -80,6 +87,7 @@ def test_online_adds_and_deletes_keep_the_codes_in_step_on_a_copy() -> None:
     # The served one is untouched: a request searching it meanwhile sees the version as it was.
     assert index.ntotal == 3000 and index.search(xb[10:11], 1)[1][0, 0] == 10
     assert 5000 not in index.search(new[:1], 50)[1]
+    assert index.added == [] and index.added_slot == {} and index.codes.ntotal == 3000
     # A re-added id (an image replaced) serves its new vector, not the stored one.
     changed.remove_ids(np.array([7]))
     changed.add_with_ids(new[:1], np.array([7]))
@@ -92,6 +100,19 @@ def test_online_adds_and_deletes_keep_the_codes_in_step_on_a_copy() -> None:
     other.remove_ids(np.array([10, 11]))
     other.add_with_ids(new, np.array([6000, 6001, 6002, 6003, 6004]))
     assert other.search(new, 1)[1][:, 0].tolist() == [6000, 6001, 6002, 6003, 6004]
+
+
+def test_codes_in_cells_are_saved_and_loaded_with_their_probe_count(tmp_path: Path) -> None:
+    both = clustered(3100)
+    xb, q = both[:3000], both[3000:]
+    index = PQIndex.build(xb, np.arange(3000), IVF_CONF)
+    index.save(tmp_path / "index.faiss", tmp_path / "vectors.npz")
+    back = PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz")
+    assert isinstance(back.codes, faiss.IndexIVFPQFastScan) and back.codes.nprobe == 8
+    assert np.array_equal(back.search(q, 10)[1], index.search(q, 10)[1])
+    # As many cells as the training vectors can place (39 a cell), and none below two: every code.
+    assert PQIndex.build(xb[:300], np.arange(300), IVF_CONF).codes.nlist == 300 // 39
+    assert isinstance(PQIndex.build(xb[:70], np.arange(70), IVF_CONF).codes, faiss.IndexPQFastScan)
 
 
 def publish_pq(tmp_path: Path, shards: int = 1) -> tuple[Path, np.ndarray]:

@@ -1,0 +1,88 @@
+"""What the benchmark scripts share: the London index they measure, its held-out queries analysed
+by it, and the generated collection of a million map entries around its embeddings."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# bench/ is sys.path[0] for these scripts
+from ann import Generator
+
+from app.core.config import Settings
+from common.presets import confs
+from dataset.layout import Dataset, DatasetError, load_dataset
+from dataset.split import load_split
+from features.decode import ImageDecodeError
+from features.orb import NoKeypointsError
+from indexer import store
+from retrieval.searcher import Query, Searcher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """--data, --artifacts, --preset: which built London index a script measures."""
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "london")
+    p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
+    p.add_argument("--preset", choices=sorted(confs), default=Settings().preset)
+
+
+def open_london(args: argparse.Namespace, prog: str) -> tuple[Dataset, store.LoadedIndex] | None:
+    """The data set and the served version of its index; None, with the reason on stderr, when
+    either is missing or unreadable (the caller exits 2)."""
+    try:
+        ds = load_dataset(args.data, check_files=False)
+        family = store.index_family(args.artifacts, args.data, args.preset)
+        return ds, store.load(store.current_version(family))
+    except (DatasetError, OSError, ValueError) as e:
+        print(f"{prog}: {e} (build the London index first: imgsearch build)", file=sys.stderr)
+        return None
+
+
+def analysed_queries(
+    searcher: Searcher, ds: Dataset, split: str, limit: int | None = None
+) -> tuple[list[int], list[Path], list[Query]]:
+    """The held-out queries of `split` (the first `limit`) that the searcher can analyse: their rows
+    in the ground truth, their files and their features and embeddings."""
+    rows, files, queries = [], [], []
+    for q in load_split(searcher.loaded.directory / "split.json", ds.queries.paths)[split][:limit]:
+        f = ds.image_path(ds.queries.paths[q])
+        try:
+            queries.append(searcher.analyze(f.read_bytes()))
+        except (ImageDecodeError, NoKeypointsError):
+            continue
+        rows.append(q)
+        files.append(f)
+    return rows, files, queries
+
+
+def collection(
+    london: store.LoadedIndex, size: int, per_place: int, spread: float, seed: int
+) -> tuple[np.ndarray, Generator]:
+    """(size, d) vectors: the London map images' embeddings as ids 0..n-1, then generated ones with
+    their covariance (bench/ann.py's Generator: places, and photos of each place); and the generator,
+    whose queries are new photos of the generated places."""
+    ids, real = store.index_contents(london.index)
+    order = np.argsort(ids)
+    ids, real = ids[order], real[order]
+    if not np.array_equal(ids, np.arange(len(ids))) or size <= len(ids):
+        raise ValueError(f"need a served version with ids 0..n-1 and a size above its {len(ids)} images")
+    gen = Generator(real, max(1, (size - len(ids)) // per_place), spread, seed)
+    xb = np.empty((size, real.shape[1]), np.float32)
+    xb[: len(ids)] = real
+    row = len(ids)
+    for chunk in gen.database(size - len(ids)):
+        xb[row : row + len(chunk)] = chunk
+        row += len(chunk)
+    return xb, gen
+
+
+def hit_rate(found: np.ndarray, relevant: np.ndarray) -> float:
+    """Share of queries with a relevant map image among their ids (relevant: (nq, n_real) bool; the
+    generated entries are relevant to no query, -1 pads)."""
+    ok = [bool(np.any(relevant[r, f[(f >= 0) & (f < relevant.shape[1])]])) for r, f in enumerate(found)]
+    return round(float(np.mean(ok)), 4)
