@@ -74,15 +74,28 @@ def load_searcher(settings: Settings) -> Searcher:
 
 
 def machine() -> dict[str, Any]:
-    model = "unknown"
+    model, cpu = "unknown", {}
+    # Hosts of one model name differ (exact search of 1M vectors took 437 ms on one "AMD EPYC" and 180
+    # on another): the family, model number, clock and cache tell them apart.
+    keys = {
+        "model name": "model",
+        "cpu family": "family",
+        "model": "model_number",
+        "cpu MHz": "mhz",
+        "cache size": "cache",
+    }
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() in keys and keys[key.strip()] not in cpu:
+                cpu[keys[key.strip()]] = value.strip()
+            if not line.strip():  # the first processor's block is enough
                 break
+    model = cpu.pop("model", model)
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "cpu": model,
+        "cpu_details": cpu,
         "cores": os.cpu_count(),
         "memory_gb": round(mem_gb, 1),
         "python": platform.python_version(),

@@ -206,7 +206,44 @@ def test_the_million_collection_keeps_the_real_keypoints_and_generates_the_rest(
         w = kp.words[kp.offsets[r] : kp.offsets[r + 1]]
         assert np.all(np.diff(w) >= 0) and w.max() < 8
     assert len(kp.xy) == len(kp.descriptors) == len(kp.words) == len(kp.angles) == 15
+
+
+def test_the_generated_collection_starts_with_the_real_images_in_id_order() -> None:
+    from types import SimpleNamespace
+
+    from indexer.kinds import build_index
+
+    london = _module("london")
+    real = _real(40, 16)
+    ids = np.arange(40)[::-1].copy()  # stored in another order than the ids
+    served = SimpleNamespace(index=build_index({"type": "flat-l2"}, real, ids))
+    xb, gen = london.collection(served, 200, 5, 1.0, seed=3)
+    assert xb.shape == (200, 16) and np.allclose(xb[:40], real[::-1])  # row i is image i
+    assert np.array_equal(xb, london.collection(served, 200, 5, 1.0, seed=3)[0])  # seeded
+    assert gen.queries(4).shape == (4, 16)
+    with pytest.raises(ValueError, match="size above"):
+        london.collection(served, 40, 5, 1.0, seed=3)
     # Hit rate: a query counts when one of its ids is a relevant real image (generated ids never are).
     relevant = np.array([[True, False], [False, False], [False, True]])
     found = np.array([[5, 0, -1], [1, 0, 7], [9, 8, 7]])
-    assert million.hit_rate(found, relevant) == round(1 / 3, 4)
+    assert london.hit_rate(found, relevant) == round(1 / 3, 4)
+
+
+def test_cells_rows_measure_recall_and_time_for_each_probe_count() -> None:
+    import faiss
+
+    from indexer.kinds import PQIndex
+
+    cells = _module("cells")
+    rng = np.random.default_rng(0)
+    places = rng.normal(size=(60, 32))
+    xb = (places[rng.integers(60, size=3000)] + 0.2 * rng.normal(size=(3000, 32))).astype(np.float32)
+    xq = (places[rng.integers(60, size=30)] + 0.2 * rng.normal(size=(30, 32))).astype(np.float32)
+    _, truth = faiss.knn(xq, xb, 10)
+    conf = {"m": 8, "rerank": 100, "train_size": 3000}
+    every = cells.rows(PQIndex.build(xb, np.arange(3000), conf), xq, truth, [1, 8])
+    assert [(r["nlist"], r["nprobe"]) for r in every] == [(0, 0)] and every[0]["recall_at_10"] >= 0.95
+    probed = cells.rows(PQIndex.build(xb, np.arange(3000), conf | {"nlist": 8, "nprobe": 1}), xq, truth, [1, 8])
+    assert [(r["nlist"], r["nprobe"]) for r in probed] == [(8, 1), (8, 8)]
+    assert probed[1]["recall_at_10"] >= probed[0]["recall_at_10"] and probed[1]["recall_at_10"] >= 0.95
+    assert all(r["search_k200_p50_ms"] > 0 for r in every + probed)
