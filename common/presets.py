@@ -56,9 +56,9 @@ DEFAULTS: dict[str, Any] = {
     # whose nearest `rerank` (at least k) are re-ranked exactly. 100 at m 64: recall@10 0.96-0.999 at
     # 1M (bench/ann.py, bench/million.py); exact search of 200k 1,024-d vectors takes ~100 ms a query.
     # With nlist > 0 the codes sit in nlist cells, of which a query scans the nprobe nearest; 0 scans
-    # every code. At 1M generated vectors, 1,024 cells needed 512 probes for recall@10 0.98 (4.1 ms a
-    # query, k 200) where every code gave 0.999 in 3.9 ms: the embeddings fill their 1,024 dimensions
-    # too evenly for cells to pay (32 probes: 0.55 in 1.2 ms), so every code is scanned.
+    # every code. At 1M generated vectors (bench/cells.py), 1,024 cells needed 512 probes for recall@10
+    # 0.98 (3.2 ms a query, k 200) where every code gave 0.999 in 2.8 ms: the embeddings fill their
+    # 1,024 dimensions too evenly for cells to pay (32 probes: 0.55 in 0.9 ms), so every code is scanned.
     "index": {
         "type": "auto",
         "exact_below": 200_000,

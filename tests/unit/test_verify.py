@@ -7,6 +7,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from common.presets import get_conf, verify_features_conf
 from features.orb import OrbFeatures, extract_orb
@@ -90,6 +91,9 @@ def test_matching_equals_the_rule_pair_by_pair() -> None:
             q_desc, q_words, store, rows, max_hamming, ratio
         )
     assert len(match_by_word(q_desc, q_words, store, rows, 5, 64, 0.9)[0]) > 20
+    # The popcount kernel reads raw rows: descriptors of another width than the store's are refused.
+    with pytest.raises(ValueError, match="16 bytes against map descriptors of 32"):
+        match_by_word(q_desc[:, :16], q_words, store, rows, 5, 64, 0.9)
 
 
 def test_map_features_roundtrip_and_sorted_by_word(tmp_path: Path) -> None:
