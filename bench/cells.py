@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import faiss
 import numpy as np
 
 # bench/ is sys.path[0] for these scripts
-from ann import recall_at_k
+from ann import p50_ms, recall_at_k
 from london import add_arguments, collection, open_london
 
 from common.presets import get_conf
@@ -39,14 +38,10 @@ def rows(index: PQIndex, xq: np.ndarray, truth: np.ndarray, nprobes: list[int]) 
         if cells:
             index.codes.nprobe = nprobe
         found = np.stack([index.search(q[None, :], 10)[1][0] for q in xq])
-        times = []
-        for q in xq[:100]:
-            t0 = time.perf_counter()
-            index.search(q[None, :], SERVICE_K)
-            times.append(time.perf_counter() - t0)
+        wall, _ = p50_ms(lambda x: index.search(x, SERVICE_K), xq, 100)  # one query, one thread
         row = {"nlist": int(index.codes.nlist) if cells else 0, "nprobe": nprobe}
         row |= {"recall_at_10": round(recall_at_k(found, truth), 4)}
-        out.append(row | {"search_k200_p50_ms": round(1000 * float(np.median(times)), 2)})
+        out.append(row | {"search_k200_p50_ms": round(wall, 2)})
     return out
 
 
@@ -71,13 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     conf = get_conf(args.preset)["index"]
     for nlist in (0, args.nlist):
         index = PQIndex.build(xb, np.arange(len(xb), dtype=np.int64), conf | {"nlist": nlist})
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)  # one query on one thread, as `imgsearch serve` runs FAISS
-        try:
-            for row in rows(index, xq, truth, sorted(n for n in args.nprobe if n <= nlist)):
-                print(json.dumps(row), flush=True)
-        finally:
-            faiss.omp_set_num_threads(threads)
+        for row in rows(index, xq, truth, sorted(n for n in args.nprobe if n <= nlist)):
+            print(json.dumps(row), flush=True)
         del index
     return 0
 
