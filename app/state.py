@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import anyio
 
 from app.core.config import Settings
 from retrieval.live import LiveIndex
@@ -16,6 +18,8 @@ class ServiceState:
     # folder itself is missing.
     live: LiveIndex | None = None
     not_ready_reason: str | None = "starting"
+    # At most settings.search_slots searches at once in this worker (None: no limit beyond the thread pool).
+    search_limiter: anyio.CapacityLimiter | None = field(default=None, repr=False)
 
     def sync(self) -> Searcher | None:
         """The searcher as of now, with versions and changes published by any process (two stat calls

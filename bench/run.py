@@ -196,6 +196,39 @@ def wait_ready(url: str, proc: subprocess.Popen, t0: float, server_workers: int,
     return ready_s
 
 
+PHASES = 2  # runs of each connection count in serve_and_load, taking turns
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of several wrk runs at the same connection count: counts summed, rps over the
+    summed duration, latency percentiles from the runs' half-percent quantiles, each weighted by its
+    run's requests (exact for one run; for several, to the half percent)."""
+    if not runs:
+        raise ValueError("no wrk runs to merge")
+    n = sum(r["requests"] for r in runs)
+    out: dict[str, Any] = {
+        "requests": n,
+        "duration_s": sum(r["duration_s"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "statuses": {},
+    }
+    out["rps"] = n / out["duration_s"] if out["duration_s"] > 0 else 0.0
+    for r in runs:
+        for code, count in r["statuses"].items():
+            out["statuses"][code] = out["statuses"].get(code, 0) + count
+    if n == 0:
+        return out | {"p50_ms": float("nan"), "p99_ms": float("nan"), "mean_ms": float("nan")}
+    q = np.concatenate([np.asarray(r["quantiles_ms"], float) for r in runs])
+    w = np.concatenate([np.full(len(r["quantiles_ms"]), r["requests"] / len(r["quantiles_ms"])) for r in runs])
+    order = np.argsort(q, kind="stable")
+    q, cdf = q[order], np.cumsum(w[order]) / w.sum()
+    for name, p in (("p50_ms", 0.50), ("p90_ms", 0.90), ("p99_ms", 0.99)):
+        out[name] = float(q[min(int(np.searchsorted(cdf, p - 1e-9)), len(q) - 1)])
+    out["mean_ms"] = sum(r["mean_ms"] * r["requests"] for r in runs) / n
+    out["max_ms"] = max(r["max_ms"] for r in runs)
+    return out
+
+
 def serve_and_load(settings: Settings, image_files: list[Path], server_workers: int, duration_s: int) -> dict[str, Any]:
     port = free_port()
     env = os.environ | {
@@ -223,11 +256,16 @@ def serve_and_load(settings: Settings, image_files: list[Path], server_workers: 
                 if r.status_code != 200 or not r.json()["results"]:
                     raise RuntimeError(f"warm-up search failed: {r.status_code} {r.text[:200]}")
         pids = process_tree(proc.pid)
-        cpu0 = cpu_seconds(pids)
-        c1 = wrk(url, image_files, 1, duration_s)
-        cpu1 = cpu_seconds(pids)
-        c8 = wrk(url, image_files, 8, duration_s)
-        cpu8 = cpu_seconds(pids)
+        # The host's speed drifts over minutes: 1 and 8 connections take turns (PHASES runs each,
+        # duration_s in all), so that their ratio compares the same stretch of time.
+        runs: dict[int, list[dict[str, Any]]] = {1: [], 8: []}
+        cpu = {1: 0.0, 8: 0.0}
+        for _ in range(PHASES):
+            for connections in runs:
+                before = cpu_seconds(pids)
+                runs[connections].append(wrk(url, image_files, connections, max(1, round(duration_s / PHASES))))
+                cpu[connections] += cpu_seconds(pids) - before
+        c1, c8 = merge_runs(runs[1]), merge_runs(runs[8])
         pids = process_tree(proc.pid)
         rss = {p: rss_mb(p) for p in pids}
         pss = {p: pss_mb(p) for p in pids}
@@ -238,8 +276,8 @@ def serve_and_load(settings: Settings, image_files: list[Path], server_workers: 
             "rps_c1": round(c1["rps"], 2),
             # Server CPU per request (all its processes): what HTTP costs on top of the in-process
             # CPU time, even when other jobs stretch the wall times.
-            "server_cpu_ms_per_request_c1": round(1000 * (cpu1 - cpu0) / max(c1["requests"], 1), 2),
-            "server_cpu_ms_per_request_c8": round(1000 * (cpu8 - cpu1) / max(c8["requests"], 1), 2),
+            "server_cpu_ms_per_request_c1": round(1000 * cpu[1] / max(c1["requests"], 1), 2),
+            "server_cpu_ms_per_request_c8": round(1000 * cpu[8] / max(c8["requests"], 1), 2),
             "http_p50_ms_c8": round(c8["p50_ms"], 2),
             "http_p99_ms_c8": round(c8["p99_ms"], 2),
             "rps_c8": round(c8["rps"], 2),

@@ -3,8 +3,9 @@
 --   wrk -t1 -c1 -d20s -s bench/wrk_search.lua http://127.0.0.1:8000 -- img1.jpg img2.jpg ...
 --
 -- Each wrk thread reads the images once (init), then cycles through them, each thread starting at a
--- different image. done() prints one line "WRK_JSON {...}" with counts, latency percentiles (ms)
--- and the HTTP status counts, which bench/run.py parses.
+-- different image. done() prints one line "WRK_JSON {...}" with counts, latency percentiles (ms),
+-- the latency at every half percent (so that bench/run.py can merge several runs' latencies) and the
+-- HTTP status counts, which bench/run.py parses.
 
 local boundary = "----imgsearch-bench-7d1b0c"
 local requests_ = {}
@@ -65,14 +66,19 @@ function done(summary, latency, requests)
    for code, n in pairs(merged) do
       table.insert(parts, string.format('"%s": %d', code, n))
    end
+   local quantiles = {}
+   for i = 1, 199 do
+      table.insert(quantiles, string.format("%.3f", latency:percentile(i / 2) / 1e3))
+   end
    local e = summary.errors
    io.write(string.format(
       'WRK_JSON {"requests": %d, "duration_s": %.3f, "rps": %.3f, '
          .. '"p50_ms": %.3f, "p90_ms": %.3f, "p99_ms": %.3f, "max_ms": %.3f, "mean_ms": %.3f, '
          .. '"socket_errors": {"connect": %d, "read": %d, "write": %d, "timeout": %d}, '
-         .. '"non_2xx_3xx": %d, "statuses": {%s}}\n',
+         .. '"non_2xx_3xx": %d, "statuses": {%s}, "quantiles_ms": [%s]}\n',
       summary.requests, summary.duration / 1e6, summary.requests / (summary.duration / 1e6),
       latency:percentile(50) / 1e3, latency:percentile(90) / 1e3, latency:percentile(99) / 1e3,
       latency.max / 1e3, latency.mean / 1e3,
-      e.connect, e.read, e.write, e.timeout, e.status, table.concat(parts, ", ")))
+      e.connect, e.read, e.write, e.timeout, e.status, table.concat(parts, ", "),
+      table.concat(quantiles, ", ")))
 end

@@ -21,6 +21,12 @@ from common.presets import UnknownPresetError, confs
 EXTRAS = {"tensorflow": "train", "keras": "train", "matplotlib": "train", "ray": "ray"}
 
 
+# uvicorn's supervisor kills a worker that does not answer its ping within this time (its default: 5 s).
+# A worker loading a million-entry index holds the GIL in long calls; on a slow host that passed 5 s,
+# and the workers were killed and started again in a loop (bench/million.py, 103 times in 12 minutes).
+WORKER_PING_TIMEOUT_S = 60
+
+
 def _domain_errors(command: str) -> tuple[type[Exception], ...]:
     """The errors that end a command with a message and exit code 2 rather than a traceback."""
     # Imported here, not at the top: `imgsearch serve` stays the uvicorn supervisor, which should not
@@ -168,6 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_config=log_config(s.log_format),
             log_level="info",
             access_log=False,  # replaced by the request log line of app.core.observability
+            timeout_worker_healthcheck=WORKER_PING_TIMEOUT_S,
         )
     finally:
         if prom_dir is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -65,6 +66,22 @@ def test_same_image_same_answer(server: Server, tiny_data: Path) -> None:
     a = httpx.post(server.url + "/search", files={"file": ("a.jpg", img)}).json()["results"]
     b = httpx.post(server.url + "/search", files={"file": ("other-name.png", img)}).json()["results"]
     assert [h["id"] for h in a] == [h["id"] for h in b]
+
+
+def test_concurrent_searches_wait_for_the_slot_and_all_answer(server: Server, tiny_data: Path) -> None:
+    # The server runs one search at a time (IMGSEARCH_SEARCH_SLOTS, default 1): concurrent requests
+    # queue for it, none is refused or mixed up with another's answer.
+    images = [query_image(tiny_data, i) for i in range(4)]
+
+    def ids(img: bytes) -> list[int]:
+        r = httpx.post(server.url + "/search", files={"file": ("q.jpg", img)}, timeout=60)
+        assert r.status_code == 200, r.text
+        return [h["id"] for h in r.json()["results"]]
+
+    alone = [ids(img) for img in images]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(pool.map(ids, images * 2))
+    assert together == alone * 2
 
 
 def test_map_image_finds_itself_first(server: Server, tiny_data: Path) -> None:

@@ -51,6 +51,8 @@ def test_bad_env_setting_exits_2(tmp_path: Path) -> None:
     assert "IMGSEARCH_PRESET" in out.stderr and "unknown preset" in out.stderr and "Traceback" not in out.stderr
     out = run("serve", env={"IMGSEARCH_PORT": "99999"})
     assert out.returncode == 2 and "IMGSEARCH_PORT" in out.stderr
+    out = run("serve", env={"IMGSEARCH_SEARCH_SLOTS": "-1"})
+    assert out.returncode == 2 and "IMGSEARCH_SEARCH_SLOTS" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_bad_jobs_and_workers_flags(tmp_path: Path) -> None:

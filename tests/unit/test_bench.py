@@ -161,6 +161,36 @@ def test_process_tree_finds_children(run: ModuleType) -> None:
         child.wait()
 
 
+def _wrk_run(latencies_ms: np.ndarray, duration_s: float, errors: int = 0) -> dict:
+    """A wrk summary as bench/wrk_search.lua prints it, of these request latencies."""
+    return {
+        "requests": len(latencies_ms),
+        "duration_s": duration_s,
+        "errors": errors,
+        "statuses": {"200": len(latencies_ms) - errors, "500": errors} if errors else {"200": len(latencies_ms)},
+        "quantiles_ms": np.percentile(latencies_ms, np.arange(1, 200) / 2).tolist(),
+        "mean_ms": float(latencies_ms.mean()),
+        "max_ms": float(latencies_ms.max()),
+    }
+
+
+def test_merged_wrk_runs_weigh_each_run_by_its_requests(run: ModuleType) -> None:
+    one = run.merge_runs([_wrk_run(np.arange(1.0, 1001.0), 10.0)])
+    assert one["p50_ms"] == pytest.approx(np.percentile(np.arange(1.0, 1001.0), 50))
+    assert one["rps"] == pytest.approx(100.0)
+    # 900 fast requests and 100 slow ones: the median is a fast one, the 99th percentile a slow one,
+    # whichever run comes first; rps is over the summed duration, errors and statuses add up.
+    fast, slow = _wrk_run(np.full(900, 10.0), 5.0), _wrk_run(np.full(100, 200.0), 5.0, errors=2)
+    for runs in ([fast, slow], [slow, fast]):
+        m = run.merge_runs(runs)
+        assert (m["requests"], m["errors"], m["rps"]) == (1000, 2, pytest.approx(100.0))
+        assert m["statuses"] == {"200": 998, "500": 2}
+        assert m["p50_ms"] == pytest.approx(10.0) and m["p99_ms"] == pytest.approx(200.0)
+        assert m["mean_ms"] == pytest.approx(29.0) and m["max_ms"] == 200.0
+    with pytest.raises(ValueError):
+        run.merge_runs([])
+
+
 def test_lean_targets_are_ratios_of_one_run(run: ModuleType) -> None:
     def met(**over: object) -> dict:
         return {t: ok for t, _, ok in run.lean_targets(_result(**over))}

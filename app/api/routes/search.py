@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, File, Query, Request, UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SearcherDep, StateDep
 from app.api.uploads import read_capped
@@ -39,10 +40,11 @@ async def search(
     data = await read_capped(file, state.settings.max_upload_bytes)
     timings: dict[str, float] = {}  # seconds per pipeline stage, filled as the stages run
     try:
-        # OpenCV and numpy release the GIL: run the pipeline off the event loop.
-        result = await run_in_threadpool(
-            search_image, searcher, data, k, utm_epsg=state.settings.utm_epsg, timings=timings
-        )
+        # OpenCV and numpy release the GIL: run the pipeline off the event loop, in one of the worker's
+        # search slots (IMGSEARCH_SEARCH_SLOTS). A sharded index's head waits on its shards: no slot.
+        run = functools.partial(search_image, searcher, data, k, utm_epsg=state.settings.utm_epsg, timings=timings)
+        limiter = state.search_limiter if searcher.shards is None else None
+        result = await anyio.to_thread.run_sync(run, limiter=limiter)
     finally:
         # Also the stages a refused image went through (e.g. decode before no_keypoints).
         metrics.observe_stages(timings)
