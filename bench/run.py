@@ -199,6 +199,18 @@ def wait_ready(url: str, proc: subprocess.Popen, t0: float, server_workers: int,
 PHASES = 2  # runs of each connection count in serve_and_load, taking turns
 
 
+def wait_idle(pids: list[int], window_s: float = 0.25, timeout_s: float = 30) -> None:
+    """Until these processes use less than a tenth of a core over window_s (the requests a load
+    generator left behind are done); RuntimeError if they never do within timeout_s."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        before = cpu_seconds(pids)
+        time.sleep(window_s)
+        if cpu_seconds(pids) - before < 0.1 * window_s:
+            return
+    raise RuntimeError(f"the server was still busy {timeout_s} s after the load stopped")
+
+
 def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One summary of several wrk runs at the same connection count: counts summed, rps over the
     summed duration, latency percentiles from the runs' half-percent quantiles, each weighted by its
@@ -262,9 +274,12 @@ def serve_and_load(settings: Settings, image_files: list[Path], server_workers: 
         cpu = {1: 0.0, 8: 0.0}
         for _ in range(PHASES):
             for connections in runs:
+                # wrk stops with requests still in the server: their work must not count in the next run.
+                wait_idle(pids)
                 before = cpu_seconds(pids)
                 runs[connections].append(wrk(url, image_files, connections, max(1, round(duration_s / PHASES))))
                 cpu[connections] += cpu_seconds(pids) - before
+        wait_idle(pids)
         c1, c8 = merge_runs(runs[1]), merge_runs(runs[8])
         pids = process_tree(proc.pid)
         rss = {p: rss_mb(p) for p in pids}
