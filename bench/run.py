@@ -229,7 +229,8 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for code, count in r["statuses"].items():
             out["statuses"][code] = out["statuses"].get(code, 0) + count
     if n == 0:
-        return out | {"p50_ms": float("nan"), "p99_ms": float("nan"), "mean_ms": float("nan")}
+        nan = float("nan")
+        return out | {"p50_ms": nan, "p90_ms": nan, "p99_ms": nan, "mean_ms": nan, "max_ms": nan}
     q = np.concatenate([np.asarray(r["quantiles_ms"], float) for r in runs])
     w = np.concatenate([np.full(len(r["quantiles_ms"]), r["requests"] / len(r["quantiles_ms"])) for r in runs])
     order = np.argsort(q, kind="stable")
