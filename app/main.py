@@ -10,7 +10,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import anyio
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -51,8 +50,6 @@ def create_app(settings: Settings | None = None, open_live: Callable[[Settings],
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServiceState(settings=settings)
-        if settings.search_slots:
-            state.search_limiter = anyio.CapacityLimiter(settings.search_slots)
         app.state.service = state
         # Per process, so in every uvicorn worker (measured faster on 2 cores, see common/threads.py).
         single_threaded_kernels()

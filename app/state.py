@@ -19,7 +19,11 @@ class ServiceState:
     live: LiveIndex | None = None
     not_ready_reason: str | None = "starting"
     # At most settings.search_slots searches at once in this worker (None: no limit beyond the thread pool).
-    search_limiter: anyio.CapacityLimiter | None = field(default=None, repr=False)
+    search_limiter: anyio.CapacityLimiter | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.settings.search_slots:
+            self.search_limiter = anyio.CapacityLimiter(self.settings.search_slots)
 
     def sync(self) -> Searcher | None:
         """The searcher as of now, with versions and changes published by any process (two stat calls

@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -222,12 +223,9 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "requests": n,
         "duration_s": sum(r["duration_s"] for r in runs),
         "errors": sum(r["errors"] for r in runs),
-        "statuses": {},
+        "statuses": dict(sum((Counter(r["statuses"]) for r in runs), Counter())),
     }
     out["rps"] = n / out["duration_s"] if out["duration_s"] > 0 else 0.0
-    for r in runs:
-        for code, count in r["statuses"].items():
-            out["statuses"][code] = out["statuses"].get(code, 0) + count
     if n == 0:
         nan = float("nan")
         return out | {"p50_ms": nan, "p90_ms": nan, "p99_ms": nan, "mean_ms": nan, "max_ms": nan}
