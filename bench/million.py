@@ -43,7 +43,7 @@ import numpy as np
 from ann import recall_at_k
 from london import add_arguments, analysed_queries, collection, hit_rate, open_london
 from procstat import process_tree, pss_mb, rss_mb, stop_server
-from run import free_port, wait_ready
+from run import free_port, wait_loaded, wait_ready
 
 from app.core.config import Settings
 from common.clock import utc_timestamp
@@ -203,13 +203,8 @@ def serve_queries(args: argparse.Namespace, data: Path, preset: str, files: list
         url = f"http://127.0.0.1:{port}"
         try:
             ready_s = wait_ready(url, proc, t0, args.workers, timeout=900)
-            # Every worker loads the collection on its own: nothing is timed before the last one
-            # serves (each logs "serving index" once loaded).
-            while log_path.read_text(encoding="utf-8", errors="replace").count("serving index") < args.workers:
-                if proc.poll() is not None or time.perf_counter() - t0 > 900:
-                    raise RuntimeError("not every worker loaded the collection")
-                time.sleep(0.2)
-            all_ready_s = time.perf_counter() - t0
+            # Every worker loads the collection on its own: nothing is timed before the last one serves.
+            all_ready_s = wait_loaded(log_path, proc, t0, args.workers, timeout=900)
             took, answers = [], []
             with httpx.Client(timeout=120) as c:
                 for f in files[: 2 * args.workers]:  # every worker answers once before anything counts

@@ -32,6 +32,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -197,6 +198,17 @@ def wait_ready(url: str, proc: subprocess.Popen, t0: float, server_workers: int,
     return ready_s
 
 
+def wait_loaded(log_path: Path, proc: subprocess.Popen, t0: float, server_workers: int, timeout: float = 300) -> float:
+    """Seconds from start until every worker has loaded the index: each logs "serving index" once
+    (`imgsearch serve` starts the others once the first serves, so /readyz alone can be answered by
+    the first while the others still load)."""
+    while log_path.read_text(encoding="utf-8", errors="replace").count("serving index") < server_workers:
+        if proc.poll() is not None or time.perf_counter() - t0 > timeout:
+            raise RuntimeError("not every worker loaded the index")
+        time.sleep(0.05)
+    return time.perf_counter() - t0
+
+
 PHASES = 2  # runs of each connection count in serve_and_load, taking turns
 
 
@@ -248,18 +260,15 @@ def serve_and_load(settings: Settings, image_files: list[Path], server_workers: 
         "IMGSEARCH_PRESET": settings.preset,
         "IMGSEARCH_PORT": str(port),
         "IMGSEARCH_WORKERS": str(server_workers),
+        "IMGSEARCH_LOG_FORMAT": "json",
     }
+    log = tempfile.NamedTemporaryFile(prefix="imgsearch-bench-", suffix=".log")  # noqa: SIM115 (closed below)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve"], cwd=ROOT, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         ready_s = wait_ready(url, proc, t0, server_workers)
+        all_ready_s = wait_loaded(Path(log.name), proc, t0, server_workers)
         # Warm-up, checked: every worker answers real searches before anything is timed.
         with httpx.Client(timeout=60) as c:
             for f in image_files[: 4 * server_workers]:
@@ -306,9 +315,11 @@ def serve_and_load(settings: Settings, image_files: list[Path], server_workers: 
             # Pages the workers share (memory-mapped encoder and keypoints) count once here.
             "pss_mb": round(sum(pss.values()), 1),
             "ready_s": round(ready_s, 2),
+            "all_workers_ready_s": round(all_ready_s, 2),
         }
     finally:
         stop_server(proc)
+        log.close()
 
 
 # --- index build and ANN (subprocesses) --------------------------------------------------------------
@@ -448,6 +459,7 @@ def markdown(r: dict[str, Any]) -> str:
             ("rss_mb (all server processes, after the load)", r["rss_mb"]),
             ("pss_mb (the same, shared pages counted once)", r.get("pss_mb", "–")),
             ("ready_s (start to /readyz)", r["ready_s"]),
+            ("every worker loaded, s from start", r.get("all_workers_ready_s", "–")),
         ]
     if "index_build_s" in r:
         rows += [
@@ -462,8 +474,8 @@ def markdown(r: dict[str, Any]) -> str:
             "By uvicorn workers (same run):",
             "",
             "| workers | p50 ms c1 | p99 ms c1 | rps c1 | rps c8 | rps c8/c1 | p99 ms c8 | errors "
-            "| server CPU ms/req c1, c8 | RSS MB (each) | PSS MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| server CPU ms/req c1, c8 | RSS MB (each) | PSS MB | ready s (first / every worker) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for h in r["http_by_workers"]:
             per = " + ".join(f"{v:.0f}" for v in h["rss_mb_by_process"])
@@ -471,7 +483,8 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {h['server_workers']} | {h['http_p50_ms_c1']} | {h['http_p99_ms_c1']} | {h['rps_c1']} | "
                 f"{h['rps_c8']} | {h['rps_c8'] / h['rps_c1']:.2f} | {h['http_p99_ms_c8']} | "
                 f"{h['errors_c1'] + h['errors_c8']} | {h['server_cpu_ms_per_request_c1']}, "
-                f"{h['server_cpu_ms_per_request_c8']} | {h['rss_mb']} ({per}) | {h.get('pss_mb', '–')} |"
+                f"{h['server_cpu_ms_per_request_c8']} | {h['rss_mb']} ({per}) | {h.get('pss_mb', '–')} | "
+                f"{h['ready_s']} / {h.get('all_workers_ready_s', '–')} |"
             )
     for n, size in r.get("ann", {}).get("sizes", {}).items():
         lines += [

@@ -6,6 +6,7 @@ Settings come from IMGSEARCH_* variables (see the README); flags override them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -165,8 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
         logging.getLogger(__name__).info("%d workers; prometheus multiprocess folder %s", s.workers, prom_dir)
     try:
-        uvicorn.run(
-            "app.main:create_app",
+        serve = dict(
             factory=True,
             host=s.host,
             port=s.port,
@@ -176,6 +176,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             access_log=False,  # replaced by the request log line of app.core.observability
             timeout_worker_healthcheck=WORKER_PING_TIMEOUT_S,
         )
+        if s.workers == 1:
+            uvicorn.run("app.main:create_app", **serve)
+        else:  # uvicorn's supervisor, but the first worker serves before the others start
+            from cli.supervisor import FirstWorkerFirst
+
+            conf = uvicorn.Config("app.main:create_app", **serve)
+            with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
+                FirstWorkerFirst(conf, sockets=[conf.bind_socket()]).run()
     finally:
         if prom_dir is not None:
             shutil.rmtree(prom_dir, ignore_errors=True)

@@ -196,6 +196,35 @@ def test_server_logs_are_one_json_object_per_line(server: Server) -> None:
     assert not any(rec["logger"] == "uvicorn.access" for rec in records)
 
 
+def test_first_worker_serves_before_the_others_start(tiny_data: Path, tiny_artifacts: Path, start_server) -> None:
+    # cli/supervisor.py: on a host with fewer cores than workers, the first answer does not wait for
+    # every worker to load; the others start once the first serves.
+    env = {
+        "IMGSEARCH_DATA": str(tiny_data),
+        "IMGSEARCH_ARTIFACTS": str(tiny_artifacts),
+        "IMGSEARCH_PRESET": "paper",
+        "IMGSEARCH_WORKERS": "3",
+    }
+    srv = start_server(env, wait_path="/readyz")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        served = [r for r in json_lines(srv) if r["message"].startswith("serving index")]
+        if len({r["pid"] for r in served}) == 3:
+            break
+        time.sleep(0.2)
+    assert len({r["pid"] for r in served}) == 3, srv.output()[-3000:]
+    records = json_lines(srv)
+    first = next(i for i, r in enumerate(records) if r["message"].startswith("serving index"))
+    later = {r["pid"] for r in served} - {records[first]["pid"]}
+    # Nothing of the other two workers (not even uvicorn's "Started server process") precedes it.
+    assert all(r["pid"] not in later for r in records[:first]), srv.output()[-3000:]
+    said = [r for r in records if r["message"].startswith("first worker serving after")]
+    assert [r["pid"] for r in said] == [srv.proc.pid]  # the supervisor's line
+    assert httpx.get(srv.url + "/readyz").status_code == 200
+    srv.stop()
+    assert srv.proc.returncode == 0
+
+
 def test_two_workers_metrics_add_up(tiny_data: Path, tiny_artifacts: Path, start_server) -> None:
     env = {
         "IMGSEARCH_DATA": str(tiny_data),

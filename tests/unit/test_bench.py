@@ -161,6 +161,30 @@ def test_process_tree_finds_children(run: ModuleType) -> None:
         child.wait()
 
 
+def test_wait_loaded_counts_every_worker_that_serves(run: ModuleType, tmp_path: Path) -> None:
+    import subprocess
+    import threading
+    import time
+
+    log = tmp_path / "server.log"
+    log.write_text('{"message": "serving index v1 (3 images)", "pid": 1}\n')
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        t0 = time.perf_counter()
+        late = threading.Timer(0.3, lambda: log.write_text(log.read_text() + '{"message": "serving index v1"}\n'))
+        late.start()
+        took = run.wait_loaded(log, proc, t0, server_workers=2, timeout=20)
+        late.join()
+        assert 0.3 <= took < 20  # returned once the second worker's line came, not before
+        with pytest.raises(RuntimeError):  # a third never comes: gives up at the timeout
+            run.wait_loaded(log, proc, time.perf_counter(), server_workers=3, timeout=0.3)
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(RuntimeError):  # the server exited: no waiting for the timeout
+        run.wait_loaded(log, proc, time.perf_counter(), server_workers=3, timeout=60)
+
+
 def _wrk_run(latencies_ms: np.ndarray, duration_s: float, errors: int = 0) -> dict:
     """A wrk summary as bench/wrk_search.lua prints it, of these request latencies."""
     return {
