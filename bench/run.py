@@ -203,8 +203,10 @@ def wait_loaded(log_path: Path, proc: subprocess.Popen, t0: float, server_worker
     (`imgsearch serve` starts the others once the first serves, so /readyz alone can be answered by
     the first while the others still load)."""
     while log_path.read_text(encoding="utf-8", errors="replace").count("serving index") < server_workers:
-        if proc.poll() is not None or time.perf_counter() - t0 > timeout:
-            raise RuntimeError("not every worker loaded the index")
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}) before every worker loaded the index")
+        if time.perf_counter() - t0 > timeout:
+            raise RuntimeError(f"not every worker loaded the index within {timeout} s")
         time.sleep(0.05)
     return time.perf_counter() - t0
 

@@ -176,12 +176,12 @@ def test_wait_loaded_counts_every_worker_that_serves(run: ModuleType, tmp_path: 
         took = run.wait_loaded(log, proc, t0, server_workers=2, timeout=20)
         late.join()
         assert 0.3 <= took < 20  # returned once the second worker's line came, not before
-        with pytest.raises(RuntimeError):  # a third never comes: gives up at the timeout
+        with pytest.raises(RuntimeError, match=r"within 0\.3 s"):  # a third never comes: gives up
             run.wait_loaded(log, proc, time.perf_counter(), server_workers=3, timeout=0.3)
     finally:
         proc.kill()
         proc.wait()
-    with pytest.raises(RuntimeError):  # the server exited: no waiting for the timeout
+    with pytest.raises(RuntimeError, match="exited"):  # the server is gone: no waiting for the timeout
         run.wait_loaded(log, proc, time.perf_counter(), server_workers=3, timeout=60)
 
 
