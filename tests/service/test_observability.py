@@ -196,23 +196,31 @@ def test_server_logs_are_one_json_object_per_line(server: Server) -> None:
     assert not any(rec["logger"] == "uvicorn.access" for rec in records)
 
 
-def test_first_worker_serves_before_the_others_start(tiny_data: Path, tiny_artifacts: Path, start_server) -> None:
-    # cli/supervisor.py: on a host with fewer cores than workers, the first answer does not wait for
-    # every worker to load; the others start once the first serves.
+def serve_workers(
+    start_server, tiny_data: Path, tiny_artifacts: Path, n: int, wait_path: str
+) -> tuple[Server, list[dict]]:
+    """A server of n workers on the tiny artifacts, once each has logged (with its own pid) that it
+    serves the index; and those log records."""
     env = {
         "IMGSEARCH_DATA": str(tiny_data),
         "IMGSEARCH_ARTIFACTS": str(tiny_artifacts),
         "IMGSEARCH_PRESET": "paper",
-        "IMGSEARCH_WORKERS": "3",
+        "IMGSEARCH_WORKERS": str(n),
     }
-    srv = start_server(env, wait_path="/readyz")
+    srv = start_server(env, wait_path=wait_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         served = [r for r in json_lines(srv) if r["message"].startswith("serving index")]
-        if len({r["pid"] for r in served}) == 3:
-            break
+        if len({r["pid"] for r in served}) == n:
+            return srv, served
         time.sleep(0.2)
-    assert len({r["pid"] for r in served}) == 3, srv.output()[-3000:]
+    raise AssertionError(f"not every worker loaded the index:\n{srv.output()[-3000:]}")
+
+
+def test_first_worker_serves_before_the_others_start(tiny_data: Path, tiny_artifacts: Path, start_server) -> None:
+    # cli/supervisor.py: on a host with fewer cores than workers, the first answer does not wait for
+    # every worker to load; the others start once the first serves.
+    srv, served = serve_workers(start_server, tiny_data, tiny_artifacts, 3, "/readyz")
     records = json_lines(srv)
     first = next(i for i, r in enumerate(records) if r["message"].startswith("serving index"))
     later = {r["pid"] for r in served} - {records[first]["pid"]}
@@ -226,21 +234,7 @@ def test_first_worker_serves_before_the_others_start(tiny_data: Path, tiny_artif
 
 
 def test_two_workers_metrics_add_up(tiny_data: Path, tiny_artifacts: Path, start_server) -> None:
-    env = {
-        "IMGSEARCH_DATA": str(tiny_data),
-        "IMGSEARCH_ARTIFACTS": str(tiny_artifacts),
-        "IMGSEARCH_PRESET": "paper",
-        "IMGSEARCH_WORKERS": "2",
-    }
-    srv = start_server(env, wait_path="/healthz")
-    # Both workers have loaded the index (each logs it, with its own pid).
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        loaded = {r["pid"] for r in json_lines(srv) if r["message"].startswith("serving index")}
-        if len(loaded) == 2:
-            break
-        time.sleep(0.2)
-    assert len(loaded) == 2, srv.output()[-3000:]
+    srv, _ = serve_workers(start_server, tiny_data, tiny_artifacts, 2, "/healthz")
     n_ready, n_search = 12, 4
     for _ in range(n_ready):
         # One connection per request, so the workers share them.
