@@ -180,7 +180,8 @@ def wrk(url: str, image_files: list[Path], connections: int, duration_s: int) ->
 
 def wait_ready(url: str, proc: subprocess.Popen, t0: float, server_workers: int, timeout: float = 300) -> float:
     """Seconds from start to the first /readyz = 200; then waits until several fresh connections in a
-    row are ready, so that every worker has loaded the index before the load starts."""
+    row are ready, for servers whose replicas all start at once (bench/ray_bench.py). `imgsearch serve`
+    starts its other workers once the first serves: wait_loaded, after this, waits for them."""
     ready_s, in_a_row = None, 0
     while in_a_row < 4 * server_workers:
         try:

@@ -40,7 +40,9 @@ class FirstWorkerFirst(Multiprocess):
 
     def _wait_serving(self, first: Process, timeout: float) -> str:
         """Until the first worker serves, exits, or does neither within `timeout` s, or a signal
-        arrives (the run loop handles it next): what happened, for the log."""
+        arrives (the run loop handles it next): what happened, for the log. uvicorn's own
+        Process.wait_until_ready would not see the signal: the handlers only queue it, and the run
+        loop that acts on the queue has not started yet."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.signal_queue:
