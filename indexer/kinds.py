@@ -6,7 +6,9 @@
 - `pq-fastscan`: above it, 4-bit product-quantisation codes (m x 4 bits: 32 bytes at m 64) scanned
   with SIMD distance tables, and the codes' nearest `rerank` (at least k) re-ranked by their exact
   distance to the float vectors, which stay on disk (vectors.npz: a query reads only its
-  shortlist's rows, with pread, into the page cache all workers share). With `nlist` > 0 the codes
+  shortlist's rows, with pread, into the page cache all workers share). With `coarse_m` > 0 (the
+  presets' choice) the scan has two stages: coarse fast-scan codes of coarse_m sub-quantizers find a
+  `shortlist`, which the m x 4-bit codes (FineCodes) order before the re-rank. With `nlist` > 0 the codes
   are held in that many cells of a coarse k-means (FAISS IndexIVFPQFastScan) and a query scans the
   `nprobe` nearest cells; with 0 (the presets' choice, see common/presets.py), every code
   (IndexPQFastScan, so no true neighbour is lost to an unprobed cell). bench/ann.py compares the
@@ -69,6 +71,78 @@ def new_codes(d: int, m: int, conf: dict[str, Any], n_train: int) -> faiss.Index
     return codes
 
 
+class FineCodes:
+    """Finer PQ codes of every slot (m x 4 bits, two to a byte, low nibble first), in FAISS's plain
+    layout rather than fast-scan's blocks, so that a shortlist of slots can be scored alone against a
+    query's distance table: the second stage of a two-stage scan (PQIndex)."""
+
+    def __init__(self, pq: faiss.ProductQuantizer, base: np.ndarray, added: list[np.ndarray] | None = None) -> None:
+        if pq.nbits != 4 or pq.M % 2 or pq.code_size * 2 != pq.M:
+            raise ValueError(f"fine codes are 4-bit and pair up: m={pq.M}, nbits={pq.nbits}")
+        if base.dtype != np.uint8 or base.ndim != 2 or base.shape[1] != pq.code_size:
+            raise ValueError(f"fine codes of {base.dtype} {base.shape} for uint8 codes of {pq.code_size} bytes")
+        self.pq = pq
+        self.base = base  # (n_base, code_size) uint8 codes of the base slots, memory-mapped
+        self.added = list(added or [])  # codes of the slots added online
+        self._offsets = (np.arange(pq.code_size) * 256).astype(np.intp)
+
+    @staticmethod
+    def train(d: int, m: int, xt: np.ndarray) -> faiss.ProductQuantizer:
+        """Codebooks of m x 4 bits trained on xt."""
+        if d % m or m % 2:
+            raise ValueError(f"dimension {d} does not split into an even m={m} of sub-vectors")
+        pq = faiss.ProductQuantizer(d, m, 4)
+        pq.train(np.ascontiguousarray(xt, np.float32))
+        return pq
+
+    @staticmethod
+    def encode_with(pq: faiss.ProductQuantizer, x: np.ndarray) -> np.ndarray:
+        out = np.empty((len(x), pq.code_size), np.uint8)
+        for start in range(0, len(x), 65536):
+            out[start : start + 65536] = pq.compute_codes(np.ascontiguousarray(x[start : start + 65536], np.float32))
+        return out
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return self.encode_with(self.pq, x)
+
+    def codes_of(self, slots: np.ndarray) -> np.ndarray:
+        n_base = len(self.base)
+        out = np.empty((len(slots), self.pq.code_size), np.uint8)
+        stored = slots < n_base
+        out[stored] = self.base[slots[stored]]
+        for p in np.flatnonzero(~stored):
+            out[p] = self.added[int(slots[p]) - n_base]
+        return out
+
+    def distances(self, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Squared distances of one query (d,) to the codes of these slots, from its distance table."""
+        x = np.ascontiguousarray(x, np.float32)
+        table = np.empty((self.pq.M, 1 << self.pq.nbits), np.float32)
+        self.pq.compute_distance_table(faiss.swig_ptr(x), faiss.swig_ptr(table))
+        # One table entry per byte (two sub-quantizers) rather than per nibble: half the lookups.
+        byte = np.arange(256)
+        pairs = table[0::2, byte & 15] + table[1::2, byte >> 4]  # (code_size, 256)
+        return np.take(pairs.ravel(), self.codes_of(slots).astype(np.intp) + self._offsets).sum(axis=1)
+
+    def copy(self) -> FineCodes:
+        return FineCodes(self.pq, self.base, list(self.added))
+
+    def arrays(self, codes: np.ndarray) -> dict[str, np.ndarray]:
+        """What a version stores of them: the codebooks and the given codes."""
+        centroids = faiss.vector_to_array(self.pq.centroids).reshape(self.pq.M, -1)
+        return {"fine_centroids": centroids, "fine_codes": codes}
+
+    @classmethod
+    def from_arrays(cls, d: int, z: dict[str, np.ndarray]) -> FineCodes:
+        centroids = np.ascontiguousarray(z["fine_centroids"], np.float32)
+        m = len(centroids)
+        if d % m or centroids.shape[1] != 16 * (d // m):
+            raise ValueError(f"fine codebooks of shape {centroids.shape} for vectors of dimension {d}")
+        pq = faiss.ProductQuantizer(d, m, 4)
+        faiss.copy_array_to_vector(centroids.ravel(), pq.centroids)
+        return cls(pq, z["fine_codes"])
+
+
 class PQIndex:
     """Fast-scan PQ codes of every vector, whose shortlist is re-ranked exactly (module docstring).
 
@@ -76,7 +150,11 @@ class PQIndex:
     float vectors are the rows of the version's vectors.npz), then those added online (float vectors
     in memory). A delete marks its slot dead rather than taking the code out (FAISS's fast-scan
     remove_ids scrambles the codes added after it, measured on faiss 1.15), and dead slots are left
-    out of every answer; publishing a version writes the live ones only."""
+    out of every answer; publishing a version writes the live ones only.
+
+    With `fine` codes the scan has two stages: the fast-scan codes are coarse (fewer sub-quantizers,
+    so a scan of every code costs less) and only find a `shortlist`; the fine codes score it, and the
+    fine codes' nearest `rerank` are re-ranked exactly."""
 
     kind = PQ
 
@@ -89,6 +167,8 @@ class PQIndex:
         alive: np.ndarray | None = None,
         added: list[np.ndarray] | None = None,
         added_slot: dict[int, int] | None = None,
+        fine: FineCodes | None = None,
+        shortlist: int = 0,
     ) -> None:
         self.codes = codes
         self.slot_ids = slot_ids  # (slots,) int64: the id whose code each slot holds
@@ -98,6 +178,8 @@ class PQIndex:
         self.added = list(added or [])  # float vectors of the slots after the base ones
         self.added_slot = dict(added_slot or {})  # id -> its live slot among those added online
         self._ntotal = int(self.alive.sum())
+        self.fine = fine  # None: one stage, the codes' candidates re-ranked exactly
+        self.shortlist = int(shortlist)  # the coarse codes' candidates that the fine codes score
 
     @classmethod
     def build(cls, xb: np.ndarray, ids: np.ndarray, conf: dict[str, Any], seed: int = 0) -> PQIndex:
@@ -106,21 +188,29 @@ class PQIndex:
         ids = np.asarray(ids, np.int64)
         if xb.ndim != 2 or len(xb) != len(ids):
             raise ValueError(f"{len(ids)} ids for vectors of shape {xb.shape}")
-        m = int(conf["m"])
-        if xb.shape[1] % m:
-            raise ValueError(f"dimension {xb.shape[1]} does not split into m={m} sub-vectors")
+        m, coarse = int(conf["m"]), int(conf.get("coarse_m", 0))
+        if coarse >= m:
+            raise ValueError(f"coarse_m={coarse} must be below m={m} (0: one stage)")
+        scanned = coarse or m
+        if xb.shape[1] % scanned:
+            raise ValueError(f"dimension {xb.shape[1]} does not split into m={scanned} sub-vectors")
         if len(np.unique(ids)) != len(ids):
             raise ValueError("the ids of an index must be unique")
         if not np.all(ids[1:] > ids[:-1]):  # base slots are in id order, so an id finds its row by bisection
             order = np.argsort(ids, kind="stable")
             xb, ids = xb[order], ids[order]
         n_train = min(len(xb), int(conf["train_size"]))
-        codes = new_codes(int(xb.shape[1]), m, conf, n_train)
+        codes = new_codes(int(xb.shape[1]), scanned, conf, n_train)
         rows = np.sort(np.random.default_rng(seed).choice(len(xb), size=n_train, replace=False))
-        codes.train(np.ascontiguousarray(xb[rows]))
+        xt = np.ascontiguousarray(xb[rows])
+        codes.train(xt)
         for start in range(0, len(xb), 65536):
             codes.add(xb[start : start + 65536])
-        return cls(codes, ids, xb, int(conf["rerank"]))
+        fine = None
+        if coarse:
+            pq = FineCodes.train(int(xb.shape[1]), m, xt)
+            fine = FineCodes(pq, FineCodes.encode_with(pq, xb))
+        return cls(codes, ids, xb, int(conf["rerank"]), fine=fine, shortlist=int(conf.get("shortlist", 0)))
 
     @property
     def d(self) -> int:
@@ -178,16 +268,30 @@ class PQIndex:
         if k <= 0 or self.ntotal == 0:
             return d2, found
         dead = len(self.alive) - self.ntotal  # dead codes can fill the shortlist: ask for that many more
-        # The top 10 of the 100 nearest codes: recall@10 0.999 against exact at 1M (BENCHMARKS.md).
-        # A deeper k (the expansion pool of 200) is re-ranked as deep, not 10 x deeper: its tail
-        # only feeds expansion, which looks at places, not at the exact order.
-        _, cand = self.codes.search(x, min(len(self.alive), max(k, self.rerank) + dead))
+        # One stage: the top 10 of the 100 nearest codes, recall@10 0.999 against exact at 1M
+        # (BENCHMARKS.md). A deeper k (the expansion pool of 200) is re-ranked as deep, not 10 x
+        # deeper: its tail only feeds expansion, which looks at places, not at the exact order.
+        depth = max(k, self.rerank, self.shortlist if self.fine is not None else 0)
+        _, cand = self.codes.search(x, min(len(self.alive), depth + dead))
         for r, row in enumerate(cand):
             slots = row[row >= 0]
             slots = slots[self.alive[slots]]
+            rest, tail = slots[:0], np.zeros(0, np.float32)
+            if self.fine is not None:
+                # Two stages: the fine codes order the shortlist, and only their nearest `rerank` are
+                # re-ranked exactly; past them (k > rerank: the expansion pool) the fine order and
+                # distances stand, raised where needed so that the row stays sorted.
+                est = self.fine.distances(x[r], slots)
+                by_est = np.argsort(est, kind="stable")
+                head, past = by_est[: self.rerank], by_est[self.rerank : k]
+                slots, rest, tail = slots[head], slots[past], est[past]
             exact = ((self._vectors(slots) - x[r]) ** 2).sum(axis=1)
             top = np.argsort(exact, kind="stable")[:k]
-            d2[r, : len(top)], found[r, : len(top)] = exact[top], self.slot_ids[slots[top]]
+            dist, ids = exact[top], self.slot_ids[slots[top]]
+            if len(tail):
+                tail = np.maximum(tail, dist[-1] if len(dist) else 0.0)  # sorted already: est was
+                dist, ids = np.concatenate([dist, tail]), np.concatenate([ids, self.slot_ids[rest]])
+            d2[r, : len(ids)], found[r, : len(ids)] = dist, ids
         return d2, found
 
     def add_with_ids(self, x: np.ndarray, ids: np.ndarray) -> None:
@@ -198,6 +302,8 @@ class PQIndex:
             raise ValueError("an id to add is served already; remove it first")
         first = len(self.alive)
         self.codes.add(x)  # encoded now: the codes stay in step with the online adds
+        if self.fine is not None:
+            self.fine.added.extend(self.fine.encode(x))
         self.slot_ids = np.concatenate([self.slot_ids, ids])
         self.alive = np.concatenate([self.alive, np.ones(len(ids), bool)])
         for j, (i, v) in enumerate(zip(ids.tolist(), x, strict=True)):
@@ -225,6 +331,8 @@ class PQIndex:
             self.alive.copy(),
             list(self.added),  # the copy's adds must not show in this one's tables
             dict(self.added_slot),
+            None if self.fine is None else self.fine.copy(),
+            self.shortlist,
         )
 
     def save(self, index_path: Path, vectors_path: Path) -> None:
@@ -234,13 +342,18 @@ class PQIndex:
         ids = np.sort(self.ids())
         xb = self.vectors_of(ids)
         codes = self.codes
-        if len(self.alive) != len(self.base) or not self.alive.all():
+        changed = len(self.alive) != len(self.base) or not self.alive.all()
+        if changed:
             codes = faiss.clone_index(self.codes)
             codes.reset()  # keeps the trained codebooks
             for start in range(0, len(xb), 65536):
                 codes.add(xb[start : start + 65536])
+        fine: dict[str, np.ndarray] = {}
+        if self.fine is not None:
+            fine = self.fine.arrays(self.fine.codes_of(self._slots_of(ids)) if changed else self.fine.base)
+            fine["shortlist"] = np.array(self.shortlist)
         faiss.write_index(codes, str(index_path))
-        atomic_savez(vectors_path, ids=ids, vectors=xb, rerank=np.array(self.rerank))
+        atomic_savez(vectors_path, ids=ids, vectors=xb, rerank=np.array(self.rerank), **fine)
 
     @classmethod
     def load(cls, index_path: Path, vectors_path: Path) -> PQIndex:
@@ -253,7 +366,13 @@ class PQIndex:
             raise ValueError(f"{vectors_path}: vectors of shape {z['vectors'].shape} for {codes.ntotal} codes")
         if not np.all(ids[1:] > ids[:-1]):
             raise ValueError(f"{vectors_path}: ids are not sorted and unique")
-        return cls(codes, ids, z["vectors"], int(z["rerank"]))
+        fine = None  # versions written before the two-stage scan have one stage
+        if "fine_codes" in z:
+            fine = FineCodes.from_arrays(codes.d, z)
+            if len(fine.base) != len(ids):
+                raise ValueError(f"{vectors_path}: {len(fine.base)} fine codes for {len(ids)} vectors")
+        shortlist = int(z["shortlist"]) if "shortlist" in z else 0
+        return cls(codes, ids, z["vectors"], int(z["rerank"]), fine=fine, shortlist=shortlist)
 
 
 AnyIndex = faiss.Index | PQIndex

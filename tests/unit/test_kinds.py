@@ -18,7 +18,9 @@ from retrieval.live import LiveIndex, compact
 PQ_CONF = {"type": "auto", "exact_below": 1000, "m": 8, "rerank": 100, "train_size": 4096}
 # The same codes in 16 cells of a coarse k-means, 8 of them scanned a query.
 IVF_CONF = PQ_CONF | {"nlist": 16, "nprobe": 8}
-BOTH = pytest.mark.parametrize("conf", [PQ_CONF, IVF_CONF], ids=["every-code", "cells"])
+# Two stages: coarse codes of 8 sub-quantizers find 300 candidates, finer codes of 16 order them.
+TWO_CONF = PQ_CONF | {"m": 16, "coarse_m": 8, "shortlist": 300}
+BOTH = pytest.mark.parametrize("conf", [PQ_CONF, IVF_CONF, TWO_CONF], ids=["every-code", "cells", "two-stage"])
 
 
 def clustered(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
@@ -113,6 +115,49 @@ def test_codes_in_cells_are_saved_and_loaded_with_their_probe_count(tmp_path: Pa
     # As many cells as the training vectors can place (39 a cell), and none below two: every code.
     assert PQIndex.build(xb[:300], np.arange(300), IVF_CONF).codes.nlist == 300 // 39
     assert isinstance(PQIndex.build(xb[:70], np.arange(70), IVF_CONF).codes, faiss.IndexPQFastScan)
+
+
+def test_two_stage_scan_orders_the_coarse_shortlist_by_fine_codes(tmp_path: Path) -> None:
+    both = clustered(5200)
+    xb, q = both[:5000], both[5000:]
+    ids = np.arange(5000, dtype=np.int64) * 7 + 3
+    index = PQIndex.build(xb, ids, TWO_CONF)
+    assert index.fine is not None and (index.codes.pq.M, index.fine.pq.M, index.shortlist) == (8, 16, 300)
+    # A fine distance is the query's distance to the code's reconstruction.
+    est = index.fine.distances(q[0], np.arange(50))
+    assert np.allclose(est, ((index.fine.pq.decode(np.asarray(index.fine.base[:50])) - q[0]) ** 2).sum(1), rtol=1e-4)
+    _, truth = brute(xb, ids, q, 10)
+    found = index.search(q, 10)[1]
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
+    assert recall >= 0.95
+    # The fine stage does the work: the coarse codes' own nearest 100 re-ranked find fewer.
+    coarse = PQIndex(index.codes, index.slot_ids, index.base, 100)
+    coarse_found = coarse.search(q, 10)[1]
+    assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(coarse_found, truth, strict=True)]) < recall
+    # Past the exactly re-ranked head (k > rerank): the fine order, the row still sorted, no id twice.
+    deep = PQIndex(index.codes, index.slot_ids, index.base, 20, fine=index.fine, shortlist=300)
+    d2, found = deep.search(q[:5], 60)
+    rows = (found - 3) // 7
+    exact = ((xb[rows] - q[:5, None, :]) ** 2).sum(axis=2)
+    assert np.allclose(d2[:, :20], exact[:, :20], atol=1e-5) and not np.allclose(d2[:, 20:], exact[:, 20:])
+    assert np.all(np.diff(d2, axis=1) >= 0) and all(len(set(r)) == 60 for r in found)
+    # Saved with its fine codes and shortlist; after online changes, the codes of the live vectors.
+    index.save(tmp_path / "index.faiss", tmp_path / "vectors.npz")
+    back = PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz")
+    assert back.fine is not None and back.shortlist == 300
+    assert np.array_equal(back.search(q, 10)[1], index.search(q, 10)[1])
+    changed = back.copy()
+    changed.remove_ids(ids[:100])
+    changed.add_with_ids(q[:3], np.array([1, 2, 4]))
+    changed.save(tmp_path / "index2.faiss", tmp_path / "vectors2.npz")
+    again = PQIndex.load(tmp_path / "index2.faiss", tmp_path / "vectors2.npz")
+    assert again.fine is not None and len(again.fine.base) == again.ntotal == 4903
+    assert again.search(q[:3], 1)[1][:, 0].tolist() == [1, 2, 4]
+    # The coarse codes are written again in id order, so the shortlist's ties may fall otherwise.
+    same = [
+        len(set(a) & set(b)) / 10 for a, b in zip(again.search(q[3:], 10)[1], changed.search(q[3:], 10)[1], strict=True)
+    ]
+    assert np.mean(same) >= 0.98
 
 
 def publish_pq(tmp_path: Path, shards: int = 1) -> tuple[Path, np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 from features.orb import OrbFeatures
 from model.calibrate import fit_sigmoid
 from model.encoder import NumpyEncoder
-from model.vectorize import Vectorizer, unpack
+from model.vectorize import Vectorizer, residual_sums, unpack
 
 
 def random_sets(n_images: int, n_desc: int, seed: int = 0) -> list[np.ndarray]:
@@ -142,6 +142,32 @@ def test_overlapping_blocks_equal_each_block_aggregated_alone() -> None:
             continue
         alone = plain(OrbFeatures(xy[m], sets[1][m]))
         assert np.allclose(block / np.linalg.norm(block), alone, atol=1e-5)
+
+
+def direct_residual_sums(desc: np.ndarray, words: np.ndarray, cells: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """The definition: the float residual of every descriptor added to its (cell, word) sum."""
+    k = len(centroids)
+    out = np.zeros((int(cells.max()) + 1, k, 256), np.float64)
+    np.add.at(out, (cells, words), unpack(desc).astype(np.float64) - centroids[words])
+    return out
+
+
+@pytest.mark.parametrize("n", [500, 70_000])
+def test_residual_sums_equal_the_residuals_summed_one_by_one(n: int) -> None:
+    # 70,000 descriptors exceed a 16-bit counter: the sums must switch to wider ones, not wrap.
+    rng = np.random.default_rng(n)
+    desc = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+    big = n - 400  # one (cell, word) group of descriptors with every bit set: 69,600 of them at n 70,000
+    desc[:big] = 255
+    words, cells = rng.integers(0, 6, n), rng.integers(0, 3, n)
+    words[:big], cells[:big] = 2, 1
+    words[words == 4] = 5  # a word no descriptor uses: its sums stay zero
+    centroids = rng.random((6, 256)).astype(np.float32)
+    got = residual_sums(desc, words, cells, centroids)
+    assert got.shape == (3, 6, 256)
+    assert np.allclose(got, direct_residual_sums(desc, words, cells, centroids), rtol=1e-6, atol=1e-2)
+    assert not got[:, 4].any()
+    assert residual_sums(desc[:0], words[:0], cells[:0], centroids).shape == (0, 6, 256)
 
 
 def test_words_are_the_nearest_centroids_in_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:

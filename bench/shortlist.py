@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""How deep the coarse codes' shortlist of a two-stage index must be (issue 14).
+
+    python bench/million.py --data ../shared/datasets/london --keep --work /work/m1
+    python bench/shortlist.py --data ../shared/datasets/london --work /work/m1 [--shortlist 500 800 1000]
+
+Loads the served version that bench/million.py built and kept in --work (a `pq-fastscan` index with
+fine codes: common/presets.py, index conf), and for each shortlist depth measures recall@10 against
+exact search, for new photos of the generated places (the same generator and seed as bench/million.py,
+so the same queries as its `recall_at_10`), and the p50 time of one search on one thread for the
+nearest 10 and for the expansion pool of 200. Depths are measured in turns (each `--rounds` times),
+so that a host whose speed drifts does not favour the first. Prints one JSON line per depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+# bench/ is sys.path[0] for these scripts
+from ann import Generator, recall_at_k
+from london import ROOT, add_arguments, open_london
+
+from indexer import store
+from indexer.kinds import PQIndex
+
+K = 10
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench-1m", help="bench/million.py's --work")
+    p.add_argument("--shortlist", type=int, nargs="+", default=[500, 800, 1000])
+    p.add_argument("--queries", type=int, default=300, help="generated queries (default 300)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--per-place", type=int, default=20, help="as bench/million.py's (default 20)")
+    p.add_argument("--spread", type=float, default=1.0, help="as bench/million.py's (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="as bench/million.py's (default 0)")
+    args = p.parse_args(argv)
+    if min(args.shortlist) < 1 or args.queries < 1 or args.rounds < 1:
+        p.error("--shortlist, --queries and --rounds must be positive")
+    opened = open_london(args, "shortlist")
+    if opened is None:
+        return 2
+    families = sorted((args.work / "artifacts").glob("*/index-*"))
+    if not families:
+        print(f"shortlist: no collection kept in {args.work}: run bench/million.py --keep first", file=sys.stderr)
+        return 2
+    try:
+        served = store.load(store.current_version(families[0]))
+    except (OSError, ValueError) as e:
+        print(f"shortlist: {families[0]}: {e}", file=sys.stderr)
+        return 2
+    index = served.index
+    if not isinstance(index, PQIndex) or index.fine is None:
+        print(f"shortlist: the index in {args.work} has no fine codes (a one-stage index)", file=sys.stderr)
+        return 2
+    ids, real = store.index_contents(opened[1].index)
+    real = real[np.argsort(ids)]
+    gen = Generator(real, max(1, (index.ntotal - len(real)) // args.per_place), args.spread, args.seed)
+    xq = gen.queries(args.queries)
+    xb = np.asarray(index.base)  # the float vectors in slot order (the whole file: exact search)
+    _, rows = faiss.knn(xq, xb, K)
+    truth = index.slot_ids[rows]
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # one query on one thread, as `imgsearch serve` runs FAISS
+    times: dict[int, dict[int, list[float]]] = {s: {K: [], 200: []} for s in args.shortlist}
+    recall: dict[int, float] = {}
+    try:
+        for _ in range(args.rounds):
+            for depth in args.shortlist:
+                index.shortlist = depth
+                found = []
+                for k in (K, 200):
+                    for x in xq:
+                        t0 = time.perf_counter()
+                        hits = index.search(x[None, :], k)[1][0]
+                        times[depth][k].append(time.perf_counter() - t0)
+                        if k == K:
+                            found.append(hits)
+                recall[depth] = round(recall_at_k(np.array(found), truth), 4)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    for depth in args.shortlist:
+        row = {"shortlist": depth, "rerank": index.rerank, "recall_at_10": recall[depth]}
+        row |= {f"search_k{k}_p50_ms": round(1000 * float(np.median(v)), 3) for k, v in times[depth].items()}
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
