@@ -85,6 +85,8 @@ class FineCodes:
         self.base = base  # (n_base, code_size) uint8 codes of the base slots, memory-mapped
         self.added = list(added or [])  # codes of the slots added online
         self._offsets = (np.arange(pq.code_size) * 256).astype(np.intp)
+        byte = np.arange(256)
+        self._nibbles = (byte & 15, byte >> 4)  # each byte value's low and high code
 
     @staticmethod
     def train(d: int, m: int, xt: np.ndarray) -> faiss.ProductQuantizer:
@@ -120,8 +122,8 @@ class FineCodes:
         table = np.empty((self.pq.M, 1 << self.pq.nbits), np.float32)
         self.pq.compute_distance_table(faiss.swig_ptr(x), faiss.swig_ptr(table))
         # One table entry per byte (two sub-quantizers) rather than per nibble: half the lookups.
-        byte = np.arange(256)
-        pairs = table[0::2, byte & 15] + table[1::2, byte >> 4]  # (code_size, 256)
+        low, high = self._nibbles
+        pairs = table[0::2, low] + table[1::2, high]  # (code_size, 256)
         return np.take(pairs.ravel(), self.codes_of(slots).astype(np.intp) + self._offsets).sum(axis=1)
 
     def copy(self) -> FineCodes:
@@ -289,7 +291,8 @@ class PQIndex:
             top = np.argsort(exact, kind="stable")[:k]
             dist, ids = exact[top], self.slot_ids[slots[top]]
             if len(tail):
-                tail = np.maximum(tail, dist[-1] if len(dist) else 0.0)  # sorted already: est was
+                # est is sorted already: raised only where it falls below the exact head's last
+                tail = np.maximum(tail, dist[-1] if len(dist) else 0.0)
                 dist, ids = np.concatenate([dist, tail]), np.concatenate([ids, self.slot_ids[rest]])
             d2[r, : len(ids)], found[r, : len(ids)] = dist, ids
         return d2, found
