@@ -127,16 +127,19 @@ def read_rows(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
         base = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
         return a[base + np.arange(len(out))]
     row = a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
-    buf = out.reshape(-1).view(np.uint8)
+    buf = memoryview(out.reshape(-1).view(np.uint8))  # a memoryview's slices cost less than numpy's
     pos = 0
-    with open(a.filename, "rb") as f:
+    fd = os.open(a.filename, os.O_RDONLY)  # no buffered file object: a query reads ~50 rows of 4 KB
+    try:
         for s, n in zip(starts.tolist(), lens.tolist(), strict=True):
             if n <= 0:
                 continue
             size = n * row
-            if os.preadv(f.fileno(), [memoryview(buf[pos : pos + size])], a.offset + s * row) != size:
+            if os.preadv(fd, [buf[pos : pos + size]], a.offset + s * row) != size:
                 raise OSError(f"{a.filename}: short read")
             pos += size
+    finally:
+        os.close(fd)
     return out
 
 

@@ -61,17 +61,19 @@ DEFAULTS: dict[str, Any] = {
     # 1,024 dimensions too evenly for cells to pay (32 probes: 0.55 in 0.9 ms), so every code is scanned.
     # With coarse_m > 0 that scan has two stages: the fast-scan codes have coarse_m sub-quantizers and
     # find the nearest `shortlist`, which the m x 4-bit codes (plain layout) order; their nearest
-    # `rerank` are re-ranked exactly (the verified 50; past them the fine codes' order stands).
-    # 0: one stage of m. At 1M (one Intel host, generated queries): PQ 32 x 4's nearest 800 held
-    # 0.963 of the true top 10 (1,000: 0.970, 500: 0.950), and the scan of every code costs ~2.9 ms
-    # against 5.2 ms for PQ 64 x 4 (README, issue 14's ninth step).
+    # `rerank` are re-ranked exactly (past them, in the verified 50 and the expansion pool, the fine
+    # codes' order and distances stand). 0: one stage of m. At 1M (one Intel host, generated
+    # queries): PQ 32 x 4's nearest 800 held 0.963 of the true top 10 (1,000: 0.970, 500: 0.950),
+    # and the scan of every code costs ~2.9 ms against 5.2 ms for PQ 64 x 4 (README, issue 14's
+    # ninth step). 30 exact rather than 50: recall@10 0.9597 against 0.9600, the London queries'
+    # R@10 through the ranking the same, 0.5 ms less a query (issue 14's tenth step).
     "index": {
         "type": "auto",
         "exact_below": 200_000,
         "m": 64,
         "coarse_m": 32,
         "shortlist": 800,
-        "rerank": 50,
+        "rerank": 30,
         "train_size": 65_536,
         "nlist": 0,
         "nprobe": 32,

@@ -8,17 +8,19 @@
   distance to the float vectors, which stay on disk (vectors.npz: a query reads only its
   shortlist's rows, with pread, into the page cache all workers share). With `coarse_m` > 0 (the
   presets' choice) the scan has two stages: coarse fast-scan codes of coarse_m sub-quantizers find a
-  `shortlist`, which the m x 4-bit codes (FineCodes) order before the re-rank. With `nlist` > 0 the codes
-  are held in that many cells of a coarse k-means (FAISS IndexIVFPQFastScan) and a query scans the
-  `nprobe` nearest cells; with 0 (the presets' choice, see common/presets.py), every code
-  (IndexPQFastScan, so no true neighbour is lost to an unprobed cell). bench/ann.py compares the
+  `shortlist`, which the m x 4-bit codes (plain layout, memory-mapped) order before the re-rank. With
+  `nlist` > 0 the codes are held in that many cells of a coarse k-means (FAISS IndexIVFPQFastScan)
+  and a query scans the `nprobe` nearest cells; with 0 (the presets' choice, see
+  common/presets.py), every code (IndexPQFastScan, so no true neighbour is lost to an unprobed
+  cell). bench/ann.py compares the
   alternatives; bench/million.py serves a million vectors this way (`served_1m`).
 
 A PQIndex answers the calls the service makes of a FAISS index (search, add_with_ids, remove_ids,
 ntotal, d), so the searcher and the living index do not care which kind they hold. An online add is
 encoded into the codes at once and its float vector kept in memory until the next version is
 published; a delete marks its code dead. Changes go to a copy (`copy_for_change`): the codes are
-small (32 MB a million) and copied, the float vectors on disk are shared.
+small (16 + 32 MB a million at the presets' two stages) and copied, the float vectors on disk are
+shared.
 """
 
 from __future__ import annotations
@@ -71,78 +73,42 @@ def new_codes(d: int, m: int, conf: dict[str, Any], n_train: int) -> faiss.Index
     return codes
 
 
-class FineCodes:
-    """Finer PQ codes of every slot (m x 4 bits, two to a byte, low nibble first), in FAISS's plain
-    layout rather than fast-scan's blocks, so that a shortlist of slots can be scored alone against a
-    query's distance table: the second stage of a two-stage scan (PQIndex)."""
+def new_fine_codes(d: int, m: int, xt: np.ndarray) -> faiss.IndexPQ:
+    """The finer codes of a two-stage scan: m x 4 bits in FAISS's plain layout (IndexPQ, not fast-scan's
+    blocks), so that the coarse shortlist's codes can be scored alone; trained on xt, empty."""
+    if d % m or m % 2:
+        raise ValueError(f"dimension {d} does not split into an even m={m} of sub-vectors")
+    fine = faiss.IndexPQ(d, m, 4)
+    fine.train(np.ascontiguousarray(xt, np.float32))
+    return fine
 
-    def __init__(self, pq: faiss.ProductQuantizer, base: np.ndarray, added: list[np.ndarray] | None = None) -> None:
-        if pq.nbits != 4 or pq.M % 2 or pq.code_size * 2 != pq.M:
-            raise ValueError(f"fine codes are 4-bit and pair up: m={pq.M}, nbits={pq.nbits}")
-        if base.dtype != np.uint8 or base.ndim != 2 or base.shape[1] != pq.code_size:
-            raise ValueError(f"fine codes of {base.dtype} {base.shape} for uint8 codes of {pq.code_size} bytes")
-        self.pq = pq
-        self.base = base  # (n_base, code_size) uint8 codes of the base slots, memory-mapped
-        self.added = list(added or [])  # codes of the slots added online
-        self._offsets = (np.arange(pq.code_size) * 256).astype(np.intp)
-        byte = np.arange(256)
-        self._nibbles = (byte & 15, byte >> 4)  # each byte value's low and high code
 
-    @staticmethod
-    def train(d: int, m: int, xt: np.ndarray) -> faiss.ProductQuantizer:
-        """Codebooks of m x 4 bits trained on xt."""
-        if d % m or m % 2:
-            raise ValueError(f"dimension {d} does not split into an even m={m} of sub-vectors")
-        pq = faiss.ProductQuantizer(d, m, 4)
-        pq.train(np.ascontiguousarray(xt, np.float32))
-        return pq
+def owned_fine_codes(fine: faiss.IndexPQ, with_codes: bool) -> faiss.IndexPQ:
+    """Fine codes with the same codebooks in this process's memory, with a copy of the codes or none.
+    (FAISS's clone of a memory-mapped index still views the mapping, and a change to it aborts.)"""
+    out = faiss.IndexPQ(fine.d, fine.pq.M, fine.pq.nbits)
+    out.pq = fine.pq  # the trained codebooks, copied
+    out.is_trained = True
+    if with_codes and fine.ntotal:
+        faiss.copy_array_to_vector(faiss.vector_to_array(fine.codes), out.codes)
+        out.ntotal = fine.ntotal
+    return out
 
-    @staticmethod
-    def encode_with(pq: faiss.ProductQuantizer, x: np.ndarray) -> np.ndarray:
-        out = np.empty((len(x), pq.code_size), np.uint8)
-        for start in range(0, len(x), 65536):
-            out[start : start + 65536] = pq.compute_codes(np.ascontiguousarray(x[start : start + 65536], np.float32))
-        return out
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        return self.encode_with(self.pq, x)
-
-    def codes_of(self, slots: np.ndarray) -> np.ndarray:
-        n_base = len(self.base)
-        out = np.empty((len(slots), self.pq.code_size), np.uint8)
-        stored = slots < n_base
-        out[stored] = self.base[slots[stored]]
-        for p in np.flatnonzero(~stored):
-            out[p] = self.added[int(slots[p]) - n_base]
-        return out
-
-    def distances(self, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """Squared distances of one query (d,) to the codes of these slots, from its distance table."""
-        x = np.ascontiguousarray(x, np.float32)
-        table = np.empty((self.pq.M, 1 << self.pq.nbits), np.float32)
-        self.pq.compute_distance_table(faiss.swig_ptr(x), faiss.swig_ptr(table))
-        # One table entry per byte (two sub-quantizers) rather than per nibble: half the lookups.
-        low, high = self._nibbles
-        pairs = table[0::2, low] + table[1::2, high]  # (code_size, 256)
-        return np.take(pairs.ravel(), self.codes_of(slots).astype(np.intp) + self._offsets).sum(axis=1)
-
-    def copy(self) -> FineCodes:
-        return FineCodes(self.pq, self.base, list(self.added))
-
-    def arrays(self, codes: np.ndarray) -> dict[str, np.ndarray]:
-        """What a version stores of them: the codebooks and the given codes."""
-        centroids = faiss.vector_to_array(self.pq.centroids).reshape(self.pq.M, -1)
-        return {"fine_centroids": centroids, "fine_codes": codes}
-
-    @classmethod
-    def from_arrays(cls, d: int, z: dict[str, np.ndarray]) -> FineCodes:
-        centroids = np.ascontiguousarray(z["fine_centroids"], np.float32)
-        m = len(centroids)
-        if d % m or centroids.shape[1] != 16 * (d // m):
-            raise ValueError(f"fine codebooks of shape {centroids.shape} for vectors of dimension {d}")
-        pq = faiss.ProductQuantizer(d, m, 4)
-        faiss.copy_array_to_vector(centroids.ravel(), pq.centroids)
-        return cls(pq, z["fine_codes"])
+def fine_codes_from_arrays(d: int, z: dict[str, np.ndarray]) -> faiss.IndexPQ:
+    """The finer codes as versions of 8e50106 stored them (codebooks and codes in vectors.npz), copied
+    into memory: such a version serves, but its workers do not share these codes (32 MB a million)."""
+    centroids = np.ascontiguousarray(z["fine_centroids"], np.float32)
+    codes = np.ascontiguousarray(z["fine_codes"], np.uint8)
+    m = len(centroids)
+    if m == 0 or d % m or centroids.shape[1] != 16 * (d // m) or codes.ndim != 2 or codes.shape[1] * 2 != m:
+        raise ValueError(f"fine codebooks of shape {centroids.shape} and codes {codes.shape} for dimension {d}")
+    fine = faiss.IndexPQ(d, m, 4)
+    faiss.copy_array_to_vector(centroids.ravel(), fine.pq.centroids)
+    fine.is_trained = True
+    faiss.copy_array_to_vector(codes.ravel(), fine.codes)
+    fine.ntotal = len(codes)
+    return fine
 
 
 class PQIndex:
@@ -156,7 +122,10 @@ class PQIndex:
 
     With `fine` codes the scan has two stages: the fast-scan codes are coarse (fewer sub-quantizers,
     so a scan of every code costs less) and only find a `shortlist`; the fine codes score it, and the
-    fine codes' nearest `rerank` are re-ranked exactly."""
+    fine codes' nearest `rerank` are re-ranked exactly. Both code stages run in FAISS's C++
+    (IndexRefine over the two, one index.faiss), where numpy's gathering and table lookups of the
+    shortlist cost more than the C++ loop (0.6 against 0.15 ms at 800). A loaded version's fine codes
+    are memory-mapped from its file, shared by the workers; a change works on an owned copy."""
 
     kind = PQ
 
@@ -169,8 +138,10 @@ class PQIndex:
         alive: np.ndarray | None = None,
         added: list[np.ndarray] | None = None,
         added_slot: dict[int, int] | None = None,
-        fine: FineCodes | None = None,
+        fine: faiss.IndexPQ | None = None,
         shortlist: int = 0,
+        refine: faiss.IndexRefine | None = None,
+        mapped: bool = False,
     ) -> None:
         self.codes = codes
         self.slot_ids = slot_ids  # (slots,) int64: the id whose code each slot holds
@@ -182,6 +153,13 @@ class PQIndex:
         self._ntotal = int(self.alive.sum())
         self.fine = fine  # None: one stage, the codes' candidates re-ranked exactly
         self.shortlist = int(shortlist)  # the coarse codes' candidates that the fine codes score
+        if fine is not None and fine.ntotal != codes.ntotal:
+            raise ValueError(f"{fine.ntotal} fine codes for {codes.ntotal} coarse codes")
+        if fine is not None and refine is None:
+            refine = faiss.IndexRefine(codes, fine)  # owns neither: self holds both
+        self.refine = refine  # the two code stages as one FAISS index (None: one stage)
+        self.mapped = mapped  # the fine codes are a read-only mapping of the version's file
+        self._params: dict[tuple[int, int], faiss.IndexRefineSearchParameters] = {}
 
     @classmethod
     def build(cls, xb: np.ndarray, ids: np.ndarray, conf: dict[str, Any], seed: int = 0) -> PQIndex:
@@ -210,8 +188,9 @@ class PQIndex:
             codes.add(xb[start : start + 65536])
         fine = None
         if coarse:
-            pq = FineCodes.train(int(xb.shape[1]), m, xt)
-            fine = FineCodes(pq, FineCodes.encode_with(pq, xb))
+            fine = new_fine_codes(int(xb.shape[1]), m, xt)
+            for start in range(0, len(xb), 65536):
+                fine.add(xb[start : start + 65536])
         return cls(codes, ids, xb, int(conf["rerank"]), fine=fine, shortlist=int(conf.get("shortlist", 0)))
 
     @property
@@ -270,32 +249,44 @@ class PQIndex:
         if k <= 0 or self.ntotal == 0:
             return d2, found
         dead = len(self.alive) - self.ntotal  # dead codes can fill the shortlist: ask for that many more
-        # One stage: the top 10 of the 100 nearest codes, recall@10 0.999 against exact at 1M
-        # (BENCHMARKS.md). A deeper k (the expansion pool of 200) is re-ranked as deep, not 10 x
-        # deeper: its tail only feeds expansion, which looks at places, not at the exact order.
-        depth = max(k, self.rerank, self.shortlist if self.fine is not None else 0)
-        _, cand = self.codes.search(x, min(len(self.alive), depth + dead))
+        if self.refine is not None:
+            # Two stages: the fine codes order the coarse codes' nearest `shortlist`, and only their
+            # nearest `rerank` are re-ranked exactly; past them (k > rerank: the expansion pool) the
+            # fine order and distances stand, raised where needed so that the row stays sorted.
+            want = min(len(self.alive), max(k, self.rerank) + dead)
+            deep = max(self.shortlist + dead, want)
+            est, cand = self.refine.search(x, want, params=self._refine_params(want, deep))
+        else:
+            # One stage: the top 10 of the 100 nearest codes, recall@10 0.999 against exact at 1M
+            # (BENCHMARKS.md). A deeper k (the expansion pool of 200) is re-ranked as deep, not 10 x
+            # deeper: its tail only feeds expansion, which looks at places, not at the exact order.
+            est, cand = self.codes.search(x, min(len(self.alive), max(k, self.rerank) + dead))
         for r, row in enumerate(cand):
-            slots = row[row >= 0]
-            slots = slots[self.alive[slots]]
-            rest, tail = slots[:0], np.zeros(0, np.float32)
-            if self.fine is not None:
-                # Two stages: the fine codes order the shortlist, and only their nearest `rerank` are
-                # re-ranked exactly; past them (k > rerank: the expansion pool) the fine order and
-                # distances stand, raised where needed so that the row stays sorted.
-                est = self.fine.distances(x[r], slots)
-                by_est = np.argsort(est, kind="stable")
-                head, past = by_est[: self.rerank], by_est[self.rerank : k]
-                slots, rest, tail = slots[head], slots[past], est[past]
+            keep = row >= 0
+            if dead:
+                keep &= self.alive[np.maximum(row, 0)]
+            slots, rest, tail = row[keep], row[:0], est[r, :0]
+            if self.refine is not None:
+                rest, tail = slots[self.rerank : k], est[r][keep][self.rerank : k]
+                slots = slots[: self.rerank]
             exact = ((self._vectors(slots) - x[r]) ** 2).sum(axis=1)
             top = np.argsort(exact, kind="stable")[:k]
             dist, ids = exact[top], self.slot_ids[slots[top]]
             if len(tail):
-                # est is sorted already: raised only where it falls below the exact head's last
+                # the fine distances are sorted already: raised only where below the exact head's last
                 tail = np.maximum(tail, dist[-1] if len(dist) else 0.0)
                 dist, ids = np.concatenate([dist, tail]), np.concatenate([ids, self.slot_ids[rest]])
             d2[r, : len(ids)], found[r, : len(ids)] = dist, ids
         return d2, found
+
+    def _refine_params(self, want: int, deep: int) -> faiss.IndexRefineSearchParameters:
+        """IndexRefine's parameters for the coarse codes' nearest `deep` and the fine codes' nearest
+        `want`, made once per pair (a SWIG object costs ~0.1 ms a query to make)."""
+        params = self._params.get((want, deep))
+        if params is None:
+            # IndexRefine asks the coarse codes for int(want * k_factor): deep, whatever the rounding
+            params = self._params[want, deep] = faiss.IndexRefineSearchParameters(k_factor=(deep + 0.5) / want)
+        return params
 
     def add_with_ids(self, x: np.ndarray, ids: np.ndarray) -> None:
         """Encode and serve these vectors (an id must not be served already: remove it first)."""
@@ -304,9 +295,10 @@ class PQIndex:
         if np.any(self._slots_of(ids) >= 0):
             raise ValueError("an id to add is served already; remove it first")
         first = len(self.alive)
-        self.codes.add(x)  # encoded now: the codes stay in step with the online adds
-        if self.fine is not None:
-            self.fine.added.extend(self.fine.encode(x))
+        if self.mapped:  # FAISS aborts on a change of a mapped index: own the codes first
+            self._own_codes()
+        # Encoded now: the codes stay in step with the online adds (IndexRefine adds to both stages).
+        (self.codes if self.refine is None else self.refine).add(x)
         self.slot_ids = np.concatenate([self.slot_ids, ids])
         self.alive = np.concatenate([self.alive, np.ones(len(ids), bool)])
         for j, (i, v) in enumerate(zip(ids.tolist(), x, strict=True)):
@@ -323,20 +315,31 @@ class PQIndex:
         self._ntotal -= len(slots)
         return len(slots)
 
+    def _own_codes(self) -> None:
+        """Both code stages copied into this process's memory."""
+        self.codes = faiss.clone_index(self.codes)
+        if self.fine is not None:
+            self.fine = owned_fine_codes(self.fine, with_codes=True)
+            self.refine = faiss.IndexRefine(self.codes, self.fine)
+        self.mapped = False
+
     def copy(self) -> PQIndex:
-        """A copy safe to change while this one serves: its own codes and slot tables (small), the same
-        read-only float vectors on disk."""
-        return PQIndex(
-            faiss.clone_index(self.codes),
+        """A copy safe to change while this one serves: its own codes and slot tables (small: 48 MB a
+        million), the same read-only float vectors on disk."""
+        out = PQIndex(
+            self.codes,
             self.slot_ids.copy(),
             self.base,
             self.rerank,
             self.alive.copy(),
             list(self.added),  # the copy's adds must not show in this one's tables
             dict(self.added_slot),
-            None if self.fine is None else self.fine.copy(),
+            self.fine,
             self.shortlist,
+            self.refine,
         )
+        out._own_codes()
+        return out
 
     def save(self, index_path: Path, vectors_path: Path) -> None:
         """The live codes to index_path, their float vectors to vectors_path, both in id order. Without
@@ -344,23 +347,29 @@ class PQIndex:
         again by the same trained quantizer."""
         ids = np.sort(self.ids())
         xb = self.vectors_of(ids)
-        codes = self.codes
+        codes = self.codes if self.refine is None else self.refine
         changed = len(self.alive) != len(self.base) or not self.alive.all()
         if changed:
-            codes = faiss.clone_index(self.codes)
-            codes.reset()  # keeps the trained codebooks
+            coarse = faiss.clone_index(self.codes)
+            coarse.reset()  # keeps the trained codebooks
+            fine = None if self.fine is None else owned_fine_codes(self.fine, with_codes=False)
+            codes = coarse if fine is None else faiss.IndexRefine(coarse, fine)
             for start in range(0, len(xb), 65536):
                 codes.add(xb[start : start + 65536])
-        fine: dict[str, np.ndarray] = {}
-        if self.fine is not None:
-            fine = self.fine.arrays(self.fine.codes_of(self._slots_of(ids)) if changed else self.fine.base)
-            fine["shortlist"] = np.array(self.shortlist)
+        extra = {} if self.refine is None else {"shortlist": np.array(self.shortlist)}
         faiss.write_index(codes, str(index_path))
-        atomic_savez(vectors_path, ids=ids, vectors=xb, rerank=np.array(self.rerank), **fine)
+        atomic_savez(vectors_path, ids=ids, vectors=xb, rerank=np.array(self.rerank), **extra)
 
     @classmethod
     def load(cls, index_path: Path, vectors_path: Path) -> PQIndex:
-        codes = faiss.read_index(str(index_path))
+        # The fine codes (IndexPQ's) memory-mapped, shared by the workers; fast-scan's are read.
+        codes = faiss.read_index(str(index_path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
+        refine, fine, mapped = None, None, False
+        if isinstance(codes, faiss.IndexRefine):
+            refine, codes = codes, faiss.downcast_index(codes.base_index)
+            fine, mapped = faiss.downcast_index(refine.refine_index), True
+            if not isinstance(fine, faiss.IndexPQ) or fine.pq.nbits != 4:
+                raise ValueError(f"{index_path}: the fine codes are not 4-bit plain-layout PQ codes")
         if not isinstance(codes, faiss.IndexPQFastScan | faiss.IndexIVFPQFastScan):
             raise ValueError(f"{index_path} holds no fast-scan PQ codes")
         z = mapped_npz(vectors_path)
@@ -369,13 +378,13 @@ class PQIndex:
             raise ValueError(f"{vectors_path}: vectors of shape {z['vectors'].shape} for {codes.ntotal} codes")
         if not np.all(ids[1:] > ids[:-1]):
             raise ValueError(f"{vectors_path}: ids are not sorted and unique")
-        fine = None  # versions written before the two-stage scan have one stage
-        if "fine_codes" in z:
-            fine = FineCodes.from_arrays(codes.d, z)
-            if len(fine.base) != len(ids):
-                raise ValueError(f"{vectors_path}: {len(fine.base)} fine codes for {len(ids)} vectors")
+        if "fine_codes" in z and fine is None:  # 8e50106 stored them there (versions before: one stage)
+            fine = fine_codes_from_arrays(codes.d, z)
+        if fine is not None and fine.ntotal != len(ids):
+            raise ValueError(f"{index_path}: {fine.ntotal} fine codes for {len(ids)} vectors")
         shortlist = int(z["shortlist"]) if "shortlist" in z else 0
-        return cls(codes, ids, z["vectors"], int(z["rerank"]), fine=fine, shortlist=shortlist)
+        rerank = int(z["rerank"])
+        return cls(codes, ids, z["vectors"], rerank, fine=fine, shortlist=shortlist, refine=refine, mapped=mapped)
 
 
 AnyIndex = faiss.Index | PQIndex

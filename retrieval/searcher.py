@@ -113,14 +113,19 @@ class Searcher:
             return []
         if self.shards is not None:
             return self.shards.search(self.version, emb, k)
+        return self._hits(*self._nearest(emb, k))
+
+    def _nearest(self, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, distances, scores) of the k nearest in this process's index, as arrays."""
         d2, ids = self.index.search(emb, k)
-        dist = np.sqrt(np.maximum(d2[0], 0.0))
-        scores = self.encoder.score(dist)
+        found = ids[0] >= 0
+        dist = np.sqrt(np.maximum(d2[0][found], 0.0)).astype(np.float64)  # as the hits' Python floats
+        return ids[0][found], dist, self.encoder.score(dist)
+
+    def _hits(self, ids: np.ndarray, dist: np.ndarray, scores: np.ndarray, first: int = 1) -> list[Hit]:
+        # Python numbers first: numpy scalars cost more, hit by hit.
         hits = []
-        # Python numbers first: the pool of 200 is built hit by hit, and numpy scalars cost more.
-        for rank, (i, d, s) in enumerate(zip(ids[0].tolist(), dist.tolist(), scores.tolist(), strict=True), start=1):
-            if i < 0:
-                break
+        for rank, (i, d, s) in enumerate(zip(ids.tolist(), dist.tolist(), scores.tolist(), strict=True), start=first):
             rec = self.images[i]
             hits.append(Hit(rank, rec.id, rec.path, s, d, rec.loc))
         return hits
@@ -136,19 +141,36 @@ class Searcher:
             return hits
         n = int(self.verifier.conf["n"])
         spec = self.verifier.conf.get("expand") if expand and self.verifier.expand_prior > 0 else None
-        hits = self.search_embedding(query.embedding, max(k, n, int(spec["pool"]) if spec else 0))
+        depth = min(max(k, n, int(spec["pool"]) if spec else 0), self.size)
+        if self.shards is not None:
+            pool = self.shards.search(self.version, query.embedding, depth) if depth > 0 else []
+            ids = np.array([h.id for h in pool], np.int64)
+            dist = np.array([h.distance for h in pool], np.float64)
+        else:
+            # Arrays, not hits: of the expansion pool (200) only the verified head and what the answer
+            # or the expansion takes are made into hits.
+            none = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+            ids, dist, pool_scores = self._nearest(query.embedding, depth) if depth > 0 else none
         clock.lap("search")
-        head, tail = hits[:n], hits[n:]
-        inliers = self.inliers(query, [h.id for h in head])
-        scores = self.verifier.score(np.array([h.distance for h in head]), inliers)
+        head = ids[:n].tolist()
+        inliers = self.inliers(query, head)
+        scores = self.verifier.score(dist[:n], inliers)
         order = np.argsort(-scores, kind="stable")
-        clock.lap("verify")
-        verified = [
-            Hit(0, head[i].id, head[i].path, float(scores[i]), head[i].distance, head[i].location, int(inliers[i]))
-            for i in order
-        ]
-        if spec:
+        verified = []
+        for i in order.tolist():
+            rec = self.images[head[i]]
+            verified.append(Hit(0, rec.id, rec.path, float(scores[i]), float(dist[i]), rec.loc, int(inliers[i])))
+        # The tail (unverified, in first-stage order): all of it where the place is expanded, else
+        # what the answer needs after the verified block.
+        expanding = spec is not None and found_place(verified, spec)
+        tail_end = len(ids) if expanding else max(n, n + k - len(verified))
+        if self.shards is not None:
+            tail = pool[n:tail_end]
+        else:
+            tail = self._hits(ids[n:tail_end], dist[n:tail_end], pool_scores[n:tail_end], first=n + 1)
+        if expanding:
             verified, tail = expand_place(verified, tail, spec, self.verifier.expand_prior)
+        clock.lap("verify")  # the expansion with it: it re-ranks by what verification found
         return [
             Hit(r, h.id, h.path, h.score, h.distance, h.location, h.inliers)
             for r, h in enumerate((verified + tail)[:k], start=1)

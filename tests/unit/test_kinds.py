@@ -123,9 +123,6 @@ def test_two_stage_scan_orders_the_coarse_shortlist_by_fine_codes(tmp_path: Path
     ids = np.arange(5000, dtype=np.int64) * 7 + 3
     index = PQIndex.build(xb, ids, TWO_CONF)
     assert index.fine is not None and (index.codes.pq.M, index.fine.pq.M, index.shortlist) == (8, 16, 300)
-    # A fine distance is the query's distance to the code's reconstruction.
-    est = index.fine.distances(q[0], np.arange(50))
-    assert np.allclose(est, ((index.fine.pq.decode(np.asarray(index.fine.base[:50])) - q[0]) ** 2).sum(1), rtol=1e-4)
     _, truth = brute(xb, ids, q, 10)
     found = index.search(q, 10)[1]
     recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
@@ -141,23 +138,64 @@ def test_two_stage_scan_orders_the_coarse_shortlist_by_fine_codes(tmp_path: Path
     exact = ((xb[rows] - q[:5, None, :]) ** 2).sum(axis=2)
     assert np.allclose(d2[:, :20], exact[:, :20], atol=1e-5) and not np.allclose(d2[:, 20:], exact[:, 20:])
     assert np.all(np.diff(d2, axis=1) >= 0) and all(len(set(r)) == 60 for r in found)
+    # Past the head, a distance is the query's distance to its fine code's reconstruction (or the
+    # head's last, where that is smaller).
+    recon = index.fine.reconstruct_batch(rows[:, 20:].ravel()).reshape(5, 40, -1)
+    fine_d2 = ((recon - q[:5, None, :]) ** 2).sum(axis=2)
+    assert np.allclose(d2[:, 20:], np.maximum(fine_d2, d2[:, 19:20]), rtol=1e-4)
     # Saved with its fine codes and shortlist; after online changes, the codes of the live vectors.
     index.save(tmp_path / "index.faiss", tmp_path / "vectors.npz")
     back = PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz")
-    assert back.fine is not None and back.shortlist == 300
+    assert back.fine is not None and back.shortlist == 300 and back.mapped  # shared by the workers
     assert np.array_equal(back.search(q, 10)[1], index.search(q, 10)[1])
+    # An add to the mapped version itself (FAISS would abort) makes its codes its own first.
+    own = PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz")
+    own.add_with_ids(q[:1], np.array([1]))
+    assert not own.mapped and own.fine.ntotal == own.codes.ntotal == 5001 and own.search(q[:1], 1)[1][0, 0] == 1
+    assert back.fine.ntotal == 5000
+    # So does a version written from the mapped one after a delete alone.
+    cut = PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz")
+    cut.remove_ids(ids[:10])
+    cut.save(tmp_path / "cut.faiss", tmp_path / "cut.npz")
+    assert PQIndex.load(tmp_path / "cut.faiss", tmp_path / "cut.npz").fine.ntotal == 4990
     changed = back.copy()
     changed.remove_ids(ids[:100])
     changed.add_with_ids(q[:3], np.array([1, 2, 4]))
     changed.save(tmp_path / "index2.faiss", tmp_path / "vectors2.npz")
     again = PQIndex.load(tmp_path / "index2.faiss", tmp_path / "vectors2.npz")
-    assert again.fine is not None and len(again.fine.base) == again.ntotal == 4903
+    assert again.fine is not None and again.fine.ntotal == again.ntotal == 4903
     assert again.search(q[:3], 1)[1][:, 0].tolist() == [1, 2, 4]
     # The coarse codes are written again in id order, so the shortlist's ties may fall otherwise.
     same = [
         len(set(a) & set(b)) / 10 for a, b in zip(again.search(q[3:], 10)[1], changed.search(q[3:], 10)[1], strict=True)
     ]
     assert np.mean(same) >= 0.98
+
+
+def test_a_two_stage_version_of_8e50106_loads_and_bad_fine_codes_are_refused(tmp_path: Path) -> None:
+    both = clustered(5200)
+    xb, q = both[:5000], both[5000:]
+    index = PQIndex.build(xb, np.arange(5000), TWO_CONF)
+    # 8e50106 wrote the coarse codes alone to index.faiss and the fine ones into vectors.npz.
+    pq = index.fine.pq
+    centroids = faiss.vector_to_array(pq.centroids).reshape(pq.M, -1)
+    codes = faiss.vector_to_array(index.fine.codes).reshape(index.fine.ntotal, pq.code_size)
+    faiss.write_index(index.codes, str(tmp_path / "index.faiss"))
+    plain = {"ids": np.arange(5000), "vectors": xb, "rerank": np.array(100), "shortlist": np.array(300)}
+    np.savez(tmp_path / "vectors.npz", **plain, fine_centroids=centroids, fine_codes=codes)
+    old = PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz")
+    assert old.fine is not None and not old.mapped and old.shortlist == 300
+    assert np.array_equal(old.search(q, 10)[1], index.search(q, 10)[1])
+    # Codes of another width, codebooks of another dimension, or fewer codes than vectors: refused.
+    bad = [
+        {"fine_centroids": centroids, "fine_codes": codes[:, :4]},
+        {"fine_centroids": centroids[:, :8], "fine_codes": codes},
+        {"fine_centroids": centroids, "fine_codes": codes[:4000]},
+    ]
+    for arrays in bad:
+        np.savez(tmp_path / "vectors.npz", **plain, **arrays)
+        with pytest.raises(ValueError, match="fine code"):
+            PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz")
 
 
 def publish_pq(tmp_path: Path, shards: int = 1) -> tuple[Path, np.ndarray]:
