@@ -231,6 +231,11 @@ def test_lean_targets_are_ratios_of_one_run(run: ModuleType) -> None:
     assert lean["rps_c8 >= 1.85 x rps_c1, no errors (issue 14)"] is True
     assert lean["RSS of the serving tree <= 1.0 GB (issue 14)"] is True
     assert lean["ready_s <= 3 s (issue 14)"] is False
+    # HTTP p50 against the floor measured just before the server, where the run has it: 70 / 66 = 1.06.
+    drifted = met(inproc_floor_ms_before=66.0)
+    assert drifted["http_p50_ms_c1 <= 1.1 x inproc floor (issue 14)"] is True
+    slower_before = met(inproc_floor_ms=66.0, inproc_floor_ms_before=60.0)
+    assert slower_before["http_p50_ms_c1 <= 1.1 x inproc floor (issue 14)"] is False
     big = {"n": 1_000_000, "search_p50_ms": 4.0, "exact_p50_ms": 500.0, "recall_at_10": 0.97}
     big |= {"recall_at_10_london_queries": 0.5, "rss_mb": 5000.0, "workers": 3, "ready_s": 9.0}
     served = {t: ok for t, _, ok in run.lean_targets({"served_1m": big})}
