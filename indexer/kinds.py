@@ -12,8 +12,8 @@
   `nlist` > 0 the codes are held in that many cells of a coarse k-means (FAISS IndexIVFPQFastScan)
   and a query scans the `nprobe` nearest cells; with 0 (the presets' choice, see
   common/presets.py), every code (IndexPQFastScan, so no true neighbour is lost to an unprobed
-  cell). bench/ann.py compares the
-  alternatives; bench/million.py serves a million vectors this way (`served_1m`).
+  cell). bench/ann.py compares the alternatives; bench/million.py serves a million vectors this way
+  (`served_1m`).
 
 A PQIndex answers the calls the service makes of a FAISS index (search, add_with_ids, remove_ids,
 ntotal, d), so the searcher and the living index do not care which kind they hold. An online add is
@@ -83,32 +83,35 @@ def new_fine_codes(d: int, m: int, xt: np.ndarray) -> faiss.IndexPQ:
     return fine
 
 
+def plain_codes(pq: faiss.ProductQuantizer, codes: np.ndarray) -> faiss.IndexPQ:
+    """An IndexPQ in this process's memory: a copy of these trained codebooks, holding these codes
+    ((n, code_size) uint8, or flat)."""
+    out = faiss.IndexPQ(pq.d, pq.M, pq.nbits)
+    out.pq = pq  # copied
+    out.is_trained = True
+    if codes.size:
+        faiss.copy_array_to_vector(np.ascontiguousarray(codes, np.uint8).ravel(), out.codes)
+        out.ntotal = codes.size // pq.code_size
+    return out
+
+
 def owned_fine_codes(fine: faiss.IndexPQ, with_codes: bool) -> faiss.IndexPQ:
     """Fine codes with the same codebooks in this process's memory, with a copy of the codes or none.
     (FAISS's clone of a memory-mapped index still views the mapping, and a change to it aborts.)"""
-    out = faiss.IndexPQ(fine.d, fine.pq.M, fine.pq.nbits)
-    out.pq = fine.pq  # the trained codebooks, copied
-    out.is_trained = True
-    if with_codes and fine.ntotal:
-        faiss.copy_array_to_vector(faiss.vector_to_array(fine.codes), out.codes)
-        out.ntotal = fine.ntotal
-    return out
+    return plain_codes(fine.pq, faiss.vector_to_array(fine.codes) if with_codes else np.zeros(0, np.uint8))
 
 
 def fine_codes_from_arrays(d: int, z: dict[str, np.ndarray]) -> faiss.IndexPQ:
     """The finer codes as versions of 8e50106 stored them (codebooks and codes in vectors.npz), copied
     into memory: such a version serves, but its workers do not share these codes (32 MB a million)."""
     centroids = np.ascontiguousarray(z["fine_centroids"], np.float32)
-    codes = np.ascontiguousarray(z["fine_codes"], np.uint8)
+    codes = np.asarray(z["fine_codes"])
     m = len(centroids)
     if m == 0 or d % m or centroids.shape[1] != 16 * (d // m) or codes.ndim != 2 or codes.shape[1] * 2 != m:
         raise ValueError(f"fine codebooks of shape {centroids.shape} and codes {codes.shape} for dimension {d}")
-    fine = faiss.IndexPQ(d, m, 4)
-    faiss.copy_array_to_vector(centroids.ravel(), fine.pq.centroids)
-    fine.is_trained = True
-    faiss.copy_array_to_vector(codes.ravel(), fine.codes)
-    fine.ntotal = len(codes)
-    return fine
+    pq = faiss.ProductQuantizer(d, m, 4)
+    faiss.copy_array_to_vector(centroids.ravel(), pq.centroids)
+    return plain_codes(pq, codes)
 
 
 class PQIndex:

@@ -163,7 +163,7 @@ class Searcher:
         # The tail (unverified, in first-stage order): all of it where the place is expanded, else
         # what the answer needs after the verified block.
         expanding = spec is not None and found_place(verified, spec)
-        tail_end = len(ids) if expanding else max(n, n + k - len(verified))
+        tail_end = len(ids) if expanding else n + max(0, k - len(verified))
         if self.shards is not None:
             tail = pool[n:tail_end]
         else:

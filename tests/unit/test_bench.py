@@ -215,6 +215,14 @@ def test_merged_wrk_runs_weigh_each_run_by_its_requests(run: ModuleType) -> None
         run.merge_runs([])
 
 
+@pytest.mark.parametrize("bad", [["--rerank", "0"], ["--shortlist", "800", "-1"], ["--queries", "0"]])
+def test_shortlist_refuses_non_positive_settings(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    shortlist = _module("shortlist")
+    with pytest.raises(SystemExit) as e:
+        shortlist.main(["--data", str(ROOT / "nowhere"), *bad])
+    assert e.value.code == 2 and "must be positive" in capsys.readouterr().err
+
+
 def test_lean_targets_are_ratios_of_one_run(run: ModuleType) -> None:
     def met(**over: object) -> dict:
         return {t: ok for t, _, ok in run.lean_targets(_result(**over))}
