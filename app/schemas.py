@@ -91,7 +91,7 @@ class SearchResponse(BaseModel):
             "results": _HITS,
             "query_location": _ESTIMATED,
             "k": 2,
-            "preset": "orb-dense-teblid-r5vlad-wb96-lw-verify-angle-expand",
+            "preset": "orb-dense-teblid-r5vlad-wb96-lw-axes64-verify-angle-expand",
             "index_version": _VERSION,
             "took_ms": 71.3,
         }
@@ -129,7 +129,7 @@ class PrecisionResponse(BaseModel):
             "accuracy_within_margin": {"0.1": 0.925, "0.05": 0.786, "0.01": 0.191},
             "computed_at": "2026-11-27T19:09:59Z",
             "index_version": _VERSION,
-            "preset": "orb-dense-teblid-r5vlad-wb96-lw-verify-angle-expand",
+            "preset": "orb-dense-teblid-r5vlad-wb96-lw-axes64-verify-angle-expand",
         }
     )
 
@@ -158,7 +158,7 @@ class Ready(BaseModel):
     model_config = _examples(
         {
             "status": "ready",
-            "preset": "orb-dense-teblid-r5vlad-wb96-lw-verify-angle-expand",
+            "preset": "orb-dense-teblid-r5vlad-wb96-lw-axes64-verify-angle-expand",
             "index_version": _VERSION,
             "size": 3291,
         },

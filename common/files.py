@@ -14,6 +14,7 @@ import mmap
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,64 @@ def read_rows(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
     finally:
         os.close(fd)
     return out
+
+
+def backing_files(arrays: Iterable[Any]) -> list[Path]:
+    """The files that these arrays are memory-mapped from (mapped_npz), each once; others are skipped."""
+    out: dict[Path, None] = {}
+    for a in arrays:
+        if isinstance(a, np.memmap) and a.filename:
+            out[Path(a.filename)] = None
+    return list(out)
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where the system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def read_ahead(paths: Iterable[Path], budget: int | None = None, chunk: int = 8 << 20) -> int:
+    """Read these files once, front to back, through one small buffer, so that the page cache holds
+    them before queries read their rows (read_rows): a row from the cache costs microseconds, from
+    the disk ~0.1 ms (at a million map images a cold cache tripled the search and verify stages,
+    BENCHMARKS.md). Nothing stays in this process; the pages are the kernel's, shared by all workers
+    and reclaimable. (POSIX_FADV_WILLNEED read nothing on this project's machines.) Skipped, returning
+    0, when together they exceed `budget` bytes (default: half the memory available now), where they
+    would only push each other out; a file that cannot be read is skipped. Returns the bytes read."""
+    paths = list(paths)
+    sizes = []
+    for p in paths:
+        try:
+            sizes.append(p.stat().st_size)
+        except OSError:
+            sizes.append(0)
+    if budget is None:
+        available = available_memory()
+        budget = available // 2 if available is not None else 0
+    if sum(sizes) > budget:
+        return 0
+    buf = memoryview(bytearray(chunk))
+    done = 0
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            while n := os.readv(fd, [buf]):
+                done += n
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return done
 
 
 def sha256_bytes(data: bytes) -> str:

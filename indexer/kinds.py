@@ -31,7 +31,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from common.files import atomic_savez, mapped_npz, read_rows
+from common.files import atomic_savez, backing_files, mapped_npz, read_rows
 
 EXACT = "flat-l2"
 PQ = "pq-fastscan"
@@ -236,6 +236,10 @@ class PQIndex:
         for p in np.flatnonzero(slots >= n_base):
             out[p] = self.added[int(slots[p]) - n_base]
         return out
+
+    def on_demand_files(self) -> list[Path]:
+        """The file whose rows a search reads for the exact re-rank (a loaded version's vectors.npz)."""
+        return backing_files([self.base])
 
     def vectors_of(self, ids: np.ndarray) -> np.ndarray:
         """The float vectors of these served ids; KeyError for one that is not served."""

@@ -2,7 +2,8 @@
 
 An encoder is a PCA of the map vectors (optionally preceded by a PCA of each VLAD block, one per
 image region, which keeps the projection small however many regions there are), then optionally the
-whitening learned from matching pairs, then L2 normalisation.
+whitening learned from matching pairs, then optionally a rotation onto balanced principal axes (for
+product-quantisation codes), then L2 normalisation.
 
 Matching pairs come from locations alone. Anchors are the train queries and the map images at least
 `holdout_m` from every validation and test query (map-map relevance follows from locations, so they
@@ -20,7 +21,7 @@ import numpy as np
 from dataset.layout import Dataset
 from dataset.relevance import fov_matrix, pairwise_distance, sim_matrix
 from model.encoder import NumpyEncoder, block_layer
-from model.projection import pair_whitening, pca_projection
+from model.projection import balanced_axes, pair_whitening, pca_projection
 
 
 def anchors_and_positives(
@@ -90,7 +91,11 @@ def linear_encoder(
     projection is factored through the r-dimensional descriptor subspace that carries most of it,
     shared by the block's words: every word's residual is first reduced to r values (one small
     product), and the block projection then reads words x r values instead of words x 256. That is
-    what a query streams from memory: 4 x less at r 64 of 256 (BENCHMARKS.md, issue 14)."""
+    what a query streams from memory: 4 x less at r 64 of 256 (BENCHMARKS.md, issue 14).
+
+    With `code_bins` g, the output basis is rotated onto the map embeddings' principal axes dealt into
+    g groups of balanced variance (model/projection.py: balanced_axes): no distance changes, and a
+    large collection's product-quantisation codes (g = the index's m) lose less of them."""
     weights, biases, acts = [], [], []
     if conf.get("block_dim"):
         if xd.shape[1] % n_blocks:
@@ -109,6 +114,13 @@ def linear_encoder(
         acts.append("linear")
         xd, xq = block_layer(xd, w, b), block_layer(xq, w, b)
     proj, offset = base_projection(conf, dataset, xq, xd, split)
+    if conf.get("code_bins"):
+        # The output in the map embeddings' principal axes, dealt into code_bins balanced groups: the
+        # same distances (normalisation commutes with a rotation), better product-quantisation codes.
+        z = xd @ proj + offset
+        z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        basis = balanced_axes(z, int(conf["code_bins"]))
+        proj, offset = (proj @ basis).astype(np.float32), (offset @ basis).astype(np.float32)
     return NumpyEncoder([*weights, proj], [*biases, offset], [*acts, "linear_l2"], 0.0, 0.0)
 
 

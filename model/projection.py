@@ -47,3 +47,36 @@ def pair_whitening(
     cov = (1.0 - shrink) * cov + shrink * (np.trace(cov) / dim) * np.eye(dim)
     vals, vecs = np.linalg.eigh(cov)
     return (vecs / np.sqrt(np.maximum(vals, 1e-12))).astype(np.float32)
+
+
+def balanced_axes(x: np.ndarray, bins: int) -> np.ndarray:
+    """(d, d) orthonormal basis: the principal axes of x dealt into `bins` groups of consecutive
+    columns (as equal in size as d allows), each axis in turn (largest variance first) to the open
+    group with the least variance so far. A rotation changes no distance; it matters to product
+    quantisation, whose sub-vectors are consecutive values: in this basis they are uncorrelated and
+    share the variance evenly, instead of each quantising a slice of correlated raw dimensions
+    (indexer/kinds.py; at a million entries it doubled the London queries kept in the first 10,
+    BENCHMARKS.md, issue 14). Column signs are fixed (largest entry positive), so the basis does not
+    depend on the eigen solver's choice."""
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or bins < 1:
+        raise ValueError(f"balanced_axes needs (n, d) values and at least one group, got {x.shape} and {bins}")
+    d = x.shape[1]
+    bins = min(bins, d)
+    xc = x - x.mean(axis=0)
+    vals, vecs = np.linalg.eigh(xc.T @ xc / max(len(x) - 1, 1))
+    order = np.argsort(vals, kind="stable")[::-1]
+    vals, vecs = np.maximum(vals[order], 0.0), vecs[:, order]
+    vecs *= np.where(vecs[np.abs(vecs).argmax(axis=0), np.arange(d)] < 0, -1.0, 1.0)
+    size = np.full(bins, d // bins)
+    size[: d % bins] += 1
+    first = np.concatenate([[0], np.cumsum(size)[:-1]])
+    load, fill = np.zeros(bins), np.zeros(bins, np.int64)
+    columns = np.empty(d, np.int64)
+    for axis, var in enumerate(vals):
+        open_groups = np.flatnonzero(fill < size)
+        group = int(open_groups[np.argmin(load[open_groups])])
+        columns[first[group] + fill[group]] = axis
+        fill[group] += 1
+        load[group] += var
+    return vecs[:, columns].astype(np.float32)

@@ -20,7 +20,7 @@ import cv2
 import faiss
 import numpy as np
 
-from common.files import atomic_savez, mapped_npz, read_rows
+from common.files import atomic_savez, backing_files, mapped_npz, read_rows
 from features.orb import OrbFeatures
 
 
@@ -71,6 +71,10 @@ class MapFeatures:
             words=self.words[flat],
             angles=self.angles[flat],
         )
+
+    def on_demand_files(self) -> list[Path]:
+        """The files `take` reads rows of (those of a loaded version; none of one built in memory)."""
+        return backing_files([self.xy, self.descriptors, self.words, self.angles])
 
     def take(self, rows: np.ndarray) -> MapFeatures:
         """The images at `rows`, in that order, read from the file when the store is memory-mapped

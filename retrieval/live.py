@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.clock import utc_timestamp
+from common.files import read_ahead
 from dataset.layout import Location
 from features.decode import probe_image
 from indexer import store
@@ -58,6 +59,18 @@ def open_version(
     changelog = ChangeLog(family)
     key = changelog.key()
     return apply_changes(searcher, changelog.read(0), changelog), key
+
+
+def read_ahead_rows(searcher: Searcher) -> None:
+    """The files a query reads rows of (re-rank vectors, verification keypoints) into the page cache
+    before the version serves (common/files.py: read_ahead), so the first queries do not wait on the
+    disk for them."""
+    files = searcher.on_demand_files()
+    if files:
+        t0 = time.perf_counter()
+        done = read_ahead(files)  # 0: more than half the available memory (or unreadable): not read
+        names = ", ".join(f.name for f in files)
+        log.info("read %d MB of %s ahead into the page cache in %.2fs", done >> 20, names, time.perf_counter() - t0)
 
 
 def _pointer_key(family: Path) -> tuple[int, int, int] | None:
@@ -105,6 +118,7 @@ class LiveIndex:
         except (IndexLoadError, OSError, ValueError) as e:
             self.error = str(e)
             raise
+        read_ahead_rows(searcher)
         with self._swap_lock:
             self._searcher, self._applied_key = searcher, key
         self.error = None
@@ -206,6 +220,7 @@ class LiveIndex:
                         self._target = None if version.name == serving else version.name
                         continue
                 searcher, key = open_version(self.family, version, self.part, self.shards)
+                read_ahead_rows(searcher)
                 if self.part.whole or self.part.head:  # a shard alone runs no query to warm up
                     warm_up(searcher)
             except (IndexLoadError, OSError, ValueError) as e:

@@ -10,6 +10,7 @@ consistent view while another thread swaps in the next.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,6 +22,7 @@ from dataset.layout import Location
 from dataset.relevance import heading_diff
 from features.extract import query_features
 from features.orb import OrbFeatures
+from indexer.kinds import PQIndex
 from indexer.store import ImageRecord, LoadedIndex
 
 
@@ -82,6 +84,12 @@ class Searcher:
         # [a, b] of P(best hit shows the place) = sigmoid(a * logit(score) + b), fitted at index time
         # (retrieval/calibrate.py); None: the best score itself.
         self.location_head: list[float] | None = loaded.manifest.get("location_head")
+
+    def on_demand_files(self) -> list[Path]:
+        """The files whose rows a query reads from disk: a pq-fastscan index's float vectors (the exact
+        re-rank) and the verification keypoints."""
+        files = self.index.on_demand_files() if isinstance(self.index, PQIndex) else []
+        return files + (self.verifier.store.on_demand_files() if self.verifier is not None else [])
 
     @property
     def size(self) -> int:

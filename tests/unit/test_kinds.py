@@ -4,6 +4,7 @@ with exact re-rank above it, persisted, sharded, and kept in step with online ch
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import faiss
@@ -14,6 +15,7 @@ from dataset.layout import Location
 from indexer import store
 from indexer.kinds import EXACT, PQ, PQIndex, build_index, index_kind
 from retrieval.live import LiveIndex, compact
+from retrieval.searcher import Searcher
 
 PQ_CONF = {"type": "auto", "exact_below": 1000, "m": 8, "rerank": 100, "train_size": 4096}
 # The same codes in 16 cells of a coarse k-means, 8 of them scanned a query.
@@ -223,6 +225,9 @@ def test_a_pq_version_is_published_loaded_and_checked(tmp_path: Path) -> None:
     loaded = store.load(version)
     assert isinstance(loaded.index, PQIndex) and isinstance(loaded.index.base, np.memmap)  # read on demand
     assert loaded.index.search(xb[42:43], 1)[1][0, 0] == 42
+    # What a search reads rows of, for the read-ahead before it serves (retrieval/live.py: read_ahead_rows).
+    assert [f.resolve() for f in Searcher(loaded).on_demand_files()] == [(version / "vectors.npz").resolve()]
+    assert PQIndex.build(clustered(1100), np.arange(1100), PQ_CONF).on_demand_files() == []  # in memory: none
     # Two shards of 750 each: above the threshold of 600, each shard is a PQ index of its own.
     family2, _ = publish_pq(tmp_path / "sharded", shards=2)
     v2 = store.current_version(family2)
@@ -239,8 +244,18 @@ def test_a_pq_version_is_published_loaded_and_checked(tmp_path: Path) -> None:
 
 
 def test_the_living_index_serves_online_changes_of_a_pq_version(
-    tiny_artifacts: Path, tiny_data: Path, tmp_path: Path
+    tiny_artifacts: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import retrieval.live
+
+    asked: list[list[Path]] = []  # what each version loaded asked to read ahead, before serving
+    real = retrieval.live.read_ahead
+
+    def recording(paths: list[Path]) -> int:
+        asked.append([p.resolve() for p in paths])
+        return real(paths)
+
+    monkeypatch.setattr(retrieval.live, "read_ahead", recording)
     artifacts = Path(shutil.copytree(tiny_artifacts, tmp_path / "artifacts"))
     family = store.index_family(artifacts, tiny_data, "paper")
     # The tiny map republished as a fast-scan PQ version (its threshold set below its size).
@@ -255,6 +270,8 @@ def test_the_living_index_serves_online_changes_of_a_pq_version(
     live = LiveIndex(family)
     before = live.load_now()
     assert isinstance(before.index, PQIndex)
+    first = store.current_version(family)
+    assert asked == [[(first / "vectors.npz").resolve()]]  # "paper" does not verify: no keypoints
     img = sorted((tiny_data / "query" / "images").iterdir())[0].read_bytes()
     rec = live.add(img, Location(700010.5, 5710003.25, 42.5))
     after = live.sync()
@@ -271,3 +288,8 @@ def test_the_living_index_serves_online_changes_of_a_pq_version(
     folded = store.load(out)
     assert folded.manifest["index_kinds"] == [PQ] and rec.id in set(folded.index.ids().tolist())
     assert gone not in set(folded.index.ids().tolist())
+    # The compacted version is read ahead by the loader too, before it is swapped in.
+    deadline = time.monotonic() + 30
+    while live.sync().version != out.name and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live.sync().version == out.name and asked[-1][0] == (out / "vectors.npz").resolve()

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from common.presets import get_conf
-from dataset.layout import load_dataset
+from dataset.layout import Dataset, load_dataset
 from dataset.relevance import pairwise_distance
 from dataset.split import split_queries
 from model.linear import anchors_and_positives, base_projection, linear_encoder
-from model.projection import pair_whitening
+from model.projection import balanced_axes, pair_whitening
 
 
 def test_pair_whitening_shrinks_what_differs_between_matching_views() -> None:
@@ -77,14 +77,19 @@ def test_map_anchors_keep_away_from_held_out_queries_and_duplicates(tiny_data: P
     assert all(r >= ndb for r in without)
 
 
-def test_base_projection_is_pca_then_the_pairs_whitening(tiny_data: Path) -> None:
-    from model.projection import pca_projection
-
+def lw_inputs(tiny_data: Path, seed: int) -> tuple[Dataset, dict, dict, np.ndarray, np.ndarray]:
+    """The tiny data set, a small pair-whitening conf (8 outputs), its split and random vectors of 20."""
     ds = load_dataset(tiny_data)
     conf = get_conf("orb-dense-teblid-rvlad-lw")["model"] | {"embed_dim": 8, "holdout_m": 0.0}
     split = split_queries(ds.queries.loc, get_conf("orb-dense-teblid-rvlad-lw")["split"])
-    rng = np.random.default_rng(0)
-    xd, xq = rng.normal(size=(len(ds.database), 20)), rng.normal(size=(len(ds.queries), 20))
+    rng = np.random.default_rng(seed)
+    return ds, conf, split, rng.normal(size=(len(ds.database), 20)), rng.normal(size=(len(ds.queries), 20))
+
+
+def test_base_projection_is_pca_then_the_pairs_whitening(tiny_data: Path) -> None:
+    from model.projection import pca_projection
+
+    ds, conf, split, xd, xq = lw_inputs(tiny_data, 0)
     proj, offset = base_projection(conf, ds, xq, xd, split)
     p0, o0 = pca_projection(xd, 8, conf["whiten_power"])
     assert proj.shape == (20, 8) and not np.allclose(proj, p0)
@@ -120,9 +125,7 @@ def test_block_encoder_projects_each_block_then_whitens_jointly(tiny_data: Path,
         linear_encoder(conf, ds, xq, xd, split, n_blocks=4)
 
 
-def test_word_basis_factors_each_block_through_a_shared_descriptor_subspace(
-    tiny_data: Path, tmp_path: Path
-) -> None:
+def test_word_basis_factors_each_block_through_a_shared_descriptor_subspace(tiny_data: Path, tmp_path: Path) -> None:
     from model.encoder import NumpyEncoder
     from model.linear import word_basis
 
@@ -154,3 +157,53 @@ def test_word_basis_factors_each_block_through_a_shared_descriptor_subspace(
         word_basis(plain.weights[0], 4, 9)
     with pytest.raises(ValueError, match="do not split into 5 visual words"):
         word_basis(plain.weights[0], 5, 2)
+
+
+def test_balanced_axes_decorrelate_and_share_the_variance_evenly() -> None:
+    rng = np.random.default_rng(2)
+    # Correlated values with a steep spectrum: raw groups of 4 consecutive values hold very different
+    # shares of the variance, and the values within a group are correlated with other groups.
+    spectrum = np.geomspace(10.0, 0.01, 16)
+    x = (rng.normal(size=(3000, 16)) * np.sqrt(spectrum)) @ np.linalg.qr(rng.normal(size=(16, 16)))[0]
+    basis = balanced_axes(x, 4)
+    assert basis.shape == (16, 16) and np.allclose(basis.T @ basis, np.eye(16), atol=1e-5)
+    y = (x - x.mean(0)) @ basis
+    cov = y.T @ y / (len(y) - 1)
+    assert np.allclose(cov, np.diag(np.diag(cov)), atol=1e-3 * cov.max())  # uncorrelated
+    # The greedy deal: the groups' variances differ by at most the largest axis' variance, where the
+    # principal axes in order would put the top 4 (84 % of it) in one group.
+    groups = np.diag(cov).reshape(4, 4).sum(axis=1)
+    assert groups.max() - groups.min() <= np.diag(cov).max() + 1e-9
+    top = np.sort(np.diag(cov))[::-1]
+    assert groups.min() > 0.3 * groups.max() and groups.max() < 0.5 * top[:4].sum()
+
+    # Distances are unchanged; the basis does not depend on the solver's signs.
+    def d2(v: np.ndarray) -> np.ndarray:
+        return ((v[:5, None] - v[None, :5]) ** 2).sum(-1)
+
+    assert np.allclose(d2(x), d2(y), atol=1e-6)
+    assert np.all(basis[np.abs(basis).argmax(axis=0), np.arange(16)] > 0)
+    assert np.array_equal(balanced_axes(x, 4), basis)
+    # Groups as equal as the dimensions allow (4, 3, 3, 3, 3), still one rotation.
+    five = balanced_axes(x, 5)
+    assert np.allclose(five.T @ five, np.eye(16), atol=1e-5)
+    assert np.allclose(balanced_axes(x, 99).T @ balanced_axes(x, 99), np.eye(16), atol=1e-5)  # 16 groups of 1
+    with pytest.raises(ValueError, match="at least one group"):
+        balanced_axes(x, 0)
+
+
+def test_code_bins_rotate_the_encoder_output_without_changing_distances(tiny_data: Path) -> None:
+    ds, conf, split, xd, xq = lw_inputs(tiny_data, 3)
+    plain = linear_encoder(conf, ds, xq, xd, split)
+    turned = linear_encoder(conf | {"code_bins": 4}, ds, xq, xd, split)
+    a, b = plain.embed(xq), turned.embed(xq)
+    assert not np.allclose(a, b, atol=1e-2)
+    assert np.allclose(((a[:, None] - a[None]) ** 2).sum(-1), ((b[:, None] - b[None]) ** 2).sum(-1), atol=1e-5)
+    # In its output basis the map embeddings are uncorrelated, grouped by balanced_axes.
+    zd = turned.embed(xd)
+    cov = np.cov(zd.T)
+    assert np.allclose(cov, np.diag(np.diag(cov)), atol=1e-5)
+    assert np.allclose(turned.embed(xd), plain.embed(xd) @ balanced_axes(plain.embed(xd), 4), atol=1e-5)
+    # Groups need not divide the output (a small collection's PCA has fewer dimensions than asked).
+    three = linear_encoder(conf | {"code_bins": 3}, ds, xq, xd, split).embed(xq)
+    assert np.allclose(((three[:, None] - three[None]) ** 2).sum(-1), ((a[:, None] - a[None]) ** 2).sum(-1), atol=1e-5)

@@ -95,3 +95,36 @@ def test_rows_of_a_mapped_file_are_read_from_it_not_through_the_mapping(
         assert np.array_equal(read_rows(a, starts, ends), expected)  # an array in memory: indexed
     assert len(reads) == 4 * len(arrays)  # one read per non-empty range of a mapped array
     assert read_rows(mapped["xy"], np.array([3]), np.array([3])).shape == (0, 2)
+
+
+def test_the_files_a_query_reads_are_read_ahead_whole_within_a_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from common.files import read_ahead
+
+    rng = np.random.default_rng(2)
+    feats = [OrbFeatures(rng.random((n, 2), np.float32), rng.integers(0, 255, (n, 32), np.uint8)) for n in (40, 60)]
+    kp = MapFeatures.build([1, 2], feats, [rng.integers(0, 5, 40), rng.integers(0, 5, 60)])
+    assert kp.on_demand_files() == []  # built in memory: nothing to read from disk
+    path = kp.save(tmp_path / "verify.npz")
+    assert MapFeatures.load(path).on_demand_files() == [path]  # its four arrays, one file
+    other = atomic_savez(tmp_path / "vectors.npz", vectors=rng.random((5000, 64), np.float32))
+    sizes = path.stat().st_size + other.stat().st_size
+    read: dict[int, int] = {}
+    real = os.readv
+
+    def counting(fd: int, buffers: list) -> int:
+        n = real(fd, buffers)
+        read[fd] = read.get(fd, 0) + n
+        return n
+
+    monkeypatch.setattr(os, "readv", counting)
+    # Every byte of both files, through a buffer smaller than either; a missing file is skipped.
+    assert read_ahead([path, tmp_path / "gone.npz", other], budget=sizes, chunk=4096) == sizes
+    assert sum(read.values()) == sizes
+    read.clear()
+    # Over the budget: nothing is read (they would only push each other out of the cache).
+    assert read_ahead([path, other], budget=sizes - 1) == 0 and not read
+    assert read_ahead([]) == 0
