@@ -66,11 +66,15 @@ def read_ahead_rows(searcher: Searcher) -> None:
     before the version serves (common/files.py: read_ahead), so the first queries do not wait on the
     disk for them."""
     files = searcher.on_demand_files()
-    if files:
-        t0 = time.perf_counter()
-        done = read_ahead(files)  # 0: more than half the available memory (or unreadable): not read
-        names = ", ".join(f.name for f in files)
+    if not files:
+        return
+    t0 = time.perf_counter()
+    done = read_ahead(files)
+    names = ", ".join(f.name for f in files)
+    if done:
         log.info("read %d MB of %s ahead into the page cache in %.2fs", done >> 20, names, time.perf_counter() - t0)
+    else:  # over half the available memory, where they would only push each other out (or unreadable)
+        log.warning("%s not read ahead: larger than half the available memory; first queries read from disk", names)
 
 
 def _pointer_key(family: Path) -> tuple[int, int, int] | None:
