@@ -117,8 +117,7 @@ def linear_encoder(
     if conf.get("code_bins"):
         # The output in the map embeddings' principal axes, dealt into code_bins balanced groups: the
         # same distances (normalisation commutes with a rotation), better product-quantisation codes.
-        z = xd @ proj + offset
-        z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        z = NumpyEncoder([proj], [offset], ["linear_l2"], 0.0, 0.0).embed(xd)  # the map embeddings as served
         basis = balanced_axes(z, int(conf["code_bins"]))
         proj, offset = (proj @ basis).astype(np.float32), (offset @ basis).astype(np.float32)
     return NumpyEncoder([*weights, proj], [*biases, offset], [*acts, "linear_l2"], 0.0, 0.0)
