@@ -118,7 +118,13 @@ def read_rows(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
     mapped_npz they are read from its file (pread) rather than through the mapping: the pages go to
     the page cache, shared and reclaimable, but not into this process's resident memory, and the
     kernel's read-ahead does not map the neighbouring rows in with them (with random rows of a
-    multi-GB file that made one worker hold most of the file)."""
+    multi-GB file that made one worker hold most of the file).
+
+    Two passes: every range is first read only if the page cache holds it (RWF_NOWAIT, no disk
+    wait); the kernel is then asked for all the missing ranges at once (POSIX_FADV_WILLNEED) before
+    they are read, so that a query's cold rows wait on the disk together rather than one after
+    another. Cold rows are the rule on hosts that reclaim idle page cache (BENCHMARKS.md, issue 14's
+    twelfth step: DAMON pages out what went unread for a minute)."""
     starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
     lens = ends - starts
     out = np.empty((int(lens.sum()), *a.shape[1:]), a.dtype)
@@ -127,21 +133,53 @@ def read_rows(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
     if not (isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.flags.c_contiguous):
         base = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
         return a[base + np.arange(len(out))]
-    row = a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
+    row = out.itemsize * (out.size // len(out))  # bytes a row
     buf = memoryview(out.reshape(-1).view(np.uint8))  # a memoryview's slices cost less than numpy's
     pos = 0
+    missing: list[tuple[memoryview, int]] = []  # (what is still to read, file offset)
     fd = os.open(a.filename, os.O_RDONLY)  # no buffered file object: a query reads ~50 rows of 4 KB
     try:
+        if _RANDOM is not None:  # a cold row costs its own pages, not the 128 KB after it too
+            os.posix_fadvise(fd, 0, 0, _RANDOM)
         for s, n in zip(starts.tolist(), lens.tolist(), strict=True):
             if n <= 0:
                 continue
-            size = n * row
-            if os.preadv(fd, [buf[pos : pos + size]], a.offset + s * row) != size:
-                raise OSError(f"{a.filename}: short read")
-            pos += size
+            view, at = buf[pos : pos + n * row], a.offset + s * row
+            pos += n * row
+            got = _read_cached(fd, view, at)
+            if got < len(view):
+                missing.append((view[got:], at + got))
+        if _WILLNEED is not None:
+            for view, at in missing:
+                os.posix_fadvise(fd, at, len(view), _WILLNEED)
+        for view, at in missing:
+            while len(view):
+                got = os.preadv(fd, [view], at)
+                if got <= 0:
+                    raise OSError(f"{a.filename}: short read")
+                view, at = view[got:], at + got
     finally:
         os.close(fd)
     return out
+
+
+# Linux's flag for a read that returns what the page cache holds and never waits on the disk, and
+# the advice read_rows gives (posix_fadvise is POSIX, but not on every system Python runs on).
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_ADVISE = hasattr(os, "posix_fadvise")
+_RANDOM = getattr(os, "POSIX_FADV_RANDOM", None) if _ADVISE else None
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None) if _ADVISE else None
+
+
+def _read_cached(fd: int, view: memoryview, at: int) -> int:
+    """Bytes of `view` read from the page cache alone (0 where the first page is not cached, or
+    where the system offers no such read: then the caller reads it all)."""
+    if not _NOWAIT:
+        return 0
+    try:
+        return os.preadv(fd, [view], at, _NOWAIT)
+    except OSError:  # EAGAIN (BlockingIOError): not cached; EOPNOTSUPP: not on this file system
+        return 0
 
 
 def backing_files(arrays: Iterable[Any]) -> list[Path]:
@@ -170,9 +208,11 @@ def read_ahead(paths: Iterable[Path], budget: int | None = None, chunk: int = 8 
     them before queries read their rows (read_rows): a row from the cache costs microseconds, from
     the disk ~0.1 ms (at a million map images a cold cache tripled the search and verify stages,
     BENCHMARKS.md). Nothing stays in this process; the pages are the kernel's, shared by all workers
-    and reclaimable. (POSIX_FADV_WILLNEED read nothing on this project's machines.) Skipped, returning
-    0, when together they exceed `budget` bytes (default: half the memory available now), where they
-    would only push each other out; a file that cannot be read is skipped. Returns the bytes read."""
+    and reclaimable (on hosts that reclaim idle page cache, gone after about a minute unread: then
+    read_rows reads a query's cold rows together). (POSIX_FADV_WILLNEED of a whole file read nothing
+    on these machines.) Skipped, returning 0, when together they exceed `budget` bytes (default: half
+    the memory available now), where they would only push each other out; a file that cannot be read
+    is skipped. Returns the bytes read."""
     paths = list(paths)
     sizes = []
     for p in paths:

@@ -314,3 +314,44 @@ def test_cells_rows_measure_recall_and_time_for_each_probe_count() -> None:
     assert [(r["nlist"], r["nprobe"]) for r in probed] == [(8, 1), (8, 8)]
     assert probed[1]["recall_at_10"] >= probed[0]["recall_at_10"] and probed[1]["recall_at_10"] >= 0.95
     assert all(r["search_k200_p50_ms"] > 0 for r in every + probed)
+
+
+def test_cold_rows_times_both_readers_on_rows_it_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    cold_rows = _module("cold_rows")
+    assert cold_rows.main(["--rows", "256", "--per-query", "3", "--queries", "2", "--dir", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["reader"] for r in rows] == ["read_rows", "one-at-a-time"]
+    assert all(r["queries"] == 2 and r["cold_p50_ms"] > 0 and r["warm_p90_ms"] > 0 for r in rows)
+    assert not list(tmp_path.iterdir())  # its file is removed afterwards
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (["--rows", "100"], "--rows >= 128"),
+        (["--per-query", "0"], "--per-query"),
+        (["--queries", "0"], "--queries >= 1"),
+    ],
+)
+def test_cold_rows_refuses_bad_settings(bad: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        _module("cold_rows").main(bad)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_cold_rows_refuses_a_file_without_enough_stored_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from common.files import atomic_savez
+
+    cold_rows = _module("cold_rows")
+    f = atomic_savez(tmp_path / "v.npz", vectors=np.zeros((200, 8), np.float32), ids=np.arange(200))
+    assert cold_rows.main(["--file", str(tmp_path / "gone.npz")]) == 2
+    assert "gone.npz" in capsys.readouterr().err
+    assert cold_rows.main(["--file", str(f), "--member", "ids"]) == 2  # 1-D
+    assert "not a stored 2-D array" in capsys.readouterr().err
+    assert cold_rows.main(["--file", str(f), "--per-query", "150"]) == 2  # 200 rows cannot give 150 clear of the end
+    assert "214+ rows" in capsys.readouterr().err
+    assert cold_rows.main(["--file", str(f), "--per-query", "2", "--queries", "1"]) == 0

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Rows read on demand when the page cache no longer holds them (issue 14, twelfth step).
+
+    python bench/cold_rows.py [--file F.npz [--member vectors]] [--rows 131072] [--per-query 30] [--queries 150]
+
+A query of a large index reads a few rows of files that stay on disk (the exact re-rank's float
+vectors, the verification keypoints: common/files.py, read_rows). Hosts that reclaim idle page cache
+(these machines run DAMON, which pages out what went unread for a minute) leave most of those rows
+cold. This reads rows of --file (a 2-D member of an uncompressed .npz, e.g. the vectors.npz that
+`bench/million.py --keep` leaves), or of a file of --rows rows of 1,024 float32 (4 KB, as the
+re-rank's vectors) that it writes into a temporary folder under --dir (just written, its "cold" rows
+may still sit in the virtual machine host's own cache: an older file shows the disk). For each of
+--queries it draws --per-query random rows, drops them and their neighbourhood (64 pages) from the
+page cache (POSIX_FADV_DONTNEED), and times, in turns:
+- `read_rows`, the service's reader (the page cache first, the missing rows asked of the disk
+  together, no read-ahead past a row);
+- `one-at-a-time`, the reader before it: one blocking pread per row, with the kernel's read-ahead;
+each cold, then again at once (warm). Prints one JSON line per reader: p50 / p90 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from common.files import atomic_savez, mapped_npz, read_rows
+
+DIM = 1024
+NEIGHBOURHOOD = 64  # pages dropped around each row: reclaim takes whole regions, not single pages
+
+
+def one_at_a_time(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The reader before this step: one blocking pread per row, in row order."""
+    out = np.empty((len(rows), a.shape[1]), a.dtype)
+    size = out[0].nbytes
+    fd = os.open(a.filename, os.O_RDONLY)
+    try:
+        for j, r in enumerate(rows.tolist()):
+            if os.preadv(fd, [memoryview(out[j]).cast("B")], a.offset + r * size) != size:
+                raise OSError(f"{a.filename}: short read")
+    finally:
+        os.close(fd)
+    return out
+
+
+def measure(
+    a: np.ndarray,
+    data: np.ndarray | None,
+    args: argparse.Namespace,
+    rng: np.random.Generator,
+    readers: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]],
+    times: dict[str, dict[str, list[float]]],
+) -> None:
+    """Each reader on the same kind of cold rows of `a`, in turns, checked against `data` (or, for a
+    file of unknown contents, the plain reader). `a` is never read through its mapping: mapped
+    pages cannot be dropped."""
+    row = a[0].nbytes
+    fd = os.open(a.filename, os.O_RDONLY)
+    try:
+        names = list(readers)
+        for q in range(args.queries):
+            for name in names[q % 2 :] + names[: q % 2]:  # in turns: neither always goes first
+                rows = np.sort(rng.choice(len(a) - NEIGHBOURHOOD, args.per_query, replace=False))
+                for r in rows.tolist():
+                    os.posix_fadvise(fd, a.offset + r * row, NEIGHBOURHOOD * 4096, os.POSIX_FADV_DONTNEED)
+                t0 = time.perf_counter()
+                got = readers[name](a, rows)
+                t1 = time.perf_counter()
+                readers[name](a, rows)
+                t2 = time.perf_counter()
+                if not np.array_equal(got, one_at_a_time(a, rows) if data is None else data[rows]):
+                    raise AssertionError(f"{name} read other bytes than the file holds")
+                times[name]["cold"].append(t1 - t0)
+                times[name]["warm"].append(t2 - t1)
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--file", type=Path, default=None, help="an existing .npz to read rows of (default: write one)")
+    p.add_argument("--member", default="vectors", help="its 2-D member (default vectors)")
+    p.add_argument("--rows", type=int, default=131_072, help="rows of the file (default 131,072: 512 MB)")
+    p.add_argument("--per-query", type=int, default=30, help="rows a query reads (default 30, the re-rank's)")
+    p.add_argument("--queries", type=int, default=150)
+    p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the file is written")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.rows < 2 * NEIGHBOURHOOD or not 1 <= args.per_query <= args.rows // NEIGHBOURHOOD or args.queries < 1:
+        p.error(f"--rows >= {2 * NEIGHBOURHOOD}, 1 <= --per-query <= rows / {NEIGHBOURHOOD}, --queries >= 1")
+    if not hasattr(os, "POSIX_FADV_DONTNEED"):
+        print("cold_rows: this system cannot drop pages from the cache (posix_fadvise)", file=sys.stderr)
+        return 2
+    rng = np.random.default_rng(args.seed)
+    readers = {"read_rows": lambda a, r: read_rows(a, r, r + 1), "one-at-a-time": one_at_a_time}
+    times: dict[str, dict[str, list[float]]] = {n: {"cold": [], "warm": []} for n in readers}
+    if args.file is not None:
+        try:
+            a = mapped_npz(args.file)[args.member]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"cold_rows: {args.file}: {e!r}", file=sys.stderr)
+            return 2
+        least = NEIGHBOURHOOD + max(NEIGHBOURHOOD, args.per_query)  # the rows are drawn clear of its end
+        if not isinstance(a, np.memmap) or a.ndim != 2 or len(a) < least:
+            print(f"cold_rows: {args.file}: {args.member} is not a stored 2-D array of {least}+ rows", file=sys.stderr)
+            return 2
+        measure(a, None, args, rng, readers, times)
+    else:
+        try:
+            tmp = tempfile.TemporaryDirectory(dir=args.dir, prefix="cold-rows-")
+        except OSError as e:
+            print(f"cold_rows: {args.dir}: {e}", file=sys.stderr)
+            return 2
+        with tmp as folder:
+            path = Path(folder) / "vectors.npz"
+            data = rng.standard_normal((args.rows, DIM), dtype=np.float32)  # to check the reads against
+            # durable: written back, so that its pages can be dropped from the cache (dirty ones cannot)
+            atomic_savez(path, durable=True, vectors=data)
+            measure(mapped_npz(path)["vectors"], data, args, rng, readers, times)
+    for name, t in times.items():
+        row_out: dict[str, object] = {"reader": name, "rows_per_query": args.per_query, "queries": args.queries}
+        for state, v in t.items():
+            row_out[f"{state}_p50_ms"] = round(1000 * float(np.median(v)), 3)
+            row_out[f"{state}_p90_ms"] = round(1000 * float(np.percentile(v, 90)), 3)
+        print(json.dumps(row_out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
