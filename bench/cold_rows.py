@@ -14,7 +14,11 @@ may still sit in the virtual machine host's own cache: an older file shows the d
 page cache (POSIX_FADV_DONTNEED), and times, in turns:
 - `read_rows`, the service's reader (the page cache first, the missing rows asked of the disk
   together, no read-ahead past a row);
-- `one-at-a-time`, the reader before it: one blocking pread per row, with the kernel's read-ahead;
+- `read_rows, descriptor per call`: the same, but the file opened, advised and closed for each call
+  (as before issue 14's thirteenth step; read_rows now reads through a descriptor opened with the
+  mapping);
+- `one-at-a-time`, the reader before the twelfth step: one blocking pread per row, with the
+  kernel's read-ahead;
 each cold, then again at once (warm). Prints one JSON line per reader: p50 / p90 ms.
 """
 
@@ -51,6 +55,13 @@ def one_at_a_time(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def per_call(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """read_rows as it was before issue 14's thirteenth step: the file opened, advised and closed
+    for each call (read_rows does so for an array that mapped_npz did not map)."""
+    alone = np.memmap(a.filename, dtype=a.dtype, mode="r", offset=a.offset, shape=a.shape)
+    return read_rows(alone, rows, rows + 1)
+
+
 def measure(
     a: np.ndarray,
     data: np.ndarray | None,
@@ -67,7 +78,7 @@ def measure(
     try:
         names = list(readers)
         for q in range(args.queries):
-            for name in names[q % 2 :] + names[: q % 2]:  # in turns: neither always goes first
+            for name in names[q % len(names) :] + names[: q % len(names)]:  # in turns: none always goes first
                 rows = np.sort(rng.choice(len(a) - NEIGHBOURHOOD, args.per_query, replace=False))
                 for r in rows.tolist():
                     os.posix_fadvise(fd, a.offset + r * row, NEIGHBOURHOOD * 4096, os.POSIX_FADV_DONTNEED)
@@ -100,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         print("cold_rows: this system cannot drop pages from the cache (posix_fadvise)", file=sys.stderr)
         return 2
     rng = np.random.default_rng(args.seed)
-    readers = {"read_rows": lambda a, r: read_rows(a, r, r + 1), "one-at-a-time": one_at_a_time}
+    readers = {
+        "read_rows": lambda a, r: read_rows(a, r, r + 1),
+        "read_rows, descriptor per call": per_call,
+        "one-at-a-time": one_at_a_time,
+    }
     times: dict[str, dict[str, list[float]]] = {n: {"cold": [], "warm": []} for n in readers}
     if args.file is not None:
         try:

@@ -19,6 +19,7 @@ from dataset.split import load_split
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
 from indexer import store
+from indexer.kinds import PQIndex
 from retrieval.searcher import Query, Searcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +87,38 @@ def hit_rate(found: np.ndarray, relevant: np.ndarray) -> float:
     generated entries are relevant to no query, -1 pads)."""
     ok = [bool(np.any(relevant[r, f[(f >= 0) & (f < relevant.shape[1])]])) for r, f in enumerate(found)]
     return round(float(np.mean(ok)), 4)
+
+
+def add_kept_arguments(p: argparse.ArgumentParser) -> None:
+    """--work and the generator's settings of a collection that bench/million.py --keep left."""
+    p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench-1m", help="bench/million.py's --work")
+    p.add_argument("--per-place", type=int, default=20, help="as bench/million.py's (default 20)")
+    p.add_argument("--spread", type=float, default=1.0, help="as bench/million.py's (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="as bench/million.py's (default 0)")
+
+
+def open_kept(
+    args: argparse.Namespace, prog: str
+) -> tuple[PQIndex, Generator, Dataset, store.LoadedIndex] | None:
+    """The two-stage index of the collection bench/million.py kept in --work, the generator of its
+    entries (the same seed, so its queries are bench/million.py's), and the London data set and index
+    (open_london); None, with the reason on stderr, when there is none (the caller exits 2)."""
+    opened = open_london(args, prog)
+    if opened is None:
+        return None
+    families = sorted((args.work / "artifacts").glob("*/index-*"))
+    if not families:
+        print(f"{prog}: no collection kept in {args.work}: run bench/million.py --keep first", file=sys.stderr)
+        return None
+    try:
+        index = store.load(store.current_version(families[0])).index
+    except (OSError, ValueError) as e:
+        print(f"{prog}: {families[0]}: {e}", file=sys.stderr)
+        return None
+    if not isinstance(index, PQIndex) or index.fine is None:
+        print(f"{prog}: the index in {args.work} has no fine codes (a one-stage index)", file=sys.stderr)
+        return None
+    ids, real = store.index_contents(opened[1].index)
+    real = real[np.argsort(ids)]
+    gen = Generator(real, max(1, (index.ntotal - len(real)) // args.per_place), args.spread, args.seed)
+    return index, gen, *opened

@@ -17,7 +17,9 @@ Builds a collection of --size map entries and serves it through `imgsearch serve
   JSON log lines.
 
 Reports: search_p50_ms (the search stage of POST /search), exact_p50_ms (exact flat search of the same
-vectors, one query and one thread, in this process, same run), recall_at_10 of the served index's
+vectors for the same London queries, one query and one thread, in this process, each timed just after
+the server answered it, while the server is idle: the host's speed drifts by a third within a run, and
+the two measures are taken in the same minutes), recall_at_10 of the served index's
 search against that exact search (the version the server serves, loaded here), rss_mb / pss_mb of
 the serving tree after the queries, ready_s (start to /readyz), and the HTTP p50. --work is removed
 afterwards unless --keep (its files take ~8 GB at 1M).
@@ -33,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,14 +142,12 @@ def build_collection(
 
 
 def exact_and_served(
-    version: Path, xb: np.ndarray, queries: list[Query], xg: np.ndarray, relevant: np.ndarray
+    version: Path, flat: faiss.IndexFlatL2, queries: list[Query], xg: np.ndarray, relevant: np.ndarray
 ) -> dict[str, Any]:
-    """Exact search of the same vectors against the served version's own search, in this process,
-    for the London queries (xq, timed) and for generated ones (xg: new photos of generated places,
+    """Exact search of the same vectors (`flat`) against the served version's own search, in this
+    process, for the London queries and for generated ones (xg: new photos of generated places,
     whose neighbours are generated entries, where the codes must tell near-alike vectors apart)."""
     threads = faiss.omp_get_max_threads()
-    flat = faiss.IndexFlatL2(xb.shape[1])
-    flat.add(xb)
     served = store.load(version)
     recall = {}
     xq = np.concatenate([q.embedding for q in queries])
@@ -165,11 +166,8 @@ def exact_and_served(
         recall[f"london_r10_{name}_index"] = hit_rate(ranked, relevant)
     faiss.omp_set_num_threads(1)  # one query on one thread, as `imgsearch serve` runs FAISS
     try:
-        exact, local = [], []
+        local = []
         for q in xq:
-            t0 = time.perf_counter()
-            flat.search(q[None, :], K)
-            exact.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             served.index.search(q[None, :], K)
             local.append(time.perf_counter() - t0)
@@ -177,14 +175,30 @@ def exact_and_served(
         faiss.omp_set_num_threads(threads)
     return {
         "index_kind": served.manifest["index_kinds"][0],
-        "exact_p50_ms": round(1000 * float(np.median(exact)), 2),
         "search_inproc_p50_ms": round(1000 * float(np.median(local)), 3),
         **recall,
     }
 
 
-def serve_queries(args: argparse.Namespace, data: Path, preset: str, files: list[Path]) -> dict[str, Any]:
-    """`imgsearch serve` on the collection; the queries through POST /search, one client."""
+def exact_ms(flat: faiss.IndexFlatL2, x: np.ndarray) -> float:
+    """One exact search of one query on one thread, in ms."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        flat.search(x[None, :], K)
+        return 1000 * (time.perf_counter() - t0)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def serve_queries(
+    args: argparse.Namespace, data: Path, preset: str, files: list[Path], exact: Callable[[int], float]
+) -> dict[str, Any]:
+    """`imgsearch serve` on the collection; the queries through POST /search, one client. After each
+    answer, while the server is idle, `exact(i)` times exact search of query i in this process: the
+    two are sampled in the same minutes, so the host's drift (a third in speed within one run,
+    BENCHMARKS.md) moves both alike."""
     import httpx
 
     port = free_port()
@@ -205,18 +219,19 @@ def serve_queries(args: argparse.Namespace, data: Path, preset: str, files: list
             ready_s = wait_ready(url, proc, t0, args.workers, timeout=900)
             # Every worker loads the collection on its own: nothing is timed before the last one serves.
             all_ready_s = wait_loaded(log_path, proc, t0, args.workers, timeout=900)
-            took, answers = [], []
+            took, answers, exact_took = [], [], []
             with httpx.Client(timeout=120) as c:
                 for f in files[: 2 * args.workers]:  # every worker answers once before anything counts
                     c.post(f"{url}/search", params={"k": K}, files={"file": ("q.jpg", f.read_bytes())})
                 first_timed = sum(1 for _ in log_path.open(encoding="utf-8", errors="replace"))
-                for f in files:
+                for i, f in enumerate(files):
                     t1 = time.perf_counter()
                     r = c.post(f"{url}/search", params={"k": K}, files={"file": ("q.jpg", f.read_bytes())})
                     took.append(time.perf_counter() - t1)
                     if r.status_code != 200:
                         raise RuntimeError(f"POST /search answered {r.status_code}: {r.text[:200]}")
                     answers.append([h["id"] for h in r.json()["results"]])
+                    exact_took.append(exact(i))
             pids = process_tree(proc.pid)
             rss = {p: rss_mb(p) for p in pids}
             pss = {p: pss_mb(p) for p in pids}
@@ -235,6 +250,7 @@ def serve_queries(args: argparse.Namespace, data: Path, preset: str, files: list
     return {
         "workers": args.workers,
         "search_p50_ms": round(float(np.median(stages["search"])), 3),
+        "exact_p50_ms": round(float(np.median(exact_took)), 2),
         "stages_p50_ms": {s: round(float(np.median(v)), 2) for s, v in stages.items()},
         "http_p50_ms": round(1000 * float(np.median(took)), 2),
         "answers": answers,
@@ -282,10 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         data, version, xb, xg, out = build_collection(args, london)
         print(f"collection: {json.dumps(out)}", flush=True)
         del london, searcher
-        out |= exact_and_served(version, xb, xq, xg, relevant)
+        flat = faiss.IndexFlatL2(xb.shape[1])
+        flat.add(xb)  # its own copy: the 4 GB of xb are let go
         del xb
+        out |= exact_and_served(version, flat, xq, xg, relevant)
         print(f"exact and served search: {json.dumps(out)}", flush=True)
-        served = serve_queries(args, data, args.preset, sent)
+        london_x = [q.embedding[0] for q in xq]
+        served = serve_queries(args, data, args.preset, sent, lambda i: exact_ms(flat, london_x[i]))
         # Through POST /search (verified, expanded): London test queries with a relevant map image
         # in the top 10 among all entries.
         out |= {k: v for k, v in served.items() if k != "answers"}

@@ -529,7 +529,8 @@ def markdown(r: dict[str, Any]) -> str:
             "|---|---|",
             f"| index kind (indexer/kinds.py) | {big['index_kind']} |",
             f"| search_p50_ms (search stage, server log) | {big['search_p50_ms']} |",
-            f"| exact_p50_ms (flat search of the same vectors, same run) | {big['exact_p50_ms']} |",
+            f"| exact_p50_ms (flat search of the same vectors, each just after the server answered the query) | "
+            f"{big['exact_p50_ms']} |",
             f"| search / exact | {big['search_over_exact']} |",
             f"| recall_at_10 against exact (generated queries) | {big['recall_at_10']} |",
             f"| recall@10 against exact (London queries) | {big['recall_at_10_london_queries']} |",

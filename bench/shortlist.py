@@ -19,19 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 
 # bench/ is sys.path[0] for these scripts
-from ann import Generator, recall_at_k
-from london import ROOT, add_arguments, open_london
-
-from indexer import store
-from indexer.kinds import PQIndex
+from ann import recall_at_k
+from london import add_arguments, add_kept_arguments, open_kept
 
 K = 10
 
@@ -39,36 +34,18 @@ K = 10
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench-1m", help="bench/million.py's --work")
+    add_kept_arguments(p)
     p.add_argument("--shortlist", type=int, nargs="+", default=[500, 800, 1000])
     p.add_argument("--rerank", type=int, nargs="+", default=None, help="exact re-ranks (default: the version's)")
     p.add_argument("--queries", type=int, default=300, help="generated queries (default 300)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--per-place", type=int, default=20, help="as bench/million.py's (default 20)")
-    p.add_argument("--spread", type=float, default=1.0, help="as bench/million.py's (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="as bench/million.py's (default 0)")
     args = p.parse_args(argv)
     if min(args.shortlist + (args.rerank or [1])) < 1 or args.queries < 1 or args.rounds < 1:
         p.error("--shortlist, --rerank, --queries and --rounds must be positive")
-    opened = open_london(args, "shortlist")
-    if opened is None:
+    kept = open_kept(args, "shortlist")
+    if kept is None:
         return 2
-    families = sorted((args.work / "artifacts").glob("*/index-*"))
-    if not families:
-        print(f"shortlist: no collection kept in {args.work}: run bench/million.py --keep first", file=sys.stderr)
-        return 2
-    try:
-        served = store.load(store.current_version(families[0]))
-    except (OSError, ValueError) as e:
-        print(f"shortlist: {families[0]}: {e}", file=sys.stderr)
-        return 2
-    index = served.index
-    if not isinstance(index, PQIndex) or index.fine is None:
-        print(f"shortlist: the index in {args.work} has no fine codes (a one-stage index)", file=sys.stderr)
-        return 2
-    ids, real = store.index_contents(opened[1].index)
-    real = real[np.argsort(ids)]
-    gen = Generator(real, max(1, (index.ntotal - len(real)) // args.per_place), args.spread, args.seed)
+    index, gen = kept[:2]
     xq = gen.queries(args.queries)
     xb = np.asarray(index.base)  # the float vectors in slot order (the whole file: exact search)
     _, rows = faiss.knn(xq, xb, K)

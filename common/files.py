@@ -13,6 +13,8 @@ import json
 import mmap
 import os
 import tempfile
+import threading
+import weakref
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -87,6 +89,7 @@ def mapped_npz(path: Path) -> dict[str, np.ndarray]:
     process that maps the same file shares its pages, instead of holding a private copy. Members that
     are compressed or hold objects are read into memory as np.load would."""
     out: dict[str, np.ndarray] = {}
+    handle: _ReadHandle | None = None  # one descriptor for every mapped member, for read_rows
     with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
         for info in zf.infolist():
             name = info.filename.removesuffix(".npy")
@@ -110,7 +113,36 @@ def mapped_npz(path: Path) -> dict[str, np.ndarray]:
                 continue
             order = "F" if fortran else "C"
             out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+            handle = handle or _ReadHandle(path)
+            with _HANDLES_LOCK:
+                _HANDLES[out[name].base] = handle
     return out
+
+
+class _ReadHandle:
+    """A read-only descriptor of a file mapped by mapped_npz, open as long as an array maps it.
+
+    read_rows reads through it rather than opening the file per call: on these machines an open,
+    its advice and its close cost 0.14-0.21 ms, more than the 30 rows a query reads (BENCHMARKS.md,
+    issue 14's thirteenth step). It is opened with the mapping, so a version whose folder is removed
+    while a worker still serves it reads on from the file it mapped."""
+
+    __slots__ = ("__weakref__", "fd")
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        if _RANDOM is not None:  # a cold row costs its own pages, not the 128 KB after it too
+            os.posix_fadvise(self.fd, 0, 0, _RANDOM)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "fd", None)  # None where the open itself failed
+        if fd is not None:
+            os.close(fd)
+
+
+# Each mapping of mapped_npz -> the descriptor its rows are read through (gone with the mapping).
+_HANDLES: weakref.WeakKeyDictionary[mmap.mmap, _ReadHandle] = weakref.WeakKeyDictionary()
+_HANDLES_LOCK = threading.Lock()
 
 
 def read_rows(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -137,10 +169,11 @@ def read_rows(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
     buf = memoryview(out.reshape(-1).view(np.uint8))  # a memoryview's slices cost less than numpy's
     pos = 0
     missing: list[tuple[memoryview, int]] = []  # (what is still to read, file offset)
-    fd = os.open(a.filename, os.O_RDONLY)  # no buffered file object: a query reads ~50 rows of 4 KB
+    handle = _HANDLES.get(a.base)
+    if handle is None:  # mapped elsewhere than by mapped_npz: a descriptor for this call
+        handle = _ReadHandle(Path(a.filename))
+    fd = handle.fd  # no buffered file object: a query reads ~50 rows of 4 KB
     try:
-        if _RANDOM is not None:  # a cold row costs its own pages, not the 128 KB after it too
-            os.posix_fadvise(fd, 0, 0, _RANDOM)
         for s, n in zip(starts.tolist(), lens.tolist(), strict=True):
             if n <= 0:
                 continue
@@ -159,7 +192,7 @@ def read_rows(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
                     raise OSError(f"{a.filename}: short read")
                 view, at = view[got:], at + got
     finally:
-        os.close(fd)
+        del handle  # closes a descriptor made for this call; a mapping's stays open
     return out
 
 

@@ -56,6 +56,7 @@ def index_kind(conf: dict[str, Any], n: int) -> str:
 
 
 MIN_TRAIN_PER_CELL = 39  # FAISS's k-means warns below 39 training points a centroid
+SCAN_BLOCK = 64  # codes a fast-scan block holds (new_codes)
 
 
 def new_codes(d: int, m: int, conf: dict[str, Any], n_train: int) -> faiss.Index:
@@ -64,7 +65,10 @@ def new_codes(d: int, m: int, conf: dict[str, Any], n_train: int) -> faiss.Index
     scan of every code."""
     nlist = min(int(conf.get("nlist", 0)), n_train // MIN_TRAIN_PER_CELL)
     if nlist < 2:
-        return faiss.IndexPQFastScan(d, m, 4)
+        # Blocks of 64 codes, not FAISS's default 32: a query's distance tables are loaded once a
+        # block, and a million coarse codes scan a few % faster (BENCHMARKS.md, issue 14's
+        # thirteenth step: bench/search_parts.py).
+        return faiss.IndexPQFastScan(d, m, 4, faiss.METRIC_L2, SCAN_BLOCK)
     quantizer = faiss.IndexFlatL2(d)
     codes = faiss.IndexIVFPQFastScan(quantizer, d, nlist, m, 4)
     codes.own_fields = True  # the codes free their coarse quantizer; Python must not

@@ -316,13 +316,13 @@ def test_cells_rows_measure_recall_and_time_for_each_probe_count() -> None:
     assert all(r["search_k200_p50_ms"] > 0 for r in every + probed)
 
 
-def test_cold_rows_times_both_readers_on_rows_it_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cold_rows_times_each_reader_on_rows_it_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     cold_rows = _module("cold_rows")
     assert cold_rows.main(["--rows", "256", "--per-query", "3", "--queries", "2", "--dir", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["reader"] for r in rows] == ["read_rows", "one-at-a-time"]
+    assert [r["reader"] for r in rows] == ["read_rows", "read_rows, descriptor per call", "one-at-a-time"]
     assert all(r["queries"] == 2 and r["cold_p50_ms"] > 0 and r["warm_p90_ms"] > 0 for r in rows)
     assert not list(tmp_path.iterdir())  # its file is removed afterwards
 
@@ -355,3 +355,15 @@ def test_cold_rows_refuses_a_file_without_enough_stored_rows(
     assert cold_rows.main(["--file", str(f), "--per-query", "150"]) == 2  # 200 rows cannot give 150 clear of the end
     assert "214+ rows" in capsys.readouterr().err
     assert cold_rows.main(["--file", str(f), "--per-query", "2", "--queries", "1"]) == 0
+
+
+@pytest.mark.parametrize("bad", [["--queries", "0"], ["--rounds", "0"]])
+def test_search_parts_refuses_non_positive_settings(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        _module("search_parts").main(["--data", str(ROOT / "nowhere"), *bad])
+    assert e.value.code == 2 and "must be positive" in capsys.readouterr().err
+
+
+def test_search_parts_says_when_no_collection_was_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _module("search_parts").main(["--data", str(tmp_path / "nowhere"), "--work", str(tmp_path)]) == 2
+    assert "search_parts:" in capsys.readouterr().err

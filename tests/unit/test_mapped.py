@@ -101,6 +101,32 @@ def test_rows_of_a_mapped_file_are_read_from_it_not_through_the_mapping(
     assert read_rows(mapped["xy"], np.array([3]), np.array([3])).shape == (0, 2)
 
 
+def test_rows_are_read_through_a_descriptor_opened_with_the_mapping_and_closed_with_it(tmp_path: Path) -> None:
+    import gc
+    import os
+
+    from common.files import read_rows
+
+    def open_files() -> list[str]:
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                out.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except FileNotFoundError:  # the listing's own descriptor, closed since
+                continue
+        return out
+
+    a = np.arange(600, dtype=np.int64).reshape(200, 3)
+    path = atomic_savez(tmp_path / "v.npz", rows=a, other=np.ones((4, 4), np.float32))
+    z = mapped_npz(path)
+    assert [f for f in open_files() if f.startswith(str(path))]
+    path.unlink()  # a version's folder removed while a worker still serves it: reads go on
+    assert np.array_equal(read_rows(z["rows"], np.array([5, 190]), np.array([7, 191])), a[[5, 6, 190]])
+    del z
+    gc.collect()
+    assert not [f for f in open_files() if f.startswith(str(path))]  # closed with the mapping
+
+
 def test_rows_the_page_cache_lacks_are_asked_of_the_disk_together_then_read_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -110,7 +136,7 @@ def test_rows_the_page_cache_lacks_are_asked_of_the_disk_together_then_read_whol
     from common.files import read_rows
 
     a = np.arange(4000, dtype=np.float32).reshape(1000, 4)
-    mapped = mapped_npz(atomic_savez(tmp_path / "v.npz", vectors=a))["vectors"]
+    path = atomic_savez(tmp_path / "v.npz", vectors=a)
     starts, ends = np.array([900, 10, 500, 7]), np.array([903, 11, 502, 9])
     events: list[tuple[str, int]] = []
     real = os.preadv
@@ -134,13 +160,18 @@ def test_rows_the_page_cache_lacks_are_asked_of_the_disk_together_then_read_whol
     monkeypatch.setattr(os, "preadv", cache_holds_half)
     monkeypatch.setattr(os, "posix_fadvise", advise)
     monkeypatch.setattr(common.files, "_NOWAIT", 8)  # as Linux's RWF_NOWAIT, wherever the test runs
+    mapped = mapped_npz(path)["vectors"]
+    # no read-ahead past a row: advised once, on the descriptor opened with the mapping
+    assert events == [("random", 0)]
     expected = np.concatenate([a[s:e] for s, e in zip(starts, ends, strict=True)])
-    assert np.array_equal(read_rows(mapped, starts, ends), expected)
-    kinds = [k for k, _ in events]
-    # no read-ahead past a row; every range tried from the cache first, then the disk asked for all
-    # that is missing, then read
-    assert kinds[:5] == ["random"] + ["nowait"] * 4
-    assert kinds[5:9] == ["willneed"] * 4 and set(kinds[9:]) == {"read"}
+    for _ in range(2):
+        events.clear()
+        assert np.array_equal(read_rows(mapped, starts, ends), expected)
+        kinds = [k for k, _ in events]
+        # every range tried from the cache first, then the disk asked for all that is missing, then
+        # read; the file is not opened or advised again
+        assert kinds[:4] == ["nowait"] * 4
+        assert kinds[4:8] == ["willneed"] * 4 and set(kinds[8:]) == {"read"}
     base = mapped.offset
     half = {base + s * 16 + (0 if (base + s * 16) // 16 % 2 else 8) for s in starts.tolist()}
     assert {at for k, at in events if k == "willneed"} == half  # from where the cached part ended
