@@ -25,6 +25,10 @@ class ServiceState:
         if self.settings.search_slots:
             self.search_limiter = anyio.CapacityLimiter(self.settings.search_slots)
 
+    def settled(self) -> Searcher | None:
+        """The searcher without waiting, when sync() would have nothing to do (LiveIndex.settled)."""
+        return None if self.live is None else self.live.settled()
+
     def sync(self) -> Searcher | None:
         """The searcher as of now, with versions and changes published by any process (two stat calls
         when there are none); a request should keep the one it got."""

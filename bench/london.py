@@ -97,9 +97,7 @@ def add_kept_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="as bench/million.py's (default 0)")
 
 
-def open_kept(
-    args: argparse.Namespace, prog: str
-) -> tuple[PQIndex, Generator, Dataset, store.LoadedIndex] | None:
+def open_kept(args: argparse.Namespace, prog: str) -> tuple[PQIndex, Generator, Dataset, store.LoadedIndex] | None:
     """The two-stage index of the collection bench/million.py kept in --work, the generator of its
     entries (the same seed, so its queries are bench/million.py's), and the London data set and index
     (open_london); None, with the reason on stderr, when there is none (the caller exits 2)."""

@@ -128,6 +128,13 @@ class LiveIndex:
         self.error = None
         return searcher
 
+    def settled(self) -> Searcher | None:
+        """The searcher if nothing was published or logged since it was swapped in (two stat calls, no
+        lock, no wait: fit for an event loop); None when sync() has something to do, or none serves."""
+        if _pointer_key(self.family) != self._pointer or self.changelog.key() != self._applied_key:
+            return None
+        return self._searcher
+
     def sync(self, wait: float = SYNC_WAIT_S) -> Searcher | None:
         """Called before each request: start loading a newly published version if CURRENT changed,
         and have changes any process logged replayed (waiting up to `wait` seconds for them).

@@ -1,4 +1,9 @@
-"""Dependencies shared by the routes, as Annotated aliases."""
+"""Dependencies shared by the routes, as Annotated aliases.
+
+They are `async def`: FastAPI runs a plain `def` dependency in its thread pool, a hand-off to another
+thread and back for each one of each request (~0.2 ms apiece on a 2-core host, BENCHMARKS.md issue 14's
+fourteenth step). Only the searcher's slow path (a new version or logged changes to wait for) goes there.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from starlette.concurrency import run_in_threadpool
 
 from app.errors import ApiError
 from app.state import ServiceState
@@ -13,16 +19,18 @@ from retrieval.live import LiveIndex, NotReadyError
 from retrieval.searcher import Searcher
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_searcher(state: StateDep) -> Searcher:
+async def get_searcher(state: StateDep) -> Searcher:
     # The request keeps this snapshot to the end, even if a new version or change is swapped in meanwhile.
-    searcher = state.sync()
+    searcher = state.settled()
+    if searcher is None:  # sync() may wait for the change log's follower: off the event loop
+        searcher = await run_in_threadpool(state.sync)
     if searcher is None:
         raise NotReadyError(f"index not loaded: {state.reason}")
     return searcher
@@ -31,7 +39,7 @@ def get_searcher(state: StateDep) -> Searcher:
 SearcherDep = Annotated[Searcher, Depends(get_searcher)]
 
 
-def get_live(state: StateDep) -> LiveIndex:
+async def get_live(state: StateDep) -> LiveIndex:
     """The living index, for the routes that change it (its own methods check it is ready)."""
     if state.live is None:
         raise NotReadyError(f"index not loaded: {state.reason}")
@@ -41,7 +49,7 @@ def get_live(state: StateDep) -> LiveIndex:
 LiveDep = Annotated[LiveIndex, Depends(get_live)]
 
 
-def require_admin(state: StateDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
+async def require_admin(state: StateDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
     key = state.settings.admin_key
     if key is None:
         return

@@ -105,7 +105,7 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 

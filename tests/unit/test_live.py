@@ -73,7 +73,9 @@ def test_replay_of_another_models_add_runs_in_the_follower(
     family: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     live = LiveIndex(family)
+    assert live.settled() is None  # nothing loaded yet
     before = live.load_now()
+    assert live.settled() is before  # nothing published or logged since: no need to sync
     # An add logged by a process serving another model: its stored embedding does not fit this
     # index, so replay must embed the stored image again, through the feature pipeline.
     img = sorted((tiny_data / "query" / "images").iterdir())[0].read_bytes()
@@ -102,9 +104,11 @@ def test_replay_of_another_models_add_runs_in_the_follower(
         return analyze(self, data, timings)
 
     monkeypatch.setattr(Searcher, "analyze", recording_analyze)
+    assert live.settled() is None  # the event loop's fast path sees the logged change and steps aside
     after = live.sync()  # what a request calls first
     assert callers == ["index-follower"], "the request thread ran the feature pipeline"
     assert after is not None and after is not before
     assert new_id in after.images and after.size == before.size + 1
     assert after.applied.seq == 1 and new_id not in before.images  # the old snapshot is unchanged
     assert live.sync() is after and callers == ["index-follower"]  # nothing new: nothing replayed
+    assert live.settled() is after

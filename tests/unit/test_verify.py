@@ -75,6 +75,7 @@ def test_matching_equals_the_rule_pair_by_pair() -> None:
     rng = np.random.default_rng(3)
     # Few distinct bits, so that distances tie often: ties must go where the rule says.
     base = rng.integers(0, 256, (6, 32), dtype=np.uint8)
+
     def noisy(n: int) -> np.ndarray:
         d = base[rng.integers(0, 6, n)].copy()
         d[:, :2] ^= rng.integers(0, 4, (n, 2), dtype=np.uint8)

@@ -6,7 +6,7 @@ import time
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 
 from app.api.deps import SearcherDep, StateDep
 from app.api.uploads import read_capped
@@ -29,7 +29,7 @@ async def search(
     metrics: MetricsDep,
     file: Annotated[UploadFile, File(description="A street-level photo (JPEG, PNG, WebP, ...)")],
     k: Annotated[int, Query(ge=1, le=100, description="How many map images to return")] = 10,
-) -> SearchResponse:
+) -> Response:
     """Rank the map images by predicted relevance to the uploaded photo."""
     t0 = time.perf_counter()
     # FastAPI silently keeps the last of repeated fields; which photo was meant is ambiguous: refuse.
@@ -64,7 +64,7 @@ async def search(
         )
         for h in result.hits
     ]
-    return SearchResponse(
+    body = SearchResponse(
         results=results,
         query_location=QueryLocation(**dataclasses.asdict(result.location)),
         k=k,
@@ -72,3 +72,6 @@ async def search(
         index_version=result.index_version,
         took_ms=round((time.perf_counter() - t0) * 1000, 2),
     )
+    # Serialised here: a returned model would be validated again against response_model (which stays
+    # for the schema), ~0.15 ms a request for a model built just above.
+    return Response(body.model_dump_json(), media_type="application/json")
