@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -72,10 +73,32 @@ def tiny_artifacts(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return artifacts
 
 
+# Ports for the servers tests start: below the kernel's ephemeral range, where sockets bound to port 0 and
+# outgoing connections take theirs (a Ray cluster holds hundreds; one took a test server's port between
+# the pick and the bind), and above Ray's worker ports (10002-19999). Never the same port twice a session.
+_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    rng = random.Random()
+    candidates = [p for p in _PORTS if p < _ephemeral_low() and p not in _handed_out]
+    for port in rng.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port on 127.0.0.1 between 20000 and the ephemeral range")
 
 
 class Server:
