@@ -73,10 +73,9 @@ def tiny_artifacts(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return artifacts
 
 
-# Ports for the servers tests start: below the kernel's ephemeral range, where sockets bound to port 0 and
-# outgoing connections take theirs (a Ray cluster holds hundreds; one took a test server's port between
-# the pick and the bind), and above Ray's worker ports (10002-19999). Never the same port twice a session.
-_PORTS = range(20000, 32768)
+# Ports for the servers tests start: from 20000 (above Ray's worker ports, 10002-19999) up to the kernel's
+# ephemeral range, where sockets bound to port 0 and outgoing connections take theirs (a Ray cluster holds
+# hundreds; one took a test server's port between the pick and the bind). Never the same port twice.
 _handed_out: set[int] = set()
 
 
@@ -88,9 +87,8 @@ def _ephemeral_low() -> int:
 
 
 def free_port() -> int:
-    rng = random.Random()
-    candidates = [p for p in _PORTS if p < _ephemeral_low() and p not in _handed_out]
-    for port in rng.sample(candidates, min(200, len(candidates))):
+    candidates = [p for p in range(20000, _ephemeral_low()) if p not in _handed_out]
+    for port in random.sample(candidates, min(200, len(candidates))):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
