@@ -30,11 +30,15 @@ COPY --chown=app:app cli ./cli
 
 FROM base AS serve
 RUN make venv EXTRAS=
+# It listens on every interface of the container: with no IMGSEARCH_ADMIN_KEY, the admin endpoints
+# then refuse every call (app/api/deps.py); compose publishes the port on 127.0.0.1 only.
 ENV IMGSEARCH_HOST=0.0.0.0 \
     IMGSEARCH_PORT=8000
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
-    CMD [".venv/bin/python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+# Healthy while ready (an index loaded), not merely up; not ready for IMGSEARCH_HEALTH_RESTART_S in a
+# row (default 300), the check stops the container's init so that its restart policy restarts it.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD [".venv/bin/python", "-m", "cli.health"]
 CMD ["make", "serve"]
 
 # After serve: a builder without BuildKit builds every stage before its target.

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= train,dev,ray
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv build run serve test test-unit lint bench bench-ray soak clean
+.PHONY: venv build run serve test test-unit lint fuzz bench bench-ray soak bench-slow-clients clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,19 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+## fuzz: fuzz the upload decode path (fuzz/decode.py) for FUZZ_SECONDS from the committed corpus (FUZZ_MERGE=1: merge back)
+# New inputs go to FUZZ_CORPUS, findings (crash-, timeout-, oom- files) to FUZZ_FINDINGS, both outside git.
+FUZZ_SECONDS ?= 3600
+FUZZ_CORPUS ?= artifacts/fuzz-corpus
+FUZZ_FINDINGS ?= artifacts/fuzz-findings
+FUZZ_MERGE ?= 0
+fuzz: venv
+	mkdir -p $(FUZZ_CORPUS) $(FUZZ_FINDINGS)
+	$(BIN)/python fuzz/decode.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+		-artifact_prefix=$(FUZZ_FINDINGS)/ $(FUZZ_ARGS) $(FUZZ_CORPUS) fuzz/corpus/decode
+	@# The first folder gets libFuzzer's new inputs; the committed one only what adds coverage to it.
+	if [ "$(FUZZ_MERGE)" = 1 ]; then $(BIN)/python fuzz/decode.py -merge=1 fuzz/corpus/decode $(FUZZ_CORPUS); fi
+
 ## bench: the benchmark suite on the London data and generated vectors (bench/results.json, BENCHMARKS.md)
 LONDON ?= ../shared/datasets/london
 # The preset whose in-process floor the default's is compared with, query by query in one run (issue 12).
@@ -63,10 +76,15 @@ bench-ray: venv
 	IMGSEARCH_DATA=$(LONDON) $(BIN)/imgsearch build
 	$(BIN)/python bench/ray_bench.py --data $(LONDON) $(RAY_BENCH_ARGS)
 
-## soak: 20,000 mixed valid/invalid uploads, 16 clients: 0 x 5xx, RSS growth < 10% (bench/soak.json, BENCHMARKS.md)
+## soak: 50,000 mixed valid/invalid uploads, 32 clients: 0 x 5xx, RSS growth < 5% (bench/soak.json, BENCHMARKS.md)
 soak: venv
 	IMGSEARCH_DATA=$(LONDON) $(BIN)/imgsearch build
 	$(BIN)/python bench/soak.py --data $(LONDON)
+
+## bench-slow-clients: latency beside 1,000 held idle/slow connections, and time until the deadlines free them (bench/slow_clients.json, BENCHMARKS.md)
+bench-slow-clients: venv
+	IMGSEARCH_DATA=$(LONDON) $(BIN)/imgsearch build
+	$(BIN)/python bench/slow_clients.py --data $(LONDON) $(SLOW_CLIENTS_ARGS)
 
 clean:
 	rm -rf $(VENV) artifacts

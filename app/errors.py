@@ -18,10 +18,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.schemas import ErrorResponse
-from features.decode import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
+from common.files import StorageError, StorageFullError
+from features.decode import ImageDecodeError, ImageTooComplexError, ImageTooLargeError, UnsupportedFormatError
 from features.orb import NoKeypointsError
 from indexer.store import RollbackError
-from retrieval.live import NotReadyError, UnknownImageError
+from retrieval.live import IdempotencyConflictError, NotReadyError, UnknownImageError
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,23 @@ ERRORS: dict[str, ErrorSpec] = {
     "invalid_image": ErrorSpec(
         400, "The upload is not a decodable image", "not a decodable image (supported: JPEG, PNG, WebP, BMP, TIFF)"
     ),
+    "invalid_host": ErrorSpec(
+        400,
+        "The Host header names no allowed host",
+        "Host 'rebound.example:8000' is not served here; allowed: localhost, 127.0.0.1, ::1 (IMGSEARCH_ALLOWED_HOSTS)",
+    ),
     "unauthorized": ErrorSpec(401, "No X-API-Key header", "this endpoint needs the X-API-Key header"),
     "forbidden": ErrorSpec(403, "Wrong X-API-Key", "wrong X-API-Key"),
+    "admin_locked": ErrorSpec(
+        403,
+        "No admin key is set and the service is reachable beyond loopback: admin endpoints are closed",
+        "admin endpoints are closed: ... set IMGSEARCH_ADMIN_KEY (16+ characters) and send it as X-API-Key",
+    ),
+    "cross_origin": ErrorSpec(
+        403,
+        "A browser sent the request on behalf of another site",
+        "admin endpoints refuse a request from the origin 'https://elsewhere.example'",
+    ),
     "not_found": ErrorSpec(404, "No map image with this id", "no map image with id 7"),
     "image_unavailable": ErrorSpec(
         404, "The map image's file is unavailable", "the file of map image 7 is not available"
@@ -48,7 +64,12 @@ ERRORS: dict[str, ErrorSpec] = {
     "rollback_failed": ErrorSpec(
         409,
         "No loadable previous version",
-        "no version older than v20261127-190959-909011 is kept; nothing to roll back to",
+        "the version served before v000012-20261127-190959 is no longer kept; nothing to roll back to",
+    ),
+    "idempotency_conflict": ErrorSpec(
+        409,
+        "The Idempotency-Key was used to add other bytes",
+        "Idempotency-Key 'batch-7/12' was used to add another image (id 3305)",
     ),
     "too_large": ErrorSpec(413, "The upload is too large", "upload exceeds 10485760 bytes"),
     "image_too_large": ErrorSpec(
@@ -60,33 +81,63 @@ ERRORS: dict[str, ErrorSpec] = {
         "GIF images are not supported; send JPEG, PNG, WebP, BMP or TIFF",
     ),
     "invalid_request": ErrorSpec(422, "Invalid parameters", "query.k: Input should be less than or equal to 100"),
+    "image_too_complex": ErrorSpec(
+        422,
+        "A JPEG whose progressive scans cost more decoding than an upload may take",
+        "JPEG of 341x256 pixels in 2001 scans exceeds the decoding budget (64 scans, 480 million pixel-scans)",
+    ),
     "no_keypoints": ErrorSpec(
         422, "No keypoints in the image", "no ORB keypoints found in the image (blank or featureless?)"
     ),
+    "rate_limited": ErrorSpec(
+        429, "Too many thumbnails made at once; retry after Retry-After seconds", "too many thumbnails; retry in 1 s"
+    ),
     "internal_error": ErrorSpec(500, "Unexpected error (logged with the request id)", "internal server error"),
     "not_ready": ErrorSpec(503, "No index loaded", "index not loaded: starting"),
+    "storage_unavailable": ErrorSpec(
+        503,
+        "The change could not be written durably (read-only or failing disk); nothing was changed, retry later",
+        "adding an image: Read-only file system",
+    ),
+    "storage_full": ErrorSpec(
+        507, "The disk is full; nothing was changed", "adding an image: No space left on device"
+    ),
 }
 
 # Most specific first: a subclass must come before its base (UnsupportedFormatError is an ImageDecodeError).
 DOMAIN_ERRORS: dict[type[Exception], str] = {
     UnsupportedFormatError: "unsupported_format",
     ImageTooLargeError: "image_too_large",
+    ImageTooComplexError: "image_too_complex",
     ImageDecodeError: "invalid_image",
     NoKeypointsError: "no_keypoints",
     NotReadyError: "not_ready",
     UnknownImageError: "not_found",
     RollbackError: "rollback_failed",
+    IdempotencyConflictError: "idempotency_conflict",
+    StorageFullError: "storage_full",
+    StorageError: "storage_unavailable",
 }
 
 # What every route that decodes an uploaded image may answer.
-IMAGE_ERRORS = ("invalid_image", "too_large", "image_too_large", "unsupported_format", "no_keypoints")
-ADMIN_ERRORS = ("unauthorized", "forbidden")
+IMAGE_ERRORS = (
+    "invalid_image",
+    "too_large",
+    "image_too_large",
+    "unsupported_format",
+    "image_too_complex",
+    "no_keypoints",
+)
+ADMIN_ERRORS = ("unauthorized", "forbidden", "admin_locked", "cross_origin")
+# What every route that changes the index may answer when the disk refuses the change.
+STORAGE_ERRORS = ("storage_unavailable", "storage_full")
 
 
 class ApiError(Exception):
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.code, self.detail, self.status = code, detail, ERRORS[code].status
+        self.headers = headers
 
 
 def error_body(code: str, detail: str) -> dict[str, str]:
@@ -121,7 +172,7 @@ def _domain_code(exc: Exception) -> str:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_json(exc.code, exc.detail)
+        return error_json(exc.code, exc.detail, exc.headers)
 
     async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
         return error_json(_domain_code(exc), str(exc))

@@ -17,6 +17,7 @@ from app.api.routes import health, images, metrics, search, web
 from app.core import observability
 from app.core.config import Settings
 from app.core.limits import MULTIPART_OVERHEAD, BodySizeLimitMiddleware
+from app.core.security import HostCheckMiddleware
 from app.errors import install_handlers
 from app.openapi import install_docs, install_openapi
 from app.state import ServiceState
@@ -84,6 +85,8 @@ def create_app(settings: Settings | None = None, open_live: Callable[[Settings],
     install_docs(app)
     # Cap the body as it streams in, before Starlette spools a multipart part to disk.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    # Before anything reads the body: a request by a name not served here is answered at once.
+    app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
     # After the other middleware, so it is outermost: request id, request log line, HTTP metrics.
     observability.install(app)
     for routes in (search, metrics, health, web, images):

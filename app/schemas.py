@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # OpenAPI examples (/docs): a real answer of the default preset to a London query, rounded.
-_VERSION = "v20261127-190959-909011"
+_VERSION = "v000012-20261127-190959"
 _LOC = {"easting": 697226.4, "northing": 5710608.5, "heading": 158.8}
 _HITS = [
     {
@@ -175,7 +175,13 @@ class Ready(BaseModel):
     index_version: str | None = None
     size: int | None = None
     last_change: int | None = Field(default=None, description="Sequence number of the last online change applied")
-    warning: str | None = Field(default=None, description="Serving, but a newer index version failed to load")
+    warning: str | None = Field(
+        default=None,
+        description="Serving, but not the version CURRENT names (it failed to load), or with corrupt change-log lines",
+    )
+    corrupt_log_lines: int | None = Field(
+        default=None, description="Lines of the change log skipped as corrupt (each failed its checksum)"
+    )
 
 
 class MapImage(BaseModel):
@@ -192,7 +198,7 @@ class MapImage(BaseModel):
 
 
 class RollbackResponse(BaseModel):
-    model_config = _examples({"index_version": _VERSION, "previous": "v20261127-213000-000000"})
+    model_config = _examples({"index_version": "v000011-20261126-080102", "previous": _VERSION})
 
     index_version: str = Field(description="The version CURRENT now names; every process switches to it")
-    previous: str = Field(description="The version served before")
+    previous: str | None = Field(description="The version CURRENT named before (null: none was named)")

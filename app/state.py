@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from app.core.cache import ByteLRU, TokenBucket
 from app.core.config import Settings
 from retrieval.live import LiveIndex
 from retrieval.searcher import Searcher
@@ -20,10 +21,14 @@ class ServiceState:
     not_ready_reason: str | None = "starting"
     # At most settings.search_slots searches at once in this worker (None: no limit beyond the thread pool).
     search_limiter: anyio.CapacityLimiter | None = field(init=False, default=None, repr=False)
+    # Thumbnails made by this worker (a map image's ~10 KB JPEG), and how many it may make a second.
+    thumbnails: ByteLRU = field(init=False, default_factory=lambda: ByteLRU(16 << 20), repr=False)
+    thumbnail_rate: TokenBucket = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.settings.search_slots:
             self.search_limiter = anyio.CapacityLimiter(self.settings.search_slots)
+        self.thumbnail_rate = TokenBucket(self.settings.thumbnails_per_s, self.settings.thumbnail_burst)
 
     def settled(self) -> Searcher | None:
         """The searcher without waiting, when sync() would have nothing to do (LiveIndex.settled)."""

@@ -32,11 +32,19 @@ def _domain_errors(command: str) -> tuple[type[Exception], ...]:
     """The errors that end a command with a message and exit code 2 rather than a traceback."""
     # Imported here, not at the top: `imgsearch serve` stays the uvicorn supervisor, which should not
     # hold NumPy, FAISS and OpenCV in memory for nothing (its workers import them).
+    from common.files import StorageError
     from dataset.layout import DatasetError
     from indexer.store import IndexLoadError
 
-    # ConnectionError: ray.init could not reach the cluster at --address.
-    errors: tuple[type[Exception], ...] = (DatasetError, IndexLoadError, UnknownPresetError, ConnectionError)
+    # ConnectionError: ray.init could not reach the cluster at --address. StorageError: a full,
+    # read-only or failing disk refused a version or the log (nothing half-written stays).
+    errors: tuple[type[Exception], ...] = (
+        DatasetError,
+        IndexLoadError,
+        UnknownPresetError,
+        ConnectionError,
+        StorageError,
+    )
     if command != "serve":  # `imgsearch serve` (the server's own process) never loads training code
         from model.train import TrainingError
 
@@ -81,7 +89,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.rollback or args.compact:
         family = store.index_family(s.artifacts, s.data_root, s.preset)
         # Running servers see CURRENT change and swap to the version it names.
-        print(store.rollback(family) if args.rollback else compact(family))
+        print(store.rollback(family)[1] if args.rollback else compact(family))
         return 0
     if args.engine == "ray":
         import functools
@@ -136,6 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.core.logs import log_config, route_stderr_to_log
+    from app.core.server import DeadlineProtocol, raise_open_files_limit
     from features.limits import MAX_PIXELS
 
     if args.engine == "ray":
@@ -149,6 +158,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.config.dictConfig(log_config(s.log_format))
     if s.log_format == "json":
         route_stderr_to_log()
+    # Inherited by the workers: each may hold max_connections sockets.
+    raise_open_files_limit(s.max_connections)
     # The workers build their app with app.main:create_app() from the environment: hand the flags down.
     for name in ("data", "artifacts", "preset"):
         if getattr(args, name):
@@ -175,6 +186,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level="info",
             access_log=False,  # replaced by the request log line of app.core.observability
             timeout_worker_healthcheck=WORKER_PING_TIMEOUT_S,
+            # Header and body read deadlines; the class travels to spawned workers by reference and
+            # reads its IMGSEARCH_* settings there.
+            http=DeadlineProtocol,
+            # Requests past this many connections (or running requests) in a worker are answered 503.
+            limit_concurrency=s.max_connections,
         )
         if s.workers == 1:
             uvicorn.run("app.main:create_app", **serve)
@@ -235,9 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--actors", type=int, default=None, help="ray: extraction actors (default: one per cluster CPU)")
     what = sp.add_mutually_exclusive_group()
-    what.add_argument("--rollback", action="store_true", help="serve the previous kept version again (no build)")
     what.add_argument(
-        "--compact", action="store_true", help="publish the current version with the online changes folded in"
+        "--rollback", action="store_true", help="serve the version served before the current one again (no build)"
+    )
+    what.add_argument(
+        "--compact",
+        action="store_true",
+        help="publish the current version with the online changes folded in, then condense the change log",
     )
     sp.set_defaults(func=cmd_index)
 

@@ -43,7 +43,7 @@ APP_NAME = "imgsearch"
 # A shard answer slower than this (its replica gone and not yet replaced, say) fails the search with 503.
 SHARD_TIMEOUT_S = 10.0
 # What `imgsearch serve --engine ray` passes to the ingress replicas (Settings fields).
-SETTINGS_FIELDS = ("data", "artifacts", "preset", "max_upload_mb", "utm_epsg", "log_format")
+SETTINGS_FIELDS = ("data", "artifacts", "preset", "max_upload_mb", "utm_epsg", "log_format", "host", "allowed_hosts")
 
 
 class RayShards(ShardClient):

@@ -2,11 +2,15 @@
 
 Every artifact (feature caches, models, index versions, the change log's side files) is written
 through here: to a temporary name in the same folder, then renamed over the final name, so a crash
-never leaves a half-written file under a name a reader trusts.
+never leaves a half-written file under a name a reader trusts. A durable write also fsyncs the file,
+its folder, and every folder it had to create, so the entry survives a power cut, not only a crash.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import io
 import json
@@ -16,16 +20,55 @@ import tempfile
 import threading
 import weakref
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
+class StorageError(RuntimeError):
+    """A write that had to be durable failed: the disk is read-only, failing or gone. Nothing the
+    operation promised was acknowledged; retrying later is safe."""
+
+
+class StorageFullError(StorageError):
+    """A write that had to be durable failed for lack of space (or quota)."""
+
+
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextlib.contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Turn an OSError raised inside into StorageFullError (no space) or StorageError (anything
+    else: read-only, I/O error, permissions), saying what was being written."""
+    try:
+        yield
+    except OSError as e:
+        cls = StorageFullError if e.errno in _FULL else StorageError
+        raise cls(f"{what}: {e.strerror or e}") from e
+
+
+@functools.cache
+def file_mode() -> int:
+    """The mode a plain open() would give a new file (0o666 less the umask). Temporary files are made
+    0o600; renamed into place as they are, a version published by one user (root, say) would be
+    unreadable to the user that serves it. Read from /proc: os.umask can only be read by setting it,
+    which is not safe while other threads create files."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
+
+
 def fsync_directory(path: Path) -> None:
     """Make renames and new entries in a folder durable (the files' own data needs its own fsync)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -33,32 +76,86 @@ def fsync_directory(path: Path) -> None:
 
 
 def fsync_files(folder: Path) -> None:
-    """fsync every file directly in `folder` (before the folder is renamed into place)."""
+    """fsync every file directly in `folder`, then the folder itself (before it is renamed into place:
+    the rename makes the folder's entry durable, not the entries inside it)."""
     for f in folder.iterdir():
         if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_directory(folder)
+
+
+def make_dirs(path: Path, *, durable: bool = True) -> Path:
+    """mkdir -p; `durable` also fsyncs the parent of every folder it created, so that a file made
+    durable inside it is not lost with a folder entry that never reached the disk."""
+    missing = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile by another writer, who makes it durable
+        if durable:
+            fsync_directory(d.parent)
+    return path
 
 
 def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> Path:
-    """Write `data` under `path` atomically; `durable` also fsyncs the file and its folder, so the
-    write survives a power cut once this returns (what an acknowledged change needs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `data` under `path` atomically; `durable` also fsyncs the file and its folder (and any
+    folder it had to create), so the write survives a power cut once this returns (what an
+    acknowledged change needs)."""
+    make_dirs(path.parent, durable=durable)
     # A name of its own per writer: two threads or processes may write the same file at once.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
+        os.fchmod(fd, file_mode())
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
+        os.close(fd)
+        fd = -1
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     if durable:
         fsync_directory(path.parent)
     return path
+
+
+TMP_SUFFIX = ".tmp"  # what every temporary name ends with (atomic_write's and a version's folder)
+
+
+def sweep_temporaries(folder: Path, older_than: float) -> int:
+    """Remove temporary files (dot-named, ending .tmp) directly in `folder` last changed before
+    `older_than` (a time.time()): what writers killed mid-write left behind. A writer at work keeps
+    its temporary younger than that. Returns how many were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for e in entries:
+        if not (e.name.startswith(".") and e.name.endswith(TMP_SUFFIX)) or not e.is_file(follow_symlinks=False):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if e.stat(follow_symlinks=False).st_mtime < older_than:
+                os.unlink(e.path)
+                removed += 1
+    return removed
 
 
 def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> Path:

@@ -1,23 +1,56 @@
 """Stage 1: image bytes -> grayscale pixels, the same way for map images and uploads.
 
-The header is read first (Pillow reads only the header until asked for pixels), so a file whose
-format is not allowed, or whose pixel count would take gigabytes to decode, is refused before any
-decoding; OPENCV_IO_MAX_IMAGE_PIXELS (set by the service) is a backstop inside OpenCV.
+Nothing parses an upload before its leading bytes name an allowed format: the signature is matched
+here, then only that format's Pillow plugin reads the header (Pillow reads only the header until
+asked for pixels), and OpenCV, which picks its decoder by the same leading bytes, decodes. So a file
+whose format is not allowed, whose pixel count would take gigabytes, or whose progressive scans
+would take minutes (a valid JPEG may repeat scans without end: libjpeg-turbo's LJT-01-003) is
+refused before any pixel is decoded; OPENCV_IO_MAX_IMAGE_PIXELS (set by the service) is a backstop
+inside OpenCV.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from features.limits import MAX_PIXELS
+from features.limits import MAX_JPEG_SCANS, MAX_PIXELS, MAX_SCAN_PIXELS
 
 # Formats told by their content (magic bytes), never by the declared type or file name.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})
+# Leading bytes of each allowed format, as both Pillow and OpenCV recognise them: OpenCV chooses
+# its decoder by these same bytes, so it decodes the format that was checked, never another.
+_SIGNATURES: tuple[tuple[str, re.Pattern[bytes]], ...] = (
+    ("JPEG", re.compile(rb"\xff\xd8\xff")),
+    ("PNG", re.compile(rb"\x89PNG\r\n\x1a\n")),
+    ("WEBP", re.compile(rb"RIFF.{4}WEBP", re.DOTALL)),
+    ("BMP", re.compile(rb"BM")),
+    ("TIFF", re.compile(rb"II\*\x00|MM\x00\*")),
+)
+# Other formats, named in the refusal (415) rather than called undecodable (400); never parsed.
+_REFUSED: tuple[tuple[str, re.Pattern[bytes]], ...] = (
+    ("GIF", re.compile(rb"GIF8[79]a")),
+    ("PSD", re.compile(rb"8BPS")),
+    ("ICO", re.compile(rb"\x00\x00[\x01\x02]\x00")),
+    ("EPS", re.compile(rb"%!PS|\xc5\xd0\xd3\xc6")),
+    ("PDF", re.compile(rb"%PDF-")),
+    ("JPEG 2000", re.compile(rb"\x00\x00\x00\x0cjP  |\xff\x4f\xff\x51")),
+    ("HEIF/AVIF", re.compile(rb".{4}ftyp(?:heic|heix|mif1|msf1|avif|avis)", re.DOTALL)),
+    ("FITS", re.compile(rb"SIMPLE  =")),
+    ("QOI", re.compile(rb"qoif")),
+    ("DDS", re.compile(rb"DDS ")),
+    ("PNM", re.compile(rb"P[1-7]\s")),
+    ("SVG", re.compile(rb"\s*(?:<\?xml[^>]*>\s*)?<svg", re.IGNORECASE)),
+)
+# JPEG markers: SOS starts a scan; entropy-coded data runs to the next 0xFF that is neither a
+# stuffed 0x00 nor a restart marker (RST0-7, 0xD0-0xD7).
+_SOS, _EOI = 0xDA, 0xD9
+_ENTROPY_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
 
 class ImageDecodeError(ValueError):
@@ -30,6 +63,71 @@ class UnsupportedFormatError(ImageDecodeError):
 
 class ImageTooLargeError(ImageDecodeError):
     """More pixels than the service decodes."""
+
+
+class ImageTooComplexError(ImageDecodeError):
+    """A JPEG whose progressive scans would cost more decoding than one upload may take."""
+
+
+def sniff_format(data: bytes) -> str:
+    """The allowed format `data` starts with; raises UnsupportedFormatError for another known image
+    format, ImageDecodeError for anything else. Reads only the leading bytes."""
+    head = data[:64]
+    for fmt, sig in _SIGNATURES:
+        if sig.match(head):
+            return fmt
+    for name, sig in _REFUSED:
+        if sig.match(head):
+            raise UnsupportedFormatError(f"{name} images are not supported; send JPEG, PNG, WebP, BMP or TIFF")
+    raise ImageDecodeError("not a decodable image (supported: JPEG, PNG, WebP, BMP, TIFF)")
+
+
+def jpeg_scans(data: bytes) -> int:
+    """How many scans (SOS markers) the first picture of a JPEG holds, by walking its markers without
+    decoding anything; a baseline JPEG has one, a usual progressive one 6-12. Stops at the first EOI
+    (a multi-picture file's first picture is the one decoded) or where the stream is malformed."""
+    scans, i, n = 0, 2, len(data)
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            break
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == _EOI:
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        if i + 4 > n:
+            break
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == _SOS:
+            scans += 1
+            end = _ENTROPY_END.search(data, i)
+            if end is None:
+                break
+            i = end.start()
+    return scans
+
+
+def png_chunks_fit(data: bytes) -> bool:
+    """Whether every chunk of a PNG, up to the IEND after its image data, holds the bytes its length
+    field declares. OpenCV allocates (and zeroes) a chunk's declared length before reading it, up to
+    4 GB for a few bytes of upload, and only then finds the data missing; a chunk cut short is a
+    truncated file either way. OpenCV reads on past an IEND that comes before any IDAT, so that one
+    does not end the walk."""
+    i, n, image_data = 8, len(data), False
+    while i + 8 <= n:
+        length = int.from_bytes(data[i : i + 4], "big")
+        if i + 8 + length > n:
+            return False
+        kind = data[i + 4 : i + 8]
+        if kind == b"IEND" and image_data:
+            break
+        image_data = image_data or kind == b"IDAT"
+        i += 12 + length  # length, type, data, CRC
+    return True
 
 
 def probe_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[str, int, int]:
@@ -52,10 +150,14 @@ def _exif_orientation(img: Image.Image) -> int:
 def _probe(data: bytes, max_pixels: int) -> tuple[str, int, int, int]:
     if not data:
         raise ImageDecodeError("empty image")
+    sniffed = sniff_format(data)
+    # Only the sniffed format's parser runs (Pillow's JPEG parser itself tells an MPO, a JPEG with
+    # appended pictures, from a plain one).
+    formats = [sniffed]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=formats) as img:
                 fmt, (w, h) = img.format or "", img.size
                 orientation = _exif_orientation(img)
     except Image.DecompressionBombError as e:
@@ -68,6 +170,16 @@ def _probe(data: bytes, max_pixels: int) -> tuple[str, int, int, int]:
         raise UnsupportedFormatError(f"{fmt or 'this'} images are not supported; send JPEG, PNG, WebP, BMP or TIFF")
     if w * h > max_pixels:
         raise ImageTooLargeError(f"image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels")
+    if fmt == "PNG" and not png_chunks_fit(data):
+        raise ImageDecodeError("not a decodable image (truncated or corrupt)")
+    if fmt == "JPEG":
+        scans = jpeg_scans(data)
+        # Each scan of a progressive JPEG may walk every block of the picture again.
+        if scans > MAX_JPEG_SCANS or scans * w * h > MAX_SCAN_PIXELS:
+            raise ImageTooComplexError(
+                f"JPEG of {w}x{h} pixels in {scans} scans exceeds the decoding budget "
+                f"({MAX_JPEG_SCANS} scans, {MAX_SCAN_PIXELS // 1_000_000} million pixel-scans)"
+            )
     return fmt, w, h, orientation
 
 

@@ -19,20 +19,36 @@ Layout of one index family (one data folder, one preset), under <artifacts>/<dat
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from common.clock import version_stamp
-from common.files import atomic_write_text, confined_file, fsync_directory, fsync_files, json_digest, sha256_file
+from common.files import (
+    TMP_SUFFIX,
+    atomic_write_text,
+    confined_file,
+    file_mode,
+    fsync_directory,
+    fsync_files,
+    json_digest,
+    make_dirs,
+    sha256_file,
+    storage_errors,
+    sweep_temporaries,
+)
 from dataset.layout import Location, data_tag
 from indexer.kinds import (
     EXACT,
@@ -49,7 +65,7 @@ from model.encoder import NumpyEncoder
 from model.vectorize import Vectorizer
 from model.verify import MapFeatures, Verifier
 
-KEEP_VERSIONS = 2  # the served one and the previous one, for rollback
+log = logging.getLogger(__name__)
 
 
 class IndexLoadError(RuntimeError):
@@ -83,16 +99,26 @@ class ImageRecord:
     # Added online (POST /images): path is then relative to the index family folder
     # (uploads/<sha256>.<ext>), not to the data folder.
     uploaded: bool = False
+    idem: str | None = None  # the Idempotency-Key it was added with, if any
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "path": self.path, "loc": self.loc.as_list()}
         if self.uploaded:
             out["uploaded"] = True
+        if self.idem is not None:
+            out["idem"] = self.idem
         return out
 
     @classmethod
     def from_json(cls, r: dict[str, Any]) -> ImageRecord:
-        return cls(int(r["id"]), str(r["path"]), Location.of(r["loc"]), bool(r.get("uploaded", False)))
+        idem = r.get("idem")
+        return cls(
+            int(r["id"]),
+            str(r["path"]),
+            Location.of(r["loc"]),
+            bool(r.get("uploaded", False)),
+            idem if isinstance(idem, str) else None,
+        )
 
 
 def image_file(rec: ImageRecord, family: Path, data_root: Path) -> Path | None:
@@ -156,12 +182,32 @@ def merge_indexes(parts: list[AnyIndex], dim: int, conf: dict[str, Any]) -> AnyI
 
 
 def write_index(index: AnyIndex, directory: Path, shard: int, shards: int) -> None:
-    """index.faiss (the codes, for a pq-fastscan index, with its float vectors in vectors.npz)."""
+    """index.faiss (the codes, for a pq-fastscan index, with its float vectors in vectors.npz). A
+    write FAISS could not make (its RuntimeError "write error in <file>: 65491 != 512000 (No space left
+    on device)") is raised as the OSError it was: a full disk, not a bug."""
     path = directory / shard_file("index.faiss", shard, shards)
-    if isinstance(index, PQIndex):
-        index.save(path, directory / shard_file(VECTORS_FILE, shard, shards))
-    else:
-        faiss.write_index(index, str(path))
+    try:
+        if isinstance(index, PQIndex):
+            index.save(path, directory / shard_file(VECTORS_FILE, shard, shards))
+        else:
+            faiss.write_index(index, str(path))
+    except RuntimeError as e:
+        refused = _faiss_os_error(str(e))
+        if refused is None:
+            raise
+        raise refused from e
+
+
+def _faiss_os_error(message: str) -> OSError | None:
+    """The OSError behind a FAISS write or open failure, from its message; None for anything else."""
+    for pattern in (r"write error in .*\(([^()]+)\)\s*$", r"could not open .* for writing: (.+)$"):
+        m = re.search(pattern, message)
+        if m is not None and m.group(1).strip() in _ERRNO_OF:
+            return OSError(_ERRNO_OF[m.group(1).strip()], m.group(1).strip())
+    return None
+
+
+_ERRNO_OF = {os.strerror(n): n for n in errno.errorcode}
 
 
 def read_index(directory: Path, shard: int, shards: int, kind: str) -> AnyIndex:
@@ -184,6 +230,9 @@ class LoadedIndex:
     encoder: NumpyEncoder
     verifier: Verifier | None = None
     part: Part = WHOLE
+    # The images added online, by stored path and by Idempotency-Key: what makes an add idempotent.
+    uploads: dict[str, int] = field(default_factory=dict)
+    keys: dict[str, int] = field(default_factory=dict)
 
     @property
     def family(self) -> Path:
@@ -208,30 +257,58 @@ def publish(
     shards: int = 1,
 ) -> Path:
     """Write a new version into a temporary folder, then rename it in and point CURRENT at it; with
-    `shards` > 1, the vectors and verification keypoints are split into that many shards by id."""
-    family.mkdir(parents=True, exist_ok=True)
-    # One publisher at a time; a temporary folder nobody holds the lock for was left by a killed indexer.
+    `shards` > 1, the vectors and verification keypoints are split into that many shards by id.
+
+    The files are written and fsync'd without the family's lock, so a rollback need not wait for a
+    build; the lock is held only to name the version, rename it in, move CURRENT and prune. Raises
+    StorageError (StorageFullError) when the disk refuses; nothing is published then."""
+    with storage_errors(f"publishing a version of {family}"):
+        make_dirs(family)
+        # Dot-named, so never listed as a version; the owner's lock tells a live publisher's folder
+        # from one a killed publisher left (sweep_publishers).
+        tmp = family / f".v-{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
+        tmp.mkdir()
+        owner = open(tmp / OWNER, "w")  # noqa: SIM115 - held until the folder is renamed in or removed
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX)
+            kinds, checksums = _write_contents(tmp, index, images, files, manifest, shards)
+            manifest = dict(manifest, index_kinds=kinds, checksums=checksums)  # per shard: what read_index reads
+            with publish_lock(family):
+                return _rename_in(family, tmp, index, images, manifest, shards)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            owner.close()
+
+
+OWNER = ".owner"  # in a version's temporary folder: its publisher holds an exclusive flock on it
+SEQ_WIDTH = 6
+# v000012-20261206-230410: a sequence number of SEQ_WIDTH digits or more, then (for people) when it
+# was published. Versions are ordered by the number, never by the clock, which may be stepped back.
+_NAME = re.compile(r"v(\d{6,})-\d{8}-\d{6}$")
+
+
+def version_seq(name: str) -> int:
+    """The sequence number in a version's name; 0 for names without one (v<time> of older builds)."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else 0
+
+
+@contextlib.contextmanager
+def publish_lock(family: Path) -> Iterator[None]:
+    """The family's one writer of CURRENT and of its versions at a time (publish, rollback, prune),
+    across processes; the kernel releases it if the holder dies."""
     with open(family / ".publish.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for stale in family.glob(".v*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        return _publish_locked(family, index, images, files, manifest, shards)
+        yield
 
 
-def _publish_locked(
-    family: Path,
-    index: AnyIndex,
-    images: list[ImageRecord],
-    files: dict[str, Path],
-    manifest: dict[str, Any],
-    shards: int,
-) -> Path:
-    # Names sort by creation time, so pruning and rollback can go by name.
-    version = version_stamp()
-    while (family / version).exists():
-        version += "x"
-    tmp = family / f".{version}.tmp"
-    tmp.mkdir()
+def _write_contents(
+    tmp: Path, index: AnyIndex, images: list[ImageRecord], files: dict[str, Path], manifest: dict[str, Any], shards: int
+) -> tuple[list[str], dict[str, str]]:
+    """The version's data files in `tmp`, fsync'd; returns each shard's index kind and the files'
+    checksums."""
     index_conf = manifest["conf"].get("index") or {"type": EXACT}
     parts = [index] if shards == 1 else split_index(index, shards, index_conf)
     for i, part in enumerate(parts):
@@ -244,67 +321,214 @@ def _publish_locked(
                 kp.subset(kp.ids % shards == i).save(tmp / shard_file(name, i, shards))
         else:
             shutil.copyfile(src, tmp / name)
-    kinds = [p.kind if isinstance(p, PQIndex) else EXACT for p in parts]
-    manifest = dict(manifest, version=version, count=int(index.ntotal), dim=int(index.d), shards=shards)
-    manifest["index_kinds"] = kinds  # per shard: what read_index reads
-    manifest["checksums"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    mode = file_mode()
+    checksums = {}
+    for f in sorted(tmp.iterdir()):
+        if f.name == OWNER:
+            continue
+        f.chmod(mode)  # FAISS and numpy write with their own modes
+        checksums[f.name] = sha256_file(f)
+    fsync_files(tmp)  # before the lock: at a million map images this is gigabytes
+    return [p.kind if isinstance(p, PQIndex) else EXACT for p in parts], checksums
+
+
+def _rename_in(
+    family: Path, tmp: Path, index: AnyIndex, images: list[ImageRecord], manifest: dict[str, Any], shards: int
+) -> Path:
+    """With the publish lock held: name the version, write its manifest, rename it in, point CURRENT
+    at it, and prune."""
+    try:
+        sweep_publishers(family)
+    except OSError as e:  # leftovers of others: they wait for the next publish
+        log.warning("%s: leftovers not swept: %s", family, e)
+    seq = 1 + max((version_seq(v.name) for v in versions(family)), default=0)
+    version = f"v{seq:0{SEQ_WIDTH}d}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    previous = read_pointer(family)
+    ids = [r.id for r in images]
+    manifest = dict(
+        manifest,
+        version=version,
+        seq=seq,
+        # The version served before this one: what a rollback returns to and pruning keeps.
+        previous=previous if previous is not None and (family / previous).is_dir() else None,
+        count=int(index.ntotal),
+        dim=int(index.d),
+        shards=shards,
+        changes_seq=int(manifest.get("changes_seq", 0)),
+        # Ids are never given out twice, even after the images holding them were deleted.
+        max_id=max([int(manifest.get("max_id", -1)), *ids], default=-1),
+    )
+    atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
     _record_checked(tmp, _hashed(tmp, manifest["checksums"]))
-    fsync_files(tmp)
+    os.unlink(tmp / OWNER)  # the lock stays on the open file; no sweeper runs while this holds the publish lock
+    fsync_directory(tmp)
     final = family / version
     os.replace(tmp, final)
     fsync_directory(family)
-    atomic_write_text(family / "CURRENT", version)
-    _prune(family, keep=KEEP_VERSIONS)
+    point(family, version, previous)
+    try:
+        prune(family)
+    except OSError as e:  # published all the same; the next publish prunes again
+        log.warning("%s: old versions not pruned: %s", family, e)
     return final
 
 
-def _prune(family: Path, keep: int) -> None:
-    for old in versions(family)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def point(family: Path, version: str, previous: str | None) -> None:
+    """Point CURRENT at `version` durably. Where that fails after the new pointer became visible (its
+    folder's fsync), the previous one is put back before the error is raised: no process then swaps
+    to a version whose publish or rollback was reported as failed."""
+    try:
+        atomic_write_text(family / "CURRENT", version)
+    except OSError:
+        if read_pointer(family) == version:
+            with contextlib.suppress(OSError):
+                if previous is None:
+                    (family / "CURRENT").unlink()
+                else:
+                    atomic_write_text(family / "CURRENT", previous)
+        raise
+
+
+def sweep_publishers(family: Path) -> None:
+    """Remove the temporary version folders of publishers that died (their owner lock is free) and
+    temporary files older than TMP_GRACE_S; call with the publish lock held."""
+    for d in family.glob(f".v*{TMP_SUFFIX}"):
+        if not d.is_dir():
+            continue
+        try:
+            with open(d / OWNER, "r+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its publisher is writing it
+        except OSError:
+            pass  # no owner file: a folder of a killed publisher of an older layout
+        shutil.rmtree(d, ignore_errors=True)
+    older_than = time.time() - TMP_GRACE_S
+    for folder in (family, family / "uploads", family / "changes"):
+        sweep_temporaries(folder, older_than)
+
+
+# A temporary file untouched this long was left by a writer that died (an add writes and renames
+# its temporaries within a request).
+TMP_GRACE_S = 600
+
+
+def kept(family: Path) -> set[str]:
+    """The versions pruning keeps: CURRENT and the version served before it (its manifest's
+    `previous`), so a rollback goes to the version that was served, never to one a rollback left."""
+    name = read_pointer(family)
+    if name is None or not (family / name).is_dir():
+        return {v.name for v in versions(family)}  # no valid CURRENT: keep all for a fallback
+    keep = {name}
+    previous = read_manifest(family / name).get("previous")
+    if isinstance(previous, str):
+        keep.add(previous)
+    return keep
+
+
+def prune(family: Path) -> None:
+    """Remove every version but those `kept` (call with the publish lock held). A worker still
+    serving a removed version reads on from the files it holds open and moves to CURRENT."""
+    keep = kept(family)
+    gone = [v for v in versions(family) if v.name not in keep]
+    for v in gone:
+        shutil.rmtree(v, ignore_errors=True)
+    if gone:
+        fsync_directory(family)
+
+
+def read_manifest(version: Path) -> dict[str, Any]:
+    """A version's manifest, {} when it is unreadable (the version then does not load either)."""
+    try:
+        m = json.loads((version / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return m if isinstance(m, dict) else {}
 
 
 def read_pointer(family: Path) -> str | None:
-    """The version CURRENT names, or None when there is none yet."""
+    """The version CURRENT names, or None when there is none yet (or it is unreadable)."""
     try:
         return (family / "CURRENT").read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError):
+        return ""  # there, but unreadable: names no version
 
 
 def versions(family: Path) -> list[Path]:
-    """Complete versions, oldest first (half-written ones are dot-named temporaries, never listed)."""
+    """Complete versions, oldest first by sequence number (half-written ones are dot-named
+    temporaries, never listed)."""
     if not family.is_dir():
         return []
-    return sorted(p for p in family.iterdir() if p.is_dir() and p.name.startswith("v"))
+    found = [p for p in family.iterdir() if p.is_dir() and p.name.startswith("v")]
+    return sorted(found, key=lambda p: (version_seq(p.name), p.name))
 
 
-def rollback(family: Path) -> Path:
-    """Point CURRENT at the newest kept version older than the current one, after checking it loads.
+def rollback(family: Path) -> tuple[str | None, Path]:
+    """Point CURRENT at the version served before the current one, after checking it loads; returns
+    (the version CURRENT named, the one it names now). Where CURRENT names no loadable version, the
+    newest version that loads is the target. Holds the publish lock, so a publish cannot prune the
+    target meanwhile. Raises RollbackError, StorageError.
 
     Online changes live in the family's change log, not in a version, so they survive a rollback."""
-    current = current_version(family)
-    older = [v for v in versions(family) if v.name < current.name]
-    if not older:
-        raise RollbackError(f"no version older than {current.name} is kept in {family}; nothing to roll back to")
-    target = older[-1]
-    try:
-        load(target)  # refuse to point at a version that would not serve
-    except IndexLoadError as e:
-        raise RollbackError(f"the previous version {target.name} does not load: {e}") from e
-    atomic_write_text(family / "CURRENT", target.name)
-    return target
+    with storage_errors(f"rolling back {family}"), publish_lock(family):
+        name = read_pointer(family)
+        current = family / name if name and _is_version(family, name) else None
+        if current is not None:
+            previous = read_manifest(current).get("previous")
+            if isinstance(previous, str) and _is_version(family, previous):
+                targets = [family / previous]
+            elif "previous" in read_manifest(current):
+                why = "is no longer kept" if previous else "does not exist (it was the first)"
+                raise RollbackError(f"the version served before {name} {why}; nothing to roll back to")
+            else:  # a manifest of an older layout: the version before it by name
+                targets = [v for v in versions(family) if v.name < name][-1:]
+        else:
+            targets = [v for v in reversed(versions(family)) if v.name != name]
+        errors = []
+        for target in targets:
+            try:
+                load(target)  # refuse to point at a version that would not serve
+            except IndexLoadError as e:
+                errors.append(f"{target.name}: {e}")
+                continue
+            point(family, target.name, name)
+            return name, target
+    if errors:
+        raise RollbackError(f"no version to roll back to loads: {'; '.join(errors)}")
+    raise RollbackError(f"no version before {name} is kept in {family}; nothing to roll back to")
+
+
+def _is_version(family: Path, name: str) -> bool:
+    return name.startswith("v") and "/" not in name and (family / name).is_dir()
 
 
 def current_version(family: Path) -> Path:
     pointer = family / "CURRENT"
     if not pointer.is_file():
         raise IndexLoadError(f"no index built yet in {family} (run `imgsearch build`)")
-    version = pointer.read_text(encoding="utf-8").strip()
-    path = family / version
-    if not version.startswith("v") or "/" in version or not path.is_dir():
+    version = read_pointer(family) or ""
+    if not _is_version(family, version):
         raise IndexLoadError(f"{pointer} names {version!r}, which is not an index version here")
-    return path
+    return family / version
+
+
+def fallbacks(family: Path, failed: str | None) -> list[Path]:
+    """Versions to serve when CURRENT's does not load (`failed`: its name), newest first."""
+    return [v for v in reversed(versions(family)) if v.name != failed]
+
+
+def family_floor(family: Path) -> tuple[int, int]:
+    """(highest change seq, highest image id) any version of the family records: where numbering
+    continues even if the change log was lost."""
+    seq, max_id = 0, -1
+    for v in versions(family):
+        m = read_manifest(v)
+        with contextlib.suppress(TypeError, ValueError):
+            seq = max(seq, int(m.get("changes_seq", 0)))
+            max_id = max(max_id, int(m.get("max_id", -1)))
+    return seq, max_id
 
 
 CHECKED = ".checked.json"  # the files of a version whose checksums were verified, by their stat
@@ -431,4 +655,8 @@ def load(directory: Path, part: Part = WHOLE) -> LoadedIndex:
         verifier = Verifier(
             vconf, features, vectorizer.n_words, manifest["verify_head"], None, manifest.get("verify_expand_prior", 0.0)
         )
-    return LoadedIndex(directory.name, directory, manifest, index, images, vectorizer, encoder, verifier, part)
+    uploads = {r.path: i for i, r in images.items() if r.uploaded}
+    keys = {r.idem: i for i, r in images.items() if r.idem is not None}
+    return LoadedIndex(
+        directory.name, directory, manifest, index, images, vectorizer, encoder, verifier, part, uploads, keys
+    )

@@ -78,52 +78,81 @@ def _embedded(rec: dict[str, Any], searcher: Searcher, changelog: ChangeLog) -> 
     return q.embedding.astype(np.float32), (q.verify_features, q.verify_words)
 
 
-def _counters(searcher: Searcher, tail: Tail) -> tuple[int, int]:
-    """The last change's number and the highest image id ever seen, after `tail`."""
-    seq = max([searcher.applied.seq, *(int(r["seq"]) for r in tail.records)])
-    return seq, max([searcher.applied.max_id, *(int(r["id"]) for r in tail.records)])
+class LogRewrittenError(RuntimeError):
+    """The log was condensed past what a searcher applied: changes it has not seen may be gone from
+    the log, so it must be loaded again from a version (retrieval/live.py does)."""
 
 
-def _unfolded(searcher: Searcher, tail: Tail) -> list[dict[str, Any]]:
-    """The records of `tail` that the served version does not hold yet: a compacted version holds
-    those up to its `changes_seq`."""
-    folded = int(searcher.loaded.manifest.get("changes_seq", 0))
-    return [r for r in tail.records if r["seq"] > folded]
+def _fresh(searcher: Searcher, tail: Tail) -> list[dict[str, Any]]:
+    """The records of `tail` the searcher does not hold yet: numbered after what it applied (or what
+    its version holds folded in). Raises LogRewrittenError where the log lost some of those."""
+    if tail.rewritten and searcher.applied.seq < tail.base_seq:
+        raise LogRewrittenError(
+            f"the change log was condensed up to change {tail.base_seq}; this index applied {searcher.applied.seq}"
+        )
+    return [r for r in tail.records if r["seq"] > searcher.applied.seq]
+
+
+def _applied(searcher: Searcher, tail: Tail, fresh: list[dict[str, Any]]) -> Applied:
+    a = searcher.applied
+    return Applied(
+        offset=tail.offset,
+        seq=max([a.seq, *(int(r["seq"]) for r in fresh)]),
+        max_id=max([a.max_id, tail.base_max_id, *(int(r["id"]) for r in fresh)]),
+        log_id=tail.log_id,
+        seq_floor=max(a.seq_floor, tail.base_seq),
+        bad_lines=a.bad_lines + tail.bad_lines,
+    )
+
+
+def _record(rec: dict[str, Any]) -> ImageRecord:
+    idem = rec.get("idem")
+    loc = Location.of(rec["loc"])
+    return ImageRecord(int(rec["id"]), rec["path"], loc, uploaded=True, idem=idem if isinstance(idem, str) else None)
 
 
 def apply_changes(searcher: Searcher, tail: Tail, changelog: ChangeLog) -> Searcher:
-    """A new searcher with the logged changes applied; `searcher` is left as it was.
+    """A new searcher with the logged changes applied; `searcher` is left as it was. Raises
+    LogRewrittenError (see there).
 
     A delete names the image's path too, and applies only if that id still shows that image."""
+    fresh = _fresh(searcher, tail)
     images = dict(searcher.images)
+    uploads, keys = dict(searcher.loaded.uploads), dict(searcher.loaded.keys)
     added: dict[int, Added] = {}
     removed: set[int] = set()  # ids to take out of this searcher's FAISS index
     extra = dict(searcher.verifier.extra) if searcher.verifier is not None else {}
     part = searcher.loaded.part
-    for rec in _unfolded(searcher, tail):
+    for rec in fresh:
         i = int(rec["id"])
         if rec["op"] == "add":
             # A shard applies the adds it owns; the head keeps every image's record but no vectors.
             if not (part.head or part.owns(i)):
                 continue
-            if part.head:
-                images[i] = ImageRecord(i, rec["path"], Location.of(rec["loc"]), uploaded=True)
-                continue
-            got = _stored(rec, searcher, changelog) or _embedded(rec, searcher, changelog)
-            if got is None:
-                continue
-            if i in images and i not in added:
-                removed.add(i)
-            images[i] = ImageRecord(i, rec["path"], Location.of(rec["loc"]), uploaded=True)
-            added[i] = got
+            if not part.head:
+                got = _stored(rec, searcher, changelog) or _embedded(rec, searcher, changelog)
+                if got is None:
+                    continue
+                if i in images and i not in added:
+                    removed.add(i)
+                added[i] = got
+            images[i] = _record(rec)
+            uploads[rec["path"]] = i
+            if images[i].idem is not None:
+                keys[images[i].idem] = i
         elif i in images and images[i].path == rec["path"]:
-            del images[i]
+            gone = images.pop(i)
+            if uploads.get(gone.path) == i:
+                del uploads[gone.path]
+            if gone.idem is not None and keys.get(gone.idem) == i:
+                del keys[gone.idem]
             extra.pop(i, None)
             if added.pop(i, None) is None and not part.head:
                 removed.add(i)
-    applied = Applied(tail.offset, *_counters(searcher, tail))
+    applied = _applied(searcher, tail, fresh)
     if part.head:
-        return Searcher(dataclasses.replace(searcher.loaded, images=images), applied, searcher.shards)
+        loaded = dataclasses.replace(searcher.loaded, images=images, uploads=uploads, keys=keys)
+        return Searcher(loaded, applied, searcher.shards)
     if not added and not removed:
         return Searcher(searcher.loaded, applied, searcher.shards)
     # Indexes are not safe to change while another thread searches them: change a copy.
@@ -136,7 +165,9 @@ def apply_changes(searcher: Searcher, tail: Tail, changelog: ChangeLog) -> Searc
     if verifier is not None:
         extra |= {i: kp for i, (_, kp) in added.items() if kp is not None}
         verifier = verifier.with_extra(extra)
-    loaded = dataclasses.replace(searcher.loaded, index=index, images=images, verifier=verifier)
+    loaded = dataclasses.replace(
+        searcher.loaded, index=index, images=images, verifier=verifier, uploads=uploads, keys=keys
+    )
     return Searcher(loaded, applied, searcher.shards)
 
 
@@ -145,18 +176,44 @@ class LogView:
     """What the whole log says, read without applying it: enough for a writer to number the next
     change and to know which images exist (without running the feature pipeline for anybody)."""
 
-    seq: int
-    max_id: int
-    paths: dict[int, str]  # id -> path of every image the log leaves in the index
+    searcher: Searcher
+    seq: int  # the highest change number ever given out: the next change is seq + 1
+    max_id: int  # the highest image id ever given out: the next image is max_id + 1
+    added: dict[int, ImageRecord]  # added by the log past the searcher, still there
+    deleted: set[int]  # deleted by the log past the searcher
+
+    def record(self, image_id: int) -> ImageRecord | None:
+        if image_id in self.deleted:
+            return None
+        return self.added.get(image_id) or self.searcher.images.get(image_id)
+
+    def by_upload(self, path: str) -> ImageRecord | None:
+        """The image added with these stored bytes, if it is still there."""
+        found = [r for r in self.added.values() if r.path == path]
+        i = found[0].id if found else self.searcher.loaded.uploads.get(path)
+        return None if i is None else self.record(i)
+
+    def by_key(self, key: str) -> ImageRecord | None:
+        """The image added with this Idempotency-Key, if it is still there."""
+        found = [r for r in self.added.values() if r.idem == key]
+        i = found[0].id if found else self.searcher.loaded.keys.get(key)
+        return None if i is None else self.record(i)
 
 
 def log_view(searcher: Searcher, tail: Tail) -> LogView:
-    """The state after `tail` (the log past what `searcher` applied)."""
-    paths = {i: r.path for i, r in searcher.images.items()}
-    for rec in _unfolded(searcher, tail):
+    """The state after `tail` (the log past what `searcher` applied). Raises LogRewrittenError."""
+    fresh = _fresh(searcher, tail)
+    added: dict[int, ImageRecord] = {}
+    deleted: set[int] = set()
+    for rec in fresh:
         i = int(rec["id"])
         if rec["op"] == "add":
-            paths[i] = rec["path"]
-        elif paths.get(i) == rec["path"]:
-            del paths[i]
-    return LogView(*_counters(searcher, tail), paths)
+            added[i] = _record(rec)
+            deleted.discard(i)
+        else:
+            current = added.get(i) or (None if i in deleted else searcher.images.get(i))
+            if current is not None and current.path == rec["path"]:
+                added.pop(i, None)
+                deleted.add(i)
+    a = _applied(searcher, tail, fresh)
+    return LogView(searcher, max(a.seq, a.seq_floor), a.max_id, added, deleted)

@@ -49,9 +49,12 @@ class Query:
 class Applied:
     """How far into its family's change log (indexer/changes.py) a searcher is."""
 
-    offset: int = 0  # bytes of the log read
-    seq: int = 0  # last change seen
-    max_id: int = -1  # highest image id ever seen, in the version or the log: never given out again
+    offset: int = 0  # bytes of the log file `log_id` read
+    seq: int = 0  # last change applied or folded into the version: later ones are replayed
+    max_id: int = -1  # highest image id ever seen, in the family or the log: never given out again
+    log_id: int | None = None  # inode of the log file read (a rewritten log is another file)
+    seq_floor: int = 0  # highest change number the family ever gave out (versions, log base)
+    bad_lines: int = 0  # corrupt log lines skipped
 
 
 class ShardClient(Protocol):
@@ -79,7 +82,11 @@ class Searcher:
         self.verifier = loaded.verifier
         self.index = loaded.index
         self.images: dict[int, ImageRecord] = loaded.images
-        self.applied = applied or Applied(max_id=max(loaded.images, default=-1))
+        if applied is None:
+            folded = int(loaded.manifest.get("changes_seq", 0))
+            max_id = max([int(loaded.manifest.get("max_id", -1)), *loaded.images], default=-1)
+            applied = Applied(seq=folded, max_id=max_id, seq_floor=folded)
+        self.applied = applied
         self._verify_conf = verify_features_conf(self.conf) if self.verifier is not None else None
         # [a, b] of P(best hit shows the place) = sigmoid(a * logit(score) + b), fitted at index time
         # (retrieval/calibrate.py); None: the best score itself.

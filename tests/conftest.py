@@ -100,7 +100,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, env: dict[str, str], args: tuple[str, ...] = (), host: str = "127.0.0.1", wrap: tuple[str, ...] = ()
+    ) -> None:
+        # `host` is where it listens (0.0.0.0: beyond loopback, as in a container); tests reach it on
+        # loopback whatever it is. `wrap`: a command that runs the server's (its last arguments).
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # One uvicorn worker unless a test asks for more: tests look at one process's state and output.
@@ -108,10 +112,10 @@ class Server:
             os.environ
             | {"IMGSEARCH_WORKERS": "1"}
             | env
-            | {"IMGSEARCH_HOST": "127.0.0.1", "IMGSEARCH_PORT": str(self.port)}
+            | {"IMGSEARCH_HOST": host, "IMGSEARCH_PORT": str(self.port)}
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", *args],
+            [*wrap, sys.executable, "-m", "cli.main", "serve", *args],
             cwd=ROOT,
             env=full_env,
             stdout=subprocess.PIPE,
@@ -183,6 +187,48 @@ def server(tiny_data: Path, tiny_artifacts: Path, start_server) -> Server:
             "IMGSEARCH_ADMIN_KEY": ADMIN_KEY,
         }
     )
+
+
+@pytest.fixture()
+def artifacts(tiny_artifacts: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny artifacts of this test's own, to change (the session's stay as built)."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_artifacts, tmp_path / "artifacts"))
+
+
+@pytest.fixture()
+def family(artifacts: Path, tiny_data: Path) -> Path:
+    """The index family of the copied artifacts: versions, CURRENT, the change log."""
+    from indexer.store import index_family
+
+    return index_family(artifacts, tiny_data, "paper")
+
+
+@pytest.fixture()
+def serve(tiny_data: Path, artifacts: Path) -> Iterator:
+    """Start servers on this test's artifacts (paper preset, the admin key set unless admin_key=""),
+    waiting for `wait`; other settings as keyword arguments (allowed_hosts="*" -> IMGSEARCH_ALLOWED_HOSTS).
+    All are stopped at the end."""
+    servers: list[Server] = []
+
+    def start(workers: int = 1, wait: str = "/readyz", host: str = "127.0.0.1", **settings: str) -> Server:
+        env = {
+            "IMGSEARCH_DATA": str(tiny_data),
+            "IMGSEARCH_ARTIFACTS": str(artifacts),
+            "IMGSEARCH_PRESET": "paper",
+            "IMGSEARCH_ADMIN_KEY": ADMIN_KEY,
+            "IMGSEARCH_WORKERS": str(workers),
+        }
+        srv = Server(env | {f"IMGSEARCH_{k.upper()}": v for k, v in settings.items()}, host=host)
+        servers.append(srv)
+        srv.wait(wait)
+        return srv
+
+    yield start
+    for srv in servers:
+        if srv.proc.poll() is None:
+            srv.stop()
 
 
 N_QUERIES, N_DISTRACTORS = 120, 300

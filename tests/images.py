@@ -5,6 +5,7 @@ it must refuse (tiny, single-colour)."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -92,3 +93,16 @@ def tiny_and_blank() -> dict[str, bytes]:
         "red-341.png": encode(Image.new("RGB", (341, 256), (200, 0, 0)), "PNG"),
         "black-16bit.png": encode(Image.new("I;16", (341, 256), 0), "PNG"),
     }
+
+
+def many_scans(img: Image.Image, repeats: int) -> bytes:
+    """A progressive JPEG of `img` whose smallest scan is repeated `repeats` times before its end: a
+    valid stream (libjpeg warns of the odd progression, and decodes it) whose decoding cost grows with
+    every scan while its size hardly does (libjpeg-turbo's LJT-01-003)."""
+    data = encode(img, "JPEG", progressive=True, quality=90)
+    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xDA]
+    end = data.rindex(b"\xff\xd9")
+    bounds = [*starts, end]
+    scans = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    smallest = min(scans, key=len)
+    return data[:end] + smallest * repeats + data[end:]

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
+from app.core.security import cross_site_reason, is_loopback
 from app.errors import ApiError
 from app.state import ServiceState
 from retrieval.live import LiveIndex, NotReadyError
@@ -49,9 +50,25 @@ async def get_live(state: StateDep) -> LiveIndex:
 LiveDep = Annotated[LiveIndex, Depends(get_live)]
 
 
-async def require_admin(state: StateDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
+async def require_admin(
+    request: Request, state: StateDep, x_api_key: Annotated[str | None, Header()] = None
+) -> None:
+    """Admin endpoints: never on behalf of another site; with a key, only for its holder; without one,
+    only on a service that listens on loopback alone, asked from loopback."""
+    headers = {h: v for h in ("sec-fetch-site", "origin", "host") if (v := request.headers.get(h)) is not None}
+    reason = cross_site_reason(headers, request.url.scheme)
+    if reason is not None:
+        raise ApiError("cross_origin", f"admin endpoints refuse {reason}; call them from a program or this page")
     key = state.settings.admin_key
     if key is None:
+        client = request.client.host if request.client is not None else None
+        if not state.settings.loopback_only or (client is not None and not is_loopback(client)):
+            raise ApiError(
+                "admin_locked",
+                f"admin endpoints are closed: this service listens on {state.settings.host}, beyond loopback, "
+                "and has no admin key; set IMGSEARCH_ADMIN_KEY (16+ characters, 8+ different) "
+                "and send it as the X-API-Key header",
+            )
         return
     if x_api_key is None:
         raise ApiError("unauthorized", "this endpoint needs the X-API-Key header")

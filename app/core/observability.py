@@ -40,6 +40,7 @@ log = logging.getLogger("imgsearch.request")
 # Stages take from well under a millisecond (search) to ~100 ms (features, verify) on the London data.
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CLIENT_GONE = 499  # the log's status of a request whose client left before any answer
 # Paths polled by probes and scrapers: their successful requests are logged at DEBUG, not INFO.
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -76,6 +77,13 @@ class ServiceMetrics:
             ["preset"],
             # Every worker follows the same index; the value set last is the current one.
             multiprocess_mode="mostrecent",
+            registry=self.registry,
+        )
+        self.changelog_corrupt = Gauge(
+            "imgsearch_changelog_corrupt_lines",
+            "Lines of the change log skipped as corrupt (each failed its checksum)",
+            # Every worker reads the same log; the highest count is the one to alert on.
+            multiprocess_mode="max",
             registry=self.registry,
         )
         self.index_loads = Counter(
@@ -128,7 +136,15 @@ class RequestContextMiddleware:
         fields: dict[str, object] = {}
         id_token, fields_token = request_id_var.set(rid), request_fields_var.set(fields)
         status: int | None = None
+        gone = False  # the client went away (or was cut by a read deadline) before any answer
         t0 = time.perf_counter()
+
+        async def receive_watching() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and status is None:
+                gone = True
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -138,7 +154,7 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_watching, send_with_id)
         except Exception:
             # An unexpected error: log it with the request id, and answer in the API's error shape
             # (instead of the server's plain-text 500) when nothing has been sent yet.
@@ -149,6 +165,9 @@ class RequestContextMiddleware:
             body = {"code": "internal_error", "detail": "internal server error"}
             await JSONResponse(body, status_code=500, headers={"X-Request-ID": rid})(scope, receive, send)
         finally:
+            if gone:
+                # Whatever the app answered went nowhere: logged as nginx's "client closed request".
+                status = CLIENT_GONE
             duration_ms = round((time.perf_counter() - t0) * 1000, 2)
             path, method = scope["path"], scope["method"]
             level = logging.INFO

@@ -54,6 +54,13 @@ def test_compose_files_are_valid(tmp_path: Path) -> None:
     assert (indexer["build"]["target"], api["build"]["target"]) == ("indexer", "serve")
     assert indexer["build"]["args"]["BASE_IMAGE"] == api["build"]["args"]["BASE_IMAGE"] == "python:3.11-slim"
     assert api["depends_on"]["indexer"]["condition"] == "service_completed_successfully"
+    # Closed by default: published on this machine's loopback only, with an init to pass signals on.
+    assert [_published(p) for p in api["ports"]] == [("127.0.0.1", "8000", "8000")]
+    assert api["init"] is True and api["environment"]["IMGSEARCH_ADMIN_KEY"] == ""
+    assert api["environment"]["IMGSEARCH_ALLOWED_HOSTS"] == "localhost,127.0.0.1,::1"
+    opened = run([compose_bin(), "config"], env=os.environ | {"IMGSEARCH_BIND": "0.0.0.0", "IMGSEARCH_PORT": "9000"})
+    ports = yaml.safe_load(opened.stdout)["services"]["api"]["ports"]
+    assert [_published(p) for p in ports] == [("0.0.0.0", "9000", "8000")]
     # The data override mounts the folder read-only, and refuses to run without one.
     cmd = [compose_bin(), "-f", "docker-compose.yml", "-f", "docker-compose.data.yml", "config"]
     out = run(cmd, env=os.environ | {"DATA_DIR": str(tmp_path), "BASE_IMAGE": "local/base:1"})
@@ -63,6 +70,14 @@ def test_compose_files_are_valid(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DATA_DIR"}
     bad = run(cmd, env=env)
     assert bad.returncode != 0 and "set DATA_DIR" in bad.stderr
+
+
+def _published(port: str | dict) -> tuple[str, str, str]:
+    """(host address, host port, container port) of a compose port, in either syntax."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", "")), str(port["published"]), str(port["target"])
+    host, published, target = str(port).removesuffix("/tcp").rsplit(":", 2)
+    return host, published, target
 
 
 def test_images_run_the_readme_make_targets() -> None:
@@ -182,6 +197,42 @@ def test_compose_up_serves_the_demo_data(stack) -> None:
     query = dest.read_bytes()
     dest.unlink()
     check_api(s, query, DEFAULT_PRESET)
+    # Published on loopback only, and with no admin key nothing that changes data answers.
+    bindings = s.inspect("api")["HostConfig"]["PortBindings"]["8000/tcp"]
+    assert [b["HostIp"] for b in bindings] == ["127.0.0.1"]
+    form = {"easting": "1", "northing": "1", "heading": "0"}
+    for r in (
+        httpx.post(s.url + "/images", files={"file": ("q.jpg", query)}, data=form),
+        httpx.delete(s.url + "/images/0"),
+        httpx.post(s.url + "/index/rollback"),
+    ):
+        assert r.status_code == 403 and r.json()["code"] == "admin_locked", r.text
+    assert httpx.get(s.url + "/readyz").json()["last_change"] == 0
+
+
+def status(url: str) -> int | None:
+    """The status of GET url, None while nothing answers (a container starting: the port resets)."""
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.TransportError:
+        return None
+
+
+def test_a_container_not_ready_for_too_long_is_restarted(stack) -> None:
+    s = stack(["docker-compose.yml"], {"IMGSEARCH_HEALTH_RESTART_S": "20"}, timeout=1800)
+    api = s.container("api")
+    index = "$(ls -d /artifacts/*/index-*/v*)/index.faiss"
+    hide = run(["docker", "exec", api, "sh", "-c", f"mv {index} /artifacts/hidden.faiss"])
+    assert hide.returncode == 0, hide.stderr
+    assert run(["docker", "restart", api]).returncode == 0  # it starts again without a loadable index
+    s.wait(lambda: status(s.url + "/readyz") == 503, "not ready", 120)
+    restarts = s.inspect("api")["RestartCount"]
+    # The health check stops it after 20 s not ready; the restart policy starts it again.
+    s.wait(lambda: s.inspect("api")["RestartCount"] > restarts, "a restart", 180)
+    # Mended (the container may be between two starts: try until it runs), it is healthy again.
+    mend = ["docker", "exec", api, "sh", "-c", f"mv /artifacts/hidden.faiss {index}"]
+    s.wait(lambda: run(mend).returncode == 0, "the index put back", 120)
+    s.wait(lambda: s.inspect("api")["State"]["Health"]["Status"] == "healthy", "healthy again", 240)
 
 
 def test_compose_up_serves_london_read_only(stack) -> None:

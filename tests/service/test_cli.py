@@ -154,3 +154,36 @@ def test_the_ray_engine_refuses_an_address_where_no_cluster_answers(tiny_data: P
     out = run("index", "--engine", "ray", "--address", f"127.0.0.1:{port}", "--data", str(tiny_data))
     assert out.returncode == 2 and f"no Ray cluster answers at 127.0.0.1:{port}" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_health_check_restarts_a_service_not_ready_for_too_long(
+    tmp_path: Path, tiny_data: Path, start_server, server
+) -> None:
+    import signal
+    import time
+
+    empty = tmp_path / "no-index"  # a data folder with nothing built for it: up, never ready
+    srv = start_server({"IMGSEARCH_DATA": str(tiny_data), "IMGSEARCH_ARTIFACTS": str(empty)})
+    victim = subprocess.Popen(["sleep", "60"])  # stands for the container's init
+    state = tmp_path / "unready-since"
+
+    def check(url: str) -> subprocess.CompletedProcess[str]:
+        args = ["--url", url + "/readyz", "--restart-after", "2", "--state", str(state), "--pid", str(victim.pid)]
+        return subprocess.run(
+            [sys.executable, "-m", "cli.health", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+        )
+
+    try:
+        first = check(srv.url)
+        assert first.returncode == 1 and "HTTP 503" in first.stderr and state.is_file()
+        assert victim.poll() is None  # not ready for less than 2 s: no restart yet
+        time.sleep(2.5)
+        assert check(srv.url).returncode == 1
+        assert victim.wait(10) == -signal.SIGTERM and not state.is_file()
+        assert check(server.url).returncode == 0  # a ready service is healthy
+        bad = subprocess.run(
+            [sys.executable, "-m", "cli.health", "--restart-after", "soon"], cwd=ROOT, capture_output=True, text=True
+        )
+        assert bad.returncode == 2 and "--restart-after" in bad.stderr
+    finally:
+        victim.kill()

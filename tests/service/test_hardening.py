@@ -1,4 +1,4 @@
-"""Upload hardening over real HTTP on loopback (issue 5): body size without a trustworthy
+"""Upload hardening over real HTTP on loopback: body size without a trustworthy
 Content-Length, every image variant searchable as its decoded pixels, EXIF orientation, tiny and blank
 images, and the `file` field. tests/service/test_api.py has the other bad inputs (empty, random bytes,
 HTML, GIF, pixel bomb, truncated JPEG, k out of range); tests/unit/test_uploads.py the same decoding
@@ -21,7 +21,16 @@ from PIL import Image
 from app.core.limits import MULTIPART_OVERHEAD
 from features.decode import UnsupportedFormatError, decode_image, probe_image
 from tests.conftest import Server
-from tests.images import animated, as_decoded_png, encode, tiny_and_blank, upright, variants, with_orientation
+from tests.images import (
+    animated,
+    as_decoded_png,
+    encode,
+    many_scans,
+    tiny_and_blank,
+    upright,
+    variants,
+    with_orientation,
+)
 
 CAP = 10 * 1024 * 1024 + MULTIPART_OVERHEAD  # the server fixture runs with the default 10 MB upload limit
 
@@ -73,7 +82,7 @@ def raw_http(server: Server, head: str, body_chunks: Iterator[bytes] | None = No
 def test_declared_content_length_over_cap_is_413_before_the_body(server: Server) -> None:
     # Headers only: if the server waited for the 50 MB body it announced, this would time out.
     head = (
-        "POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        "POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
         "Content-Length: 50000000\r\n\r\n"
     )
     answer = raw_http(server, head)
@@ -121,7 +130,7 @@ def test_lying_content_length_is_not_trusted(server: Server) -> None:
     # Announces 1,000 bytes and sends 3 MB: the server reads only what was announced (a cut-off
     # multipart body, 4xx) and treats the rest as garbage on the connection, never as upload bytes.
     head = (
-        "POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=bnd\r\n"
+        "POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=bnd\r\n"
         "Content-Length: 1000\r\n\r\n"
     )
     answer = raw_http(server, head, iter([multipart_prefix("bnd"), b"\xff" * (3 << 20)]))
@@ -225,3 +234,43 @@ def test_missing_file_field_says_what_to_send(server: Server, kwargs: dict) -> N
 def test_file_field_as_plain_text_is_422(server: Server) -> None:
     r = httpx.post(server.url + "/search", data={"file": "not a file"})
     assert r.status_code == 422 and r.json()["code"] == "invalid_request" and "file" in r.json()["detail"]
+
+
+def test_a_jpeg_past_the_decoding_budget_is_422_while_searches_go_on(server: Server, tiny_data: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = upright(tiny_data)
+    heavy = many_scans(img, 3000)
+    assert len(heavy) < 2 << 20  # small on the wire: the cost is in decoding it
+    normal = encode(img, "JPEG", progressive=True, quality=90)
+    with ThreadPoolExecutor(4) as pool:
+        bombs = [pool.submit(search, server, heavy, "scans.jpg") for _ in range(4)]
+        searches = [pool.submit(search, server, normal, "photo.jpg") for _ in range(4)]
+        for f in bombs:
+            r = f.result()
+            assert r.status_code == 422 and r.json()["code"] == "image_too_complex", r.text
+            assert "scans" in r.json()["detail"]
+        assert all(f.result().status_code == 200 for f in searches)
+
+
+def test_thumbnails_are_cached_and_their_making_is_rate_limited(
+    tiny_data: Path, tiny_artifacts: Path, start_server
+) -> None:
+    srv = start_server(
+        {
+            "IMGSEARCH_DATA": str(tiny_data),
+            "IMGSEARCH_ARTIFACTS": str(tiny_artifacts),
+            "IMGSEARCH_PRESET": "paper",
+            "IMGSEARCH_THUMBNAILS_PER_S": "0.2",
+            "IMGSEARCH_THUMBNAIL_BURST": "3",
+        },
+        wait_path="/readyz",
+    )
+    answers = [httpx.get(f"{srv.url}/images/{i}/thumbnail") for i in range(6)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429, 429, 429]
+    limited = answers[3]
+    assert limited.json()["code"] == "rate_limited" and int(limited.headers["Retry-After"]) >= 1
+    # Made once, they are served from the worker's cache whatever the rate.
+    for i in range(3):
+        again = httpx.get(f"{srv.url}/images/{i}/thumbnail")
+        assert again.status_code == 200 and again.content == answers[i].content

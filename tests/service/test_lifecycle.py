@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,45 +23,10 @@ import pytest
 
 from indexer import store
 from indexer.changes import ChangeLog
-from indexer.store import index_family
 from tests.conftest import ADMIN_KEY, ROOT, Server
 
 ADMIN = {"X-API-Key": ADMIN_KEY}
 LOC = {"easting": "700010.5", "northing": "5710003.25", "heading": "42.5"}
-
-
-@pytest.fixture()
-def artifacts(tiny_artifacts: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(tiny_artifacts, tmp_path / "artifacts"))
-
-
-@pytest.fixture()
-def family(artifacts: Path, tiny_data: Path) -> Path:
-    return index_family(artifacts, tiny_data, "paper")
-
-
-@pytest.fixture()
-def serve(tiny_data: Path, artifacts: Path) -> Iterator[Callable[..., Server]]:
-    """Start servers on this test's artifacts; all are stopped at the end."""
-    servers: list[Server] = []
-
-    def start(workers: int = 1, ready: bool = True) -> Server:
-        env = {
-            "IMGSEARCH_DATA": str(tiny_data),
-            "IMGSEARCH_ARTIFACTS": str(artifacts),
-            "IMGSEARCH_PRESET": "paper",
-            "IMGSEARCH_ADMIN_KEY": ADMIN_KEY,
-            "IMGSEARCH_WORKERS": str(workers),
-        }
-        srv = Server(env)
-        servers.append(srv)
-        srv.wait("/readyz" if ready else "/healthz")
-        return srv
-
-    yield start
-    for srv in servers:
-        if srv.proc.poll() is None:
-            srv.stop()
 
 
 def query_bytes(data: Path, i: int) -> bytes:
@@ -259,6 +224,10 @@ def test_torn_and_garbage_log_lines_are_ignored(serve, tiny_data: Path, family: 
     srv = serve()
     assert search(srv, img)["results"][0]["id"] == new_id
     assert httpx.get(f"{srv.url}/images/5").status_code == 200  # the forged delete was not applied
+    # Skipped lines are counted where an operator looks: /readyz and /metrics.
+    r = ready(srv)
+    assert r["corrupt_log_lines"] == 2 and "2 corrupt line(s)" in r["warning"]
+    assert "imgsearch_changelog_corrupt_lines 2.0" in httpx.get(srv.url + "/metrics").text
     r = add(srv, query_bytes(tiny_data, 9))
     assert r.status_code == 201 and r.json()["id"] == new_id + 1
     # The torn tail was cut off before appending, so the new record is whole and readable.
@@ -318,10 +287,15 @@ def test_hot_swap_under_load_fails_no_request(serve, tiny_data: Path, artifacts:
 
 
 def copy_as_new_version(family: Path, corrupt: bool) -> str:
-    """A new version that looks complete; with `corrupt`, one of its files no longer matches its checksum."""
+    """A new version that looks complete, published after the current one; with `corrupt`, one of its
+    files no longer matches its checksum."""
     current = store.current_version(family)
-    name = "v99990101-000000-000000"  # sorts after every real version
+    seq = max(store.version_seq(v.name) for v in store.versions(family)) + 1
+    name = f"v{seq:06d}-99990101-000000"
     shutil.copytree(current, family / name)
+    manifest = json.loads((family / name / "manifest.json").read_text())
+    manifest |= {"version": name, "seq": seq, "previous": current.name}
+    (family / name / "manifest.json").write_text(json.dumps(manifest))
     if corrupt:
         with open(family / name / "index.faiss", "r+b") as f:
             f.seek(-8, os.SEEK_END)
@@ -342,15 +316,18 @@ def test_corrupt_new_version_is_refused_and_old_one_keeps_serving(
     assert r["status"] == "ready" and r["index_version"] == old
     assert bad in r["warning"] and "checksum" in r["warning"]
     assert search(srv, query_bytes(tiny_data, 1))["index_version"] == old
-    # A process started now cannot serve the corrupt version CURRENT names: not ready, with the reason.
-    fresh = serve(ready=False)
-    nr = httpx.get(fresh.url + "/readyz")
-    assert nr.status_code == 503 and "checksum" in nr.json()["reason"]
+    # A process started now cannot serve the corrupt version CURRENT names: it serves the newest that
+    # loads, and says so.
+    fresh = serve()
+    nr = ready(fresh)
+    assert nr["status"] == "ready" and nr["index_version"] == old
+    assert bad in nr["warning"] and "checksum" in nr["warning"] and old in nr["warning"]
     # Rolling back from the command line: both processes serve the old version again, no warning.
     out = imgsearch(tiny_data, artifacts, "--rollback")
     assert out.returncode == 0, out.stderr
     assert store.read_pointer(family) == old
-    wait_for(lambda: ready(fresh).get("index_version") == old)
+    wait_for(lambda: ready(fresh).get("warning") is None)
+    assert ready(fresh)["index_version"] == old
     assert ready(srv)["index_version"] == old and ready(srv)["warning"] is None
 
 
@@ -368,6 +345,21 @@ def test_rollback_endpoint(serve, tiny_data: Path, family: Path) -> None:
     assert search(srv, img)["results"][0]["id"] == added  # changes are kept across a rollback
     again = httpx.post(srv.url + "/index/rollback", headers=ADMIN)
     assert again.status_code == 409 and again.json()["code"] == "rollback_failed"
+
+
+def test_a_build_after_a_rollback_keeps_what_the_operator_chose(tiny_data: Path, artifacts: Path, family: Path) -> None:
+    v1 = store.read_pointer(family)
+    builds = []
+    for args in (["--force"], ["--rollback"], ["--force"]):
+        out = imgsearch(tiny_data, artifacts, *args)
+        assert out.returncode == 0, out.stderr
+        builds.append(Path(out.stdout.strip().splitlines()[-1]).name)
+    v2, rolled_back_to, v3 = builds
+    assert rolled_back_to == v1 and store.read_pointer(family) == v3
+    # The version the operator rolled back to stays; the one they rejected is gone.
+    assert [v.name for v in store.versions(family)] == [v1, v3] and v2 not in {v1, v3}
+    out = imgsearch(tiny_data, artifacts, "--rollback")
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1].endswith(v1)
 
 
 def test_compaction_folds_changes_into_a_new_version(serve, tiny_data: Path, artifacts: Path, family: Path) -> None:

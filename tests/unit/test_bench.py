@@ -367,3 +367,77 @@ def test_search_parts_refuses_non_positive_settings(bad: list[str], capsys: pyte
 def test_search_parts_says_when_no_collection_was_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _module("search_parts").main(["--data", str(tmp_path / "nowhere"), "--work", str(tmp_path)]) == 2
     assert "search_parts:" in capsys.readouterr().err
+
+
+def test_slow_clients_summary_and_ratios() -> None:
+    sc = _module("slow_clients")
+    s = sc.summarise([float(v) for v in range(1, 101)])
+    assert s["n"] == 100 and s["p50_ms"] == 50.5 and s["max_ms"] == 100.0
+    assert s["p99_ms"] == pytest.approx(99.01)
+    assert sc.summarise([]) == {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    assert sc.ratio(15.0, 10.0) == 1.5
+    assert sc.ratio(None, 10.0) is None and sc.ratio(1.0, None) is None and sc.ratio(1.0, 0.0) is None
+
+
+def test_slow_clients_section_replaces_itself_or_goes_before_the_soak() -> None:
+    sc = _module("slow_clients")
+    new = f"{sc.BEGIN}\nnew\n{sc.END}"
+    soak = f"{sc.SOAK_BEGIN}\nsoak\n<!-- soak:end -->\n"
+    assert sc.replace_section(f"# B\n{sc.BEGIN}\nold\n{sc.END}\nafter\n{soak}", new) == f"# B\n{new}\nafter\n{soak}"
+    assert sc.replace_section(f"# B\n\n{soak}", new) == f"# B\n\n{new}\n\n{soak}"
+    assert sc.replace_section("# B\n", new) == f"# B\n\n{new}\n"
+
+
+def test_slow_clients_tells_open_closed_and_answered_connections() -> None:
+    import socket
+
+    sc = _module("slow_clients")
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    try:
+        assert sc.socket_state(a) == "open"
+        b.sendall(b"HTTP/1.1 408")
+        assert sc.socket_state(a) == "answered"
+        assert sc.socket_state(a) == "answered"  # a peek: the bytes are still there
+        d.close()
+        assert sc.socket_state(c) == "closed"
+    finally:
+        for s in (a, b, c):
+            s.close()
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (["--held", "1"], "--held must be at least 2"),
+        (["--workers", "0"], "--workers must be between 1 and 64"),
+        (["--rounds", "0"], "--rounds and --requests must be positive"),
+        (["--requests", "-1"], "--rounds and --requests must be positive"),
+        (["--header-timeout", "0"], "--header-timeout and --body-timeout"),
+        (["--body-timeout", "nan"], "--header-timeout and --body-timeout"),
+        (["--preset", "nope"], "unknown --preset"),
+        (["--held", "x"], "invalid int value"),
+        (["--out", "/nowhere/slow_clients.json"], "--out /nowhere/slow_clients.json: no folder"),
+        (["--markdown", "/nowhere/B.md"], "--markdown /nowhere/B.md: no folder"),
+    ],
+)
+def test_slow_clients_refuses_bad_settings(
+    bad: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        _module("slow_clients").main(["--data", str(tmp_path), *bad])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_slow_clients_says_to_build_a_missing_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sc = _module("slow_clients")
+    with pytest.raises(SystemExit) as e:
+        sc.main(["--data", str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and "not a data folder" in capsys.readouterr().err
+    data = tmp_path / "data"
+    for rel in ("database/database.json", "query/query.json"):
+        (data / rel).parent.mkdir(parents=True)
+        (data / rel).write_text('{"im_paths": []}')
+    assert sc.main(["--data", str(data), "--artifacts", str(tmp_path / "art"), "--preset", "paper"]) == 2
+    err = capsys.readouterr().err
+    assert "no index of preset paper" in err and f"IMGSEARCH_DATA={data}" in err and "make build" in err

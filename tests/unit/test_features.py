@@ -136,3 +136,73 @@ def test_thin_images_have_no_keypoints_not_an_opencv_error(preset: str, shape: t
     gray = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     with pytest.raises(NoKeypointsError):
         extract_orb(gray, get_conf(preset)["features"])
+
+
+# Only the allowed formats' parsers ever run, within a decoding budget.
+
+REFUSED_HEADERS = {
+    "GIF": b"GIF89a\x08\x00\x08\x00",
+    "PSD": b"8BPS\x00\x01" + b"\x00" * 20,
+    "EPS": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n",
+    "PDF": b"%PDF-1.7\n",
+    "ICO": b"\x00\x00\x01\x00\x01\x00\x08\x08",
+    "FITS": b"SIMPLE  =                    T",
+    "HEIF/AVIF": b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00",
+    "SVG": b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>',
+}
+
+
+@pytest.mark.parametrize("fmt", list(REFUSED_HEADERS))
+def test_other_formats_are_refused_before_any_parser_runs(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from features import decode
+
+    def no_parser(*args: object, **kw: object) -> None:
+        raise AssertionError("a parser ran")
+
+    monkeypatch.setattr(decode.Image, "open", no_parser)
+    monkeypatch.setattr(decode.cv2, "imdecode", no_parser)
+    with pytest.raises(decode.UnsupportedFormatError, match=fmt.split("/")[0]):
+        decode.decode_image(REFUSED_HEADERS[fmt], None)
+
+
+def test_an_allowed_signature_runs_that_format_s_parser_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from features import decode
+
+    asked: list[object] = []
+    real = decode.Image.open
+    def recording(fp: object, *args: object, formats: list[str] | None = None) -> object:
+        asked.append(formats)
+        return real(fp, formats=formats)
+
+    monkeypatch.setattr(decode.Image, "open", recording)
+    png = cv2.imencode(".png", textured())[1].tobytes()
+    decode.decode_image(png, None)
+    decode.decode_image(jpeg(textured()), None)
+    assert asked == [["PNG"], ["JPEG"]]
+    # A PNG signature on a JPEG body: the PNG parser alone is asked, and refuses it.
+    with pytest.raises(ImageDecodeError):
+        decode.decode_image(b"\x89PNG\r\n\x1a\n" + jpeg(textured()), None)
+    with pytest.raises(ImageDecodeError, match="not a decodable image"):
+        decode.sniff_format(b"no image at all")
+
+
+def test_progressive_scans_are_counted_and_bounded(tiny_data: Path) -> None:
+    from PIL import Image
+
+    from features.decode import ImageTooComplexError, jpeg_scans, probe_image
+    from features.limits import MAX_JPEG_SCANS
+    from tests.images import encode, many_scans, upright
+
+    img = upright(tiny_data)
+    assert jpeg_scans(encode(img, "JPEG")) == 1
+    progressive = encode(img, "JPEG", progressive=True)
+    scans = jpeg_scans(progressive)
+    assert 6 <= scans <= 12
+    assert jpeg_scans(many_scans(img, 40)) == scans + 40
+    assert probe_image(many_scans(img, MAX_JPEG_SCANS - scans))[0] == "JPEG"  # at the limit: decoded
+    with pytest.raises(ImageTooComplexError, match=f"{MAX_JPEG_SCANS + 1} scans"):
+        probe_image(many_scans(img, MAX_JPEG_SCANS - scans + 1))
+    # A large picture may take fewer scans: scans x pixels is bounded too.
+    big = img.resize((img.width * 16, img.height * 16), Image.Resampling.NEAREST)
+    with pytest.raises(ImageTooComplexError, match="pixel-scans"):
+        probe_image(many_scans(big, 40))

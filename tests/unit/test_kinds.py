@@ -274,7 +274,8 @@ def test_the_living_index_serves_online_changes_of_a_pq_version(
     first = store.current_version(family)
     assert asked == [[(first / "vectors.npz").resolve()]]  # "paper" does not verify: no keypoints
     img = sorted((tiny_data / "query" / "images").iterdir())[0].read_bytes()
-    rec = live.add(img, Location(700010.5, 5710003.25, 42.5))
+    rec, added = live.add(img, Location(700010.5, 5710003.25, 42.5))
+    assert added
     after = live.sync()
     assert after is not None and isinstance(after.index, PQIndex) and after.size == before.size + 1
     query = after.analyze(img)

@@ -74,7 +74,7 @@ from app.core.config import Settings
 before = sorted(sys.modules)
 data, artifacts, query = sys.argv[1:4]
 app = app.main.create_app(Settings(data=data, artifacts=artifacts, preset="paper"))
-with TestClient(app) as client:  # runs the lifespan: loads the index, warms up
+with TestClient(app, base_url="http://localhost") as client:  # runs the lifespan: loads the index, warms up
     with open(query, "rb") as f:
         r = client.post("/search", files={"file": ("q.jpg", f.read())})
     assert r.status_code == 200, r.text

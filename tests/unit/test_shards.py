@@ -121,7 +121,8 @@ def test_an_add_through_the_head_reaches_the_owning_shard(family: Path, tiny_dat
     head.load_now()
     ds = load_dataset(tiny_data)
     data = ds.image_path(ds.queries.paths[0]).read_bytes()
-    rec = head.add(data, Location(1.0, 2.0, 30.0))
+    rec, added = head.add(data, Location(1.0, 2.0, 30.0))
+    assert added
     owner = rec.id % 3
     try:
         assert rec.id in servers[owner].live.sync().images

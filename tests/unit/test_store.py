@@ -144,3 +144,138 @@ def test_files_are_hashed_once_per_machine_until_they_change(tmp_path: Path, mon
     (version / "encoder.npz").write_bytes(bytes(data))
     with pytest.raises(store.IndexLoadError, match="checksum mismatch"):
         store.load(version)
+
+
+# The version lifecycle ----------------------------------------------------------------------------
+
+
+def test_a_build_after_a_rollback_keeps_the_version_rolled_back_to(tmp_path: Path) -> None:
+    family = tmp_path / "family"
+    v1 = publish_some(tmp_path, [1])
+    v2 = publish_some(tmp_path, [1, 2])
+    assert store.rollback(family) == (v2.name, v1)
+    assert store.current_version(family) == v1
+    v3 = publish_some(tmp_path, [1, 2, 3])
+    # The version the operator chose to serve stays; the one they rejected goes.
+    assert v1.exists() and not v2.exists() and store.current_version(family) == v3
+    assert store.rollback(family) == (v3.name, v1)
+    with pytest.raises(store.RollbackError, match="first"):
+        store.rollback(family)  # v1 was the first: nothing before it
+
+
+def test_version_order_does_not_follow_the_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    family = tmp_path / "family"
+    v1 = publish_some(tmp_path, [1])
+    v2 = publish_some(tmp_path, [1, 2])
+    real = time.gmtime
+    monkeypatch.setattr(store.time, "gmtime", lambda *a: real(0) if not a else real(*a))  # the clock stepped back
+    v3 = publish_some(tmp_path, [1, 2, 3])
+    assert v3.name.endswith("-19700101-000000") and v3.name > v1.name  # the sequence number leads
+    assert [v.name for v in store.versions(family)] == [v2.name, v3.name]
+    assert store.current_version(family) == v3 and not v1.exists()
+    assert [store.version_seq(v.name) for v in (v2, v3)] == [2, 3]
+
+
+def test_rollback_and_publish_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    family = tmp_path / "family"
+    v1 = publish_some(tmp_path, [1])
+    v2 = publish_some(tmp_path, [1, 2])
+    checked, go_on = threading.Event(), threading.Event()
+    real_load = store.load
+
+    def slow_load(directory: Path, *args: object) -> store.LoadedIndex:
+        out = real_load(directory, *args)
+        checked.set()  # the rollback has checked its target and is about to point CURRENT at it
+        assert go_on.wait(30)
+        return out
+
+    monkeypatch.setattr(store, "load", slow_load)
+    rolled = threading.Thread(target=store.rollback, args=(family,))
+    rolled.start()
+    assert checked.wait(30)
+    published: list[Path] = []
+    publisher = threading.Thread(target=lambda: published.append(publish_some(tmp_path, [1, 2, 3])))
+    publisher.start()
+    publisher.join(1.0)
+    # The publish waits for the rollback: it must not prune the version the rollback checked.
+    assert publisher.is_alive() and store.read_pointer(family) == v2.name and v1.exists()
+    go_on.set()
+    rolled.join(30)
+    publisher.join(30)
+    v3 = published[0]
+    assert store.current_version(family) == v3
+    assert v1.exists() and not v2.exists()  # v3 follows v1, the version served when it was published
+    assert json.loads((v3 / "manifest.json").read_text())["previous"] == v1.name
+
+
+def test_a_dangling_or_corrupt_current_falls_back_and_rolls_back(tmp_path: Path) -> None:
+    family = tmp_path / "family"
+    v1 = publish_some(tmp_path, [1])
+    v2 = publish_some(tmp_path, [1, 2])
+    for garbage in ("v999999-20990101-000000", "\x00\xff garbage", ""):
+        (family / "CURRENT").write_bytes(garbage.encode("latin-1"))
+        with pytest.raises(store.IndexLoadError):
+            store.current_version(family)
+        assert store.fallbacks(family, store.read_pointer(family)) == [v2, v1]
+    # A rollback mends it: to the newest version that loads.
+    assert store.rollback(family)[1] == v2 and store.current_version(family) == v2
+    # With CURRENT naming a corrupt version, the newest other one that loads is the target.
+    with open(v2 / "index.faiss", "r+b") as f:
+        f.write(b"\x00" * 8)
+    (family / "CURRENT").write_text("v999999-20990101-000000")
+    assert store.rollback(family)[1] == v1
+
+
+def test_publishing_sweeps_what_killed_writers_left(tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import time
+
+    family = tmp_path / "family"
+    publish_some(tmp_path, [1])
+    dead = family / ".v-1-deadbeef.tmp"  # a publisher killed mid-write: its owner lock is free
+    dead.mkdir()
+    (dead / store.OWNER).touch()
+    (dead / "index.faiss").write_bytes(b"half")
+    live = family / ".v-2-cafebabe.tmp"  # a publisher at work: it holds its owner lock
+    live.mkdir()
+    owner = open(live / store.OWNER, "w")  # noqa: SIM115
+    fcntl.flock(owner, fcntl.LOCK_EX)
+    uploads = family / "uploads"
+    uploads.mkdir()
+    old_tmp, new_tmp = uploads / ".a.jpg.x1.tmp", uploads / ".b.jpg.x2.tmp"
+    for f in (old_tmp, new_tmp):
+        f.write_bytes(b"x")
+    t = time.time() - store.TMP_GRACE_S - 60
+    os.utime(old_tmp, (t, t))
+    try:
+        publish_some(tmp_path, [1, 2])
+        assert not dead.exists() and live.exists()
+        assert not old_tmp.exists() and new_tmp.exists()
+    finally:
+        owner.close()
+
+
+def test_published_files_are_readable_by_others_whatever_the_temporary_mode(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        version = publish_some(tmp_path, [1, 2])
+        for f in [*version.iterdir(), tmp_path / "family" / "CURRENT"]:
+            if f.is_file():
+                assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, f
+    finally:
+        os.umask(old)
+
+
+def test_a_write_faiss_could_not_make_is_the_os_error_it_was() -> None:
+    full = "Error: 'ret == (size * 4)' failed: write error in /a/x: 65491 != 512000 (No space left on device)"
+    ro = "Error in FileIOWriter(const char*): 'f' failed: could not open /a/x for writing: Read-only file system"
+    assert (store._faiss_os_error(full).errno, store._faiss_os_error(ro).errno) == (28, 30)
+    assert store._faiss_os_error("Error: 'd == index->d' failed") is None

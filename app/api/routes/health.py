@@ -23,6 +23,9 @@ def readyz(state: StateDep) -> Ready | JSONResponse:
         body = Ready(status="not_ready", reason=state.reason, preset=state.settings.preset)
         return JSONResponse(body.model_dump(), status_code=503)
     warning = state.live.error if state.live is not None else None
+    bad = s.applied.bad_lines
+    if bad and warning is None:
+        warning = f"{bad} corrupt line(s) of the change log skipped (each failed its checksum)"
     return Ready(
         status="ready",
         preset=s.preset,
@@ -30,4 +33,5 @@ def readyz(state: StateDep) -> Ready | JSONResponse:
         size=s.size,
         last_change=s.applied.seq,
         warning=warning,
+        corrupt_log_lines=bad,
     )

@@ -34,13 +34,14 @@ def prometheus_metrics(request: Request, metrics: MetricsDep) -> Response:
     """Prometheus metrics: requests and their latency by handler, method and status
     (`http_requests_total`, `http_request_duration_seconds`), the latency of each stage of the query
     pipeline (`imgsearch_search_stage_seconds{stage=decode|features|encode|search|verify}`), hits per
-    search and the index size. Summed over all worker processes."""
+    search, the index size and the change log's corrupt lines. Summed over all worker processes."""
     # The index changes while serving (new versions, online adds and deletes): report it as of now.
     # (An app without the service state, e.g. observability's own tests, still reports the rest.)
     state = getattr(request.app.state, "service", None)
     searcher = state.sync() if state is not None else None
     if searcher is not None:
         metrics.index_size.labels(searcher.preset).set(searcher.size)
+        metrics.changelog_corrupt.set(searcher.applied.bad_lines)
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +15,7 @@ from PIL import Image, ImageOps
 
 from app.api.deps import SearcherDep, StateDep
 from app.errors import ApiError, documented
-from features.decode import MAX_PIXELS
+from features.decode import ImageDecodeError, probe_image
 from indexer.store import image_file
 from retrieval.live import UnknownImageError
 
@@ -44,13 +45,13 @@ def asset(name: str) -> FileResponse:
     return FileResponse(WEB_DIR / name, media_type=_ASSETS[name], headers={"Cache-Control": "no-cache"})
 
 
-def make_thumbnail(path: Path, side: int = THUMB_SIDE) -> bytes:
-    """JPEG bytes of the image at `path`, shrunk so its longer side <= side; raises OSError/ValueError."""
+def make_thumbnail(data: bytes, side: int = THUMB_SIDE) -> bytes:
+    """JPEG bytes of an image, shrunk so its longer side <= side. Only the format its leading bytes
+    name is parsed, within the upload limits (features/decode.py); raises ImageDecodeError, OSError."""
+    fmt, _, _ = probe_image(data)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ValueError(f"{img.width}x{img.height} pixels")
+        with Image.open(io.BytesIO(data), formats=[fmt]) as img:
             img.draft("RGB", (side, side))  # JPEG: decode at a reduced scale, much faster
             small = ImageOps.exif_transpose(img).convert("RGB")
     small.thumbnail((side, side))
@@ -68,6 +69,7 @@ def make_thumbnail(path: Path, side: int = THUMB_SIDE) -> bytes:
             "not_found",
             "image_unavailable",
             "invalid_request",
+            "rate_limited",
             "not_ready",
             example={"invalid_request": "path.image_id: Input should be a valid integer"},
         ),
@@ -78,7 +80,8 @@ def thumbnail(
     searcher: SearcherDep,
     state: StateDep,
 ) -> Response:
-    """A small JPEG of a map image of the served index."""
+    """A small JPEG of a map image of the served index. Made once per worker and kept (a few MB of
+    them); the images a worker may decode for thumbnails in a second are limited (429 past that)."""
     rec = searcher.images.get(image_id)
     if rec is None:
         raise UnknownImageError(image_id)
@@ -87,7 +90,15 @@ def thumbnail(
     if path is None:
         raise ApiError("image_unavailable", f"the file of map image {image_id} is not available")
     try:
-        data = make_thumbnail(path)
-    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        data = state.thumbnails.get(key)
+        if data is None:
+            if not state.thumbnail_rate.take():
+                wait = max(1, math.ceil(state.thumbnail_rate.wait_s()))
+                raise ApiError("rate_limited", f"too many thumbnails; retry in {wait} s", {"Retry-After": str(wait)})
+            data = make_thumbnail(path.read_bytes())
+            state.thumbnails.put(key, data)
+    except (OSError, ImageDecodeError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ApiError("image_unavailable", f"the file of map image {image_id} cannot be read") from e
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
