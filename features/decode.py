@@ -205,9 +205,13 @@ def decode_image(data: bytes, max_side: int | None) -> np.ndarray:
     16-bit, alpha, CMYK, grayscale and palette images become 8-bit gray; an animated WebP or PNG
     gives its first frame; the EXIF orientation read by Pillow is applied here rather than left to
     OpenCV, so that a rotated photo equals the upright one whatever formats a given OpenCV version
-    orients.
+    orients. TIFF is the exception: OpenCV's TIFF reader turns the picture by its Orientation tag
+    whatever the flags say, so it is not turned a second time (tests/unit/test_uploads.py checks all
+    eight, and would fail on an OpenCV that stops doing so).
     """
-    _, _, _, orientation = _probe(data, MAX_PIXELS)
+    fmt, _, _, orientation = _probe(data, MAX_PIXELS)
+    if fmt == "TIFF":
+        orientation = 1
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)

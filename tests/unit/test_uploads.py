@@ -105,6 +105,11 @@ def test_exif_orientation_gives_the_upright_pixels(tiny_data: Path, o: int) -> N
     # JPEG (the usual carrier of EXIF): upright shape and picture, up to compression.
     jpg = decode_image(with_orientation(img, o, "JPEG"), None)
     assert jpg.shape == ours.shape and np.abs(jpg.astype(float) - ours).mean() < 3
+    # TIFF and WebP carry it too (TIFF as a tag that OpenCV's reader applies by itself): turned once,
+    # upright up to lossy WebP's compression (a picture turned wrong differs by tens of grey levels).
+    for fmt in ("TIFF", "WEBP"):
+        got = decode_image(with_orientation(img, o, fmt), None)
+        assert got.shape == ours.shape and np.abs(got.astype(float) - ours).mean() < 8, fmt
 
 
 def test_indexer_features_do_not_depend_on_orientation(tiny_data: Path) -> None:
