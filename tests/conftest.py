@@ -175,6 +175,8 @@ def start_server() -> Iterator:
 
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
+ADMIN = {"X-API-Key": ADMIN_KEY}  # the headers of an admin call
+LOC = {"easting": "700010.5", "northing": "5710003.25", "heading": "42.5"}  # the form of an add
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, Server
-
-ADMIN = {"X-API-Key": ADMIN_KEY}
-LOC = {"easting": "700010.5", "northing": "5710003.25", "heading": "42.5"}
+from tests.conftest import ADMIN, ADMIN_KEY, LOC, Server
 
 # Runs in the new mount namespace: a small tmpfs at $1 holding a copy of $2, the server (the rest of
 # the arguments) in the background, and commands read from the fifo $3, each answered on stdout.

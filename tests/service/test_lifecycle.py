@@ -23,10 +23,7 @@ import pytest
 
 from indexer import store
 from indexer.changes import ChangeLog
-from tests.conftest import ADMIN_KEY, ROOT, Server
-
-ADMIN = {"X-API-Key": ADMIN_KEY}
-LOC = {"easting": "700010.5", "northing": "5710003.25", "heading": "42.5"}
+from tests.conftest import ADMIN, LOC, ROOT, Server
 
 
 def query_bytes(data: Path, i: int) -> bytes:
