@@ -192,7 +192,7 @@ mixing valid query photos (60%) and invalid uploads; written by `bench/soak.py` 
 | 5xx responses | **{res["n_5xx"]}** |
 | transport errors (resets, timeouts) | {res["n_transport_errors"]} |
 | server RSS after warm-up → end | {rss} |
-| each worker's RSS after warm-up → end | {workers} |
+| each child process's RSS after warm-up → end (the workers, and multiprocessing's resource tracker) | {workers} |
 | latency, all requests p50 / p99 | {res["p50_ms"]} / {res["p99_ms"]} ms |
 | latency, valid photos p50 / p99 | {res["valid_p50_ms"]} / {res["valid_p99_ms"]} ms |
 | server alive at the end | {res["server_alive"]} |
