@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fast-scan codes in coarse cells against a scan of every code, at a million entries (issue 14).
+"""Fast-scan codes in coarse cells against a scan of every code, at a million entries.
 
     python bench/cells.py --data ../shared/datasets/london [--size 1000000] [--nlist 1024]
                           [--nprobe 32 64 128 256 512] [--queries 300]

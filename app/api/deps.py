@@ -1,8 +1,8 @@
 """Dependencies shared by the routes, as Annotated aliases.
 
 They are `async def`: FastAPI runs a plain `def` dependency in its thread pool, a hand-off to another
-thread and back for each one of each request (~0.2 ms apiece on a 2-core host, BENCHMARKS.md issue 14's
-fourteenth step). Only the searcher's slow path (a new version or logged changes to wait for) goes there.
+thread and back for each one of each request (measured in BENCHMARKS.md). Only the searcher's slow
+path (a new version or logged changes to wait for) goes there.
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     # those at 1 connection with 1 / 2 / 3 workers; the workers share the memory-mapped encoder and keypoints.
     workers: int = Field(default=3, ge=1, le=64, description="uvicorn worker processes of `imgsearch serve`.")
     # One search at a time per worker, the others wait their turn: the workers' threads then do not
-    # contend for the GIL and the caches, and 3 workers keep 2 cores busy (bench/run.py, BENCHMARKS.md,
-    # "Issue 14, sixth step": req/s at 8 connections 1.86 x those at 1 with no limit, 2.10 x with one slot).
+    # contend for the GIL and the caches, and 3 workers keep 2 cores busy (bench/run.py; the throughput at
+    # 8 connections against 1, with and without the limit, is in BENCHMARKS.md).
     search_slots: int = Field(
         default=1, ge=0, le=64, description="searches one worker runs at once (0: as many as requests come)."
     )
