@@ -38,7 +38,7 @@ EXPOSE 8000
 # Healthy while ready (an index loaded), not merely up; not ready for IMGSEARCH_HEALTH_RESTART_S in a
 # row (default 300), the check stops the container's init so that its restart policy restarts it.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD [".venv/bin/python", "-m", "cli.health"]
+    CMD [".venv/bin/python", "-m", "cli.healthcheck"]
 CMD ["make", "serve"]
 
 # After serve: a builder without BuildKit builds every stage before its target.

@@ -42,7 +42,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-## fuzz: fuzz the upload decode path (fuzz/decode.py) for FUZZ_SECONDS from the committed corpus (FUZZ_MERGE=1: merge back)
+## fuzz: fuzz the upload decode path (fuzz/fuzz_decode.py) for FUZZ_SECONDS from the committed corpus (FUZZ_MERGE=1: merge back)
 # New inputs go to FUZZ_CORPUS, findings (crash-, timeout-, oom- files) to FUZZ_FINDINGS, both outside git.
 FUZZ_SECONDS ?= 3600
 FUZZ_CORPUS ?= artifacts/fuzz-corpus
@@ -50,10 +50,10 @@ FUZZ_FINDINGS ?= artifacts/fuzz-findings
 FUZZ_MERGE ?= 0
 fuzz: venv
 	mkdir -p $(FUZZ_CORPUS) $(FUZZ_FINDINGS)
-	$(BIN)/python fuzz/decode.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	$(BIN)/python fuzz/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 		-artifact_prefix=$(FUZZ_FINDINGS)/ $(FUZZ_ARGS) $(FUZZ_CORPUS) fuzz/corpus/decode
 	@# The first folder gets libFuzzer's new inputs; the committed one only what adds coverage to it.
-	if [ "$(FUZZ_MERGE)" = 1 ]; then $(BIN)/python fuzz/decode.py -merge=1 fuzz/corpus/decode $(FUZZ_CORPUS); fi
+	if [ "$(FUZZ_MERGE)" = 1 ]; then $(BIN)/python fuzz/fuzz_decode.py -merge=1 fuzz/corpus/decode $(FUZZ_CORPUS); fi
 
 ## bench: the benchmark suite on the London data and generated vectors (bench/results.json, BENCHMARKS.md)
 LONDON ?= ../shared/datasets/london

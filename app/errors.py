@@ -99,9 +99,7 @@ ERRORS: dict[str, ErrorSpec] = {
         "The change could not be written durably (read-only or failing disk); nothing was changed, retry later",
         "adding an image: Read-only file system",
     ),
-    "storage_full": ErrorSpec(
-        507, "The disk is full; nothing was changed", "adding an image: No space left on device"
-    ),
+    "storage_full": ErrorSpec(507, "The disk is full; nothing was changed", "adding an image: No space left on device"),
 }
 
 # Most specific first: a subclass must come before its base (UnsupportedFormatError is an ImageDecodeError).

@@ -78,7 +78,7 @@ def scan_bomb(photo: bytes) -> bytes:
     from PIL import Image
 
     sys.path.insert(0, str(ROOT))  # tests/images.py makes it for the tests as well
-    from tests.images import many_scans
+    from tests.imagegen import many_scans
 
     return many_scans(Image.open(io.BytesIO(photo)).convert("RGB"), 3000)
 
@@ -307,9 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             # the first half) shows ~0 here, a leak keeps growing at the same rate.
             "rss_growth_second_half_pct": round(100 * (rss_end / _rss_at(samples, 0.5) - 1), 2),
             "rss_samples_mb": [[round(t), round(r, 1)] for t, r in samples[:: max(1, len(samples) // 40)]],
-            "worker_rss_mb": [
-                [round(workers_start[p], 1), round(workers_end[p], 1)] for p in sorted(workers_end)
-            ],
+            "worker_rss_mb": [[round(workers_start[p], 1), round(workers_end[p], 1)] for p in sorted(workers_end)],
             "worker_rss_growth_max_pct": round(100 * worst_worker, 2),
             "workers_replaced": len(workers_start) - len(workers_end),
             "server_alive": alive,

@@ -18,11 +18,11 @@ from common.threads import single_threaded
 from dataset import synthetic
 from dataset.layout import Dataset, load_dataset
 from dataset.split import load_split
-from evaluation.run import evaluate_searcher
+from evaluation.evaluate import evaluate_searcher
 from indexer import build as index_build
 from indexer import store
 from model import train, vectors
-from retrieval.calibrate import analyse_queries, fit_expand_prior, fit_location_head, fit_verify_head
+from retrieval.heads import analyse_queries, fit_expand_prior, fit_location_head, fit_verify_head
 from retrieval.searcher import Searcher
 
 

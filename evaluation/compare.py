@@ -19,10 +19,10 @@ import numpy as np
 
 from common import plots
 from common.clock import utc_timestamp
-from common.metrics import recall_at_k, sign_test
+from common.retrieval_metrics import recall_at_k, sign_test
 from dataset.layout import Dataset
 from dataset.split import load_split
-from evaluation.run import Evaluation, evaluate_searcher
+from evaluation.evaluate import Evaluation, evaluate_searcher
 from indexer import store
 from retrieval.searcher import Searcher
 

@@ -1,4 +1,4 @@
-"""Seed corpus for fuzz/decode.py: every upload variant the tests make, and the uploads that must be refused.
+"""Seed corpus for fuzz/fuzz_decode.py: every upload variant the tests make, and the uploads that must be refused.
 
 The pictures are a real photo of the synthetic street (dataset/synthetic.py), shrunk so the seeds
 stay small, encoded every way tests/images.py does (formats, bit depths, colour modes, EXIF
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # tests/images.py, when run as a script
 from dataset import synthetic  # noqa: E402
 from features.decode import jpeg_scans  # noqa: E402
 from features.limits import MAX_JPEG_SCANS  # noqa: E402
-from tests.images import (  # noqa: E402
+from tests.imagegen import (  # noqa: E402
     STORE,
     animated,
     encode,

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from common import plots
-from common.metrics import recall_at_k
+from common.retrieval_metrics import recall_at_k
 from dataset.layout import Dataset
 from dataset.relevance import fov_matrix
 from model.encoder import NumpyEncoder

@@ -18,8 +18,8 @@ from common.files import sha256_file
 from common.presets import conf_hash
 from dataset.layout import Dataset
 from dataset.split import save_split, split_queries
-from model.calibrate import fit_sigmoid, pair_distances
 from model.encoder import NumpyEncoder
+from model.score_head import fit_sigmoid, pair_distances
 from model.vectors import load_vectors
 
 log = logging.getLogger(__name__)

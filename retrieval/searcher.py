@@ -89,7 +89,7 @@ class Searcher:
         self.applied = applied
         self._verify_conf = verify_features_conf(self.conf) if self.verifier is not None else None
         # [a, b] of P(best hit shows the place) = sigmoid(a * logit(score) + b), fitted at index time
-        # (retrieval/calibrate.py); None: the best score itself.
+        # (retrieval/heads.py); None: the best score itself.
         self.location_head: list[float] | None = loaded.manifest.get("location_head")
 
     def on_demand_files(self) -> list[Path]:

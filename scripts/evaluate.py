@@ -21,11 +21,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common.metrics import summarize
 from common.presets import DEFAULT_PRESET
+from common.retrieval_metrics import summarize
 from dataset.layout import DatasetError, load_dataset
 from dataset.split import load_split
-from evaluation.run import localisation_summary
+from evaluation.evaluate import localisation_summary
 
 KS = (5, 10, 20, 50)
 

@@ -109,10 +109,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         # One uvicorn worker unless a test asks for more: tests look at one process's state and output.
         full_env = (
-            os.environ
-            | {"IMGSEARCH_WORKERS": "1"}
-            | env
-            | {"IMGSEARCH_HOST": host, "IMGSEARCH_PORT": str(self.port)}
+            os.environ | {"IMGSEARCH_WORKERS": "1"} | env | {"IMGSEARCH_HOST": host, "IMGSEARCH_PORT": str(self.port)}
         )
         self.proc = subprocess.Popen(
             [*wrap, sys.executable, "-m", "cli.main", "serve", *args],

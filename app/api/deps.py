@@ -50,9 +50,7 @@ async def get_live(state: StateDep) -> LiveIndex:
 LiveDep = Annotated[LiveIndex, Depends(get_live)]
 
 
-async def require_admin(
-    request: Request, state: StateDep, x_api_key: Annotated[str | None, Header()] = None
-) -> None:
+async def require_admin(request: Request, state: StateDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
     """Admin endpoints: never on behalf of another site; with a key, only for its holder; without one,
     only on a service that listens on loopback alone, asked from loopback."""
     headers = {h: v for h in ("sec-fetch-site", "origin", "host") if (v := request.headers.get(h)) is not None}

@@ -60,7 +60,15 @@ def test_cli_build_serve_and_client_agree(london_subset: Path, tmp_path: Path, s
     # The search client prints ranked results for a London query image.
     ds = load_dataset(london_subset)
     out = subprocess.run(
-        [sys.executable, "scripts/search.py", str(ds.image_path(ds.queries.paths[0])), "-k", "3", "--url", srv.url],
+        [
+            sys.executable,
+            "scripts/client_search.py",
+            str(ds.image_path(ds.queries.paths[0])),
+            "-k",
+            "3",
+            "--url",
+            srv.url,
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

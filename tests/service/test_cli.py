@@ -170,7 +170,7 @@ def test_the_health_check_restarts_a_service_not_ready_for_too_long(
     def check(url: str) -> subprocess.CompletedProcess[str]:
         args = ["--url", url + "/readyz", "--restart-after", "2", "--state", str(state), "--pid", str(victim.pid)]
         return subprocess.run(
-            [sys.executable, "-m", "cli.health", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+            [sys.executable, "-m", "cli.healthcheck", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
         )
 
     try:
@@ -182,7 +182,10 @@ def test_the_health_check_restarts_a_service_not_ready_for_too_long(
         assert victim.wait(10) == -signal.SIGTERM and not state.is_file()
         assert check(server.url).returncode == 0  # a ready service is healthy
         bad = subprocess.run(
-            [sys.executable, "-m", "cli.health", "--restart-after", "soon"], cwd=ROOT, capture_output=True, text=True
+            [sys.executable, "-m", "cli.healthcheck", "--restart-after", "soon"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
         assert bad.returncode == 2 and "--restart-after" in bad.stderr
     finally:

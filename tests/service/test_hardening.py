@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.core.limits import MULTIPART_OVERHEAD
+from app.core.body_limit import MULTIPART_OVERHEAD
 from features.decode import UnsupportedFormatError, decode_image, probe_image
 from tests.conftest import Server
-from tests.images import (
+from tests.imagegen import (
     animated,
     as_decoded_png,
     encode,

@@ -170,6 +170,7 @@ def test_an_allowed_signature_runs_that_format_s_parser_alone(monkeypatch: pytes
 
     asked: list[object] = []
     real = decode.Image.open
+
     def recording(fp: object, *args: object, formats: list[str] | None = None) -> object:
         asked.append(formats)
         return real(fp, formats=formats)
@@ -191,7 +192,7 @@ def test_progressive_scans_are_counted_and_bounded(tiny_data: Path) -> None:
 
     from features.decode import ImageTooComplexError, jpeg_scans, probe_image
     from features.limits import MAX_JPEG_SCANS
-    from tests.images import encode, many_scans, upright
+    from tests.imagegen import encode, many_scans, upright
 
     img = upright(tiny_data)
     assert jpeg_scans(encode(img, "JPEG")) == 1

@@ -1,4 +1,4 @@
-"""The decode path's fuzz target (fuzz/decode.py) in CI: a short run from the committed corpus, every
+"""The decode path's fuzz target (fuzz/fuzz_decode.py) in CI: a short run from the committed corpus, every
 corpus file replayed once, the target's own check that it flags what is not a domain error, and the
 inputs the fuzzer found, each refused with a domain error."""
 
@@ -20,7 +20,7 @@ from PIL import Image
 from common.presets import DEFAULT_PRESET, get_conf, verify_features_conf
 from features.decode import ImageDecodeError, decode_image, png_chunks_fit, probe_image
 from features.extract import query_features
-from tests.images import animated, encode, variants
+from tests.imagegen import animated, encode, variants
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = ROOT / "fuzz" / "decode.py"
@@ -47,7 +47,7 @@ def atheris_or_fail() -> None:
 
 
 def run_target(*args: str, timeout: float, code: str | None = None) -> subprocess.CompletedProcess[str]:
-    """fuzz/decode.py with libFuzzer's `args`, or the Python `code` that drives it; output and errors together."""
+    """fuzz/fuzz_decode.py with libFuzzer's `args`, or the Python `code` that drives it; output and errors together."""
     cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, str(TARGET), *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 

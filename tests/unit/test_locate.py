@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dataset.layout import Location
-from evaluation.run import localisation_summary
+from evaluation.evaluate import localisation_summary
 from retrieval.locate import estimate_location
 from retrieval.searcher import Hit
 

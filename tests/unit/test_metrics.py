@@ -1,4 +1,4 @@
-"""Tests for common.metrics: hand-worked cases, edge cases, input checks, and a randomized
+"""Tests for common.retrieval_metrics: hand-worked cases, edge cases, input checks, and a randomized
 comparison against a deliberately naive pure-python reference implementation."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from math import log2
 import numpy as np
 import pytest
 
-from common.metrics import (
+from common.retrieval_metrics import (
     accuracy_within_margin,
     average_precision,
     fraction_recalled_at_k,

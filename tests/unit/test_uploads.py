@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from app.core.limits import BodySizeLimitMiddleware
+from app.core.body_limit import BodySizeLimitMiddleware
 from common.presets import DEFAULT_PRESET, get_conf
 from features.decode import apply_orientation, decode_image
 from features.extract import image_to_features
 from features.orb import NoKeypointsError, extract_orb
 from indexer import store
 from retrieval.searcher import Searcher
-from tests.images import LOSSY, encode, tiny_and_blank, upright, variants, with_orientation
+from tests.imagegen import LOSSY, encode, tiny_and_blank, upright, variants, with_orientation
 
 
 def _run_middleware(chunks: list[bytes], headers: list[tuple[bytes, bytes]], limit: int) -> tuple[int, dict, int]:

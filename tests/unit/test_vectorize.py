@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from features.orb import OrbFeatures
-from model.calibrate import fit_sigmoid
 from model.encoder import NumpyEncoder
+from model.score_head import fit_sigmoid
 from model.vectorize import Vectorizer, residual_sums, unpack
 
 

@@ -145,7 +145,7 @@ def test_the_orientation_filter_keeps_true_matches_and_drops_chance_ones() -> No
 
 
 def test_the_verification_head_never_ranks_nearer_and_better_verified_lower() -> None:
-    from retrieval.calibrate import monotone_head
+    from retrieval.heads import monotone_head
 
     rng = np.random.default_rng(0)
     inl = rng.integers(0, 60, 400).astype(float)

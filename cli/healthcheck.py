@@ -34,7 +34,7 @@ def ready(url: str, timeout: float) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cli.health", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cli.healthcheck", description=__doc__.split("\n\n")[0])
     port = os.environ.get("IMGSEARCH_PORT", "8000")
     p.add_argument("--url", default=f"http://127.0.0.1:{port}/readyz", help="the readiness URL")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")

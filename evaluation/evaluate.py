@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.clock import utc_timestamp
-from common.metrics import accuracy_within_margin, average_precision, summarize
+from common.retrieval_metrics import accuracy_within_margin, average_precision, summarize
 from dataset.layout import Dataset
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Search the service with one image and print the ranked map images.
 
-python scripts/search.py IMAGE [-k K] [--url http://127.0.0.1:8000]
+python scripts/client_search.py IMAGE [-k K] [--url http://127.0.0.1:8000]
 """
 
 from __future__ import annotations

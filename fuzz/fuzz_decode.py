@@ -4,8 +4,8 @@ Every input must end in features or in a domain error (ImageDecodeError and its 
 NoKeypointsError), which the service answers with a 4xx; any other exception, a crash, a decode
 past the time limit or memory past the RSS limit is a finding that libFuzzer saves as an artifact.
 
-    .venv/bin/python fuzz/decode.py [libFuzzer flags] fuzz/corpus/decode   # fuzz (see `make fuzz`)
-    .venv/bin/python fuzz/decode.py FILE...                                # replay inputs once each
+    .venv/bin/python fuzz/fuzz_decode.py [libFuzzer flags] fuzz/corpus/decode   # fuzz (see `make fuzz`)
+    .venv/bin/python fuzz/fuzz_decode.py FILE...                                # replay inputs once each
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import numpy as np
 from dataset.layout import Dataset
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
-from model.calibrate import fit_logistic
+from model.score_head import fit_logistic
 from retrieval.locate import best_hit
 from retrieval.searcher import Query, Searcher, at_place, found_place
 
