@@ -1,6 +1,7 @@
 # Two images from one file, both running the README's own make targets (make venv / build / serve):
 #   serve    the API alone: no TensorFlow, no dev tools (the service embeds with numpy)
-#   indexer  generates, trains and indexes (`make build`): with TensorFlow for the presets that train
+#   indexer  generates, trains and indexes (`make build`): the default trains in numpy; built with
+#            EXTRAS=train it has TensorFlow too, for the `paper` presets (a Keras Siamese network)
 # The base image is a build argument: any Debian-like image with Python 3.11 (and its venv module).
 ARG BASE_IMAGE=python:3.11-slim
 
@@ -43,5 +44,6 @@ CMD ["make", "serve"]
 
 # After serve: a builder without BuildKit builds every stage before its target.
 FROM base AS indexer
-RUN make venv EXTRAS=train
+ARG EXTRAS=""
+RUN make venv EXTRAS=${EXTRAS}
 CMD ["make", "build"]

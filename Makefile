@@ -41,6 +41,7 @@ test-unit: lint
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 ## fuzz: fuzz the upload decode path (fuzz/fuzz_decode.py) for FUZZ_SECONDS from the committed corpus (FUZZ_MERGE=1: merge back)
 # New inputs go to FUZZ_CORPUS, findings (crash-, timeout-, oom- files) to FUZZ_FINDINGS, both outside git.
@@ -55,10 +56,11 @@ fuzz: venv
 	@# The first folder gets libFuzzer's new inputs; the committed one only what adds coverage to it.
 	if [ "$(FUZZ_MERGE)" = 1 ]; then $(BIN)/python fuzz/fuzz_decode.py -merge=1 fuzz/corpus/decode $(FUZZ_CORPUS); fi
 
-## bench: the benchmark suite on the London data and generated vectors (bench/results.json, BENCHMARKS.md)
+## bench: the benchmark suite on the London data and generated vectors (bench/results.json, BENCHMARKS.md; one-off studies: bench/studies/)
 LONDON ?= ../shared/datasets/london
-# The preset whose in-process floor the default's is compared with, query by query in one run (issue 12).
-FLOOR_BASELINE ?= orb-dense-rvlad-verify
+# The preset whose in-process floor the default's is compared with, query by query in turns: a ratio within one run,
+# since hosts and minutes differ.
+FLOOR_BASELINE ?= dense-rvlad-verify
 BENCH_ARGS ?= --server-workers 1 2 3 --floor-baseline $(FLOOR_BASELINE)
 bench: venv
 	@# The load generator is Debian's wrk: installed here when missing and root; bench/run.py says so otherwise.
@@ -69,19 +71,19 @@ bench: venv
 	$(BIN)/python bench/run.py --data $(LONDON) $(BENCH_ARGS)
 	$(BIN)/python bench/ray_bench.py --data $(LONDON) $(RAY_BENCH_ARGS)
 
-## bench-ray: the Ray engine alone, against the embedded one (bench/ray.json, BENCHMARKS.md)
+## bench-ray: the Ray engine alone, against the embedded one (`ray` in bench/results.json, BENCHMARKS.md)
 bench-ray: venv
 	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk; }
 	IMGSEARCH_DATA=$(LONDON) $(BIN)/imgsearch build
 	$(BIN)/python bench/ray_bench.py --data $(LONDON) $(RAY_BENCH_ARGS)
 
-## soak: 50,000 mixed valid/invalid uploads, 32 clients: 0 x 5xx, RSS growth < 5% (bench/soak.json, BENCHMARKS.md)
+## soak: 50,000 mixed valid/invalid uploads, 32 clients: 0 x 5xx, RSS growth < 5% (`soak` in bench/results.json, BENCHMARKS.md)
 soak: venv
 	IMGSEARCH_DATA=$(LONDON) $(BIN)/imgsearch build
 	$(BIN)/python bench/soak.py --data $(LONDON)
 
-## bench-slow-clients: latency beside 1,000 held idle/slow connections, and time until the deadlines free them (bench/slow_clients.json, BENCHMARKS.md)
+## bench-slow-clients: latency beside 1,000 held idle/slow connections, and time until the deadlines free them (`slow_clients` in bench/results.json, BENCHMARKS.md)
 bench-slow-clients: venv
 	IMGSEARCH_DATA=$(LONDON) $(BIN)/imgsearch build
 	$(BIN)/python bench/slow_clients.py --data $(LONDON) $(SLOW_CLIENTS_ARGS)

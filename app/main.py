@@ -16,11 +16,11 @@ from starlette.concurrency import run_in_threadpool
 from app.api.routes import health, images, metrics, search, web
 from app.core import observability
 from app.core.body_limit import MULTIPART_OVERHEAD, BodySizeLimitMiddleware
-from app.core.config import Settings
 from app.core.security import HostCheckMiddleware
 from app.errors import install_handlers
 from app.openapi import install_docs, install_openapi
 from app.state import ServiceState
+from common.settings import Settings
 from common.threads import limit_malloc_arenas, single_threaded_kernels
 from dataset.layout import DatasetError
 from indexer import store

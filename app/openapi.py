@@ -46,9 +46,11 @@ def install_openapi(app: FastAPI) -> None:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            _fix_validation_errors(generate())  # generate() caches its result in app.openapi_schema
-        return app.openapi_schema
+        schema = app.openapi_schema
+        if schema is None:
+            schema = generate()  # cached by FastAPI: the very dict app.openapi_schema now holds
+            _fix_validation_errors(schema)
+        return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,7 +46,7 @@ _UNKNOWN = dict.fromkeys(("easting", "northing", "heading", "latitude", "longitu
 }
 
 
-def _examples(*examples: dict) -> ConfigDict:
+def _examples(*examples: dict[str, Any]) -> ConfigDict:
     return ConfigDict(json_schema_extra={"examples": list(examples)})
 
 
@@ -91,7 +91,7 @@ class SearchResponse(BaseModel):
             "results": _HITS,
             "query_location": _ESTIMATED,
             "k": 2,
-            "preset": "orb-dense-teblid-r5vlad-wb96-lw-axes64-verify-angle-expand",
+            "preset": "default",
             "index_version": _VERSION,
             "took_ms": 71.3,
         }
@@ -129,7 +129,7 @@ class PrecisionResponse(BaseModel):
             "accuracy_within_margin": {"0.1": 0.925, "0.05": 0.786, "0.01": 0.191},
             "computed_at": "2026-11-27T19:09:59Z",
             "index_version": _VERSION,
-            "preset": "orb-dense-teblid-r5vlad-wb96-lw-axes64-verify-angle-expand",
+            "preset": "default",
         }
     )
 
@@ -158,7 +158,7 @@ class Ready(BaseModel):
     model_config = _examples(
         {
             "status": "ready",
-            "preset": "orb-dense-teblid-r5vlad-wb96-lw-axes64-verify-angle-expand",
+            "preset": "default",
             "index_version": _VERSION,
             "size": 3291,
         },

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from app.core.cache import ByteLRU, TokenBucket
-from app.core.config import Settings
+from common.settings import Settings
 from retrieval.live import LiveIndex
 from retrieval.searcher import Searcher
 

@@ -1,20 +1,20 @@
 #!/usr/bin/env python3
-"""ANN benchmark: FAISS index choices on generated vectors shaped like the served embeddings.
+"""ANN benchmark: the served index against exact search and a graph index, on generated vectors shaped
+like the served embeddings (part of `make bench`: bench/run.py runs it).
 
-    python bench/ann.py [--sizes 100000 1000000] [--index-dir artifacts/<data>/index-<preset>/<v>]
+    python bench/ann.py --index-dir artifacts/<data>/index-<preset>/<v> [--preset P] [--sizes 100000 1000000]
 
-The vectors have the dimension of the served index (its manifest) and the covariance of its real
-London map embeddings: "places" are drawn from a Gaussian with that covariance, each vector is a
-place plus `--spread` times more of the same noise (another photo of the place), L2-normalised like
-the encoder's output; queries are new photos of random places. Seeded, so runs are reproducible.
+The vectors have the dimension of the served index and the covariance of its real London map
+embeddings: "places" are drawn from a Gaussian with that covariance, each vector is a place plus
+`--spread` times more of the same noise (another photo of the place), L2-normalised like the
+encoder's output; queries are new photos of random places. Seeded, so runs are reproducible.
 
-For each size: exact search (IndexFlatL2, which also holds the one copy of the vectors), IVF-Flat
-(nlist ~ 4 sqrt(n), exact coarse quantizer), IVF-SQ8 (4x smaller), IVF-PQ (64 bytes a vector) re-ranked
-exactly, a fast-scan PQ of the whole collection (4-bit codes scanned in SIMD registers, 16 or 32 bytes
-a vector) re-ranked exactly, and HNSW-Flat; each with its build time (train + add), the p50 time of
+For each size: exact search (IndexFlatL2, which also holds the one copy of the vectors); the index the
+service builds above `exact_below` (indexer/kinds.py PQIndex with the preset's index conf: coarse
+fast-scan codes find a shortlist, finer codes order it, the nearest are re-ranked exactly), over its
+shortlist depth; and HNSW-Flat over efSearch. Each with its build time (train + add), the p50 time of
 one query (batch of 1, one thread, as `imgsearch serve` runs FAISS) and recall@10 against exact
-search, over a sweep of its search parameter. Writes the `ann` field of bench/results.json (other
-fields are kept).
+search. Records the `ann` section of bench/results.json.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,13 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import faiss
-import numpy as np
 
-from common.clock import utc_timestamp
+# bench/ is sys.path[0] for these scripts
+import harness
+import numpy as np
+import report
+
+from common.pipeline import get_pipeline
+from common.settings import Settings
+from common.threads import single_threaded
+from indexer.kinds import PQIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
 CHUNK = 65536
+PQ_LABEL = "pq-fastscan, two stages + exact re-rank (served)"
 
 
 class Generator:
@@ -80,26 +87,15 @@ def real_embeddings(index_dir: Path) -> np.ndarray:
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """ANN recall: the share of the exact top K found (not the retrieval figures of evaluation/)."""
     return float(np.mean([len(set(f[f >= 0]) & set(t)) / K for f, t in zip(found, truth, strict=True)]))
 
 
 def p50_ms(search: Callable[[np.ndarray], Any], xq: np.ndarray, n: int) -> tuple[float, float]:
-    """Median wall time and median CPU time of one query (batch of 1) on one thread, as the service
-    runs FAISS. The search runs in the calling thread, so its CPU time is the work itself, which other
-    jobs on a shared machine stretch far less than the wall time."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        search(xq[:1])  # first call touches lazily allocated buffers
-        wall, cpu = [], []
-        for q in xq[:n]:
-            t0, c0 = time.perf_counter(), time.thread_time()
-            search(q[None, :])
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.thread_time() - c0)
-    finally:
-        faiss.omp_set_num_threads(threads)
-    return round(1000 * float(np.median(wall)), 3), round(1000 * float(np.median(cpu)), 3)
+    """Median wall and CPU ms of one query (batch of 1) on one thread, as the service runs FAISS."""
+    with single_threaded():
+        t = harness.time_calls(lambda q: search(q[None, :]), xq[:n], warmup=1)
+    return t.ms(50), t.cpu_ms(50)
 
 
 def sweep(
@@ -139,12 +135,9 @@ def sweep(
     return rows
 
 
-def train_sample(xb: np.ndarray, n: int, seed: int) -> np.ndarray:
-    rows = np.sort(np.random.default_rng([seed, 3]).choice(len(xb), size=min(n, len(xb)), replace=False))
-    return np.ascontiguousarray(xb[rows])
-
-
-def run_size(gen: Generator, n: int, nq: int, n_time: int, hnsw_max: int, seed: int) -> dict[str, Any]:
+def run_size(
+    gen: Generator, n: int, nq: int, n_time: int, hnsw_max: int, seed: int, pq_conf: dict[str, Any]
+) -> dict[str, Any]:
     d = gen.dim
     out: dict[str, Any] = {"n": n, "queries": nq, "indexes": []}
     rows = out["indexes"]
@@ -166,131 +159,27 @@ def run_size(gen: Generator, n: int, nq: int, n_time: int, hnsw_max: int, seed: 
         "nn10_d2_median": round(float(np.median(d2[:, -1])), 3),
         "random_pair_d2_median": round(float(np.median(((xb[pairs[0]] - xb[pairs[1]]) ** 2).sum(1))), 3),
     }
+    # Exact search is slow at a million: fewer queries timed, enough for a median.
     wall, cpu = p50_ms(lambda q: flat.search(q, K), xq, max(5, min(n_time, 2 * 10**7 // n)))
-    rows.append(
-        {
-            "index": "Flat (exact)",
-            "build_s": 0.0,
-            "memory_mb": round(n * d * 4 / 2**20, 1),
-            "p50_ms": wall,
-            "p50_cpu_ms": cpu,
-            "recall_at_10": 1.0,
-        }
-    )
+    row = {"index": "Flat (exact)", "build_s": 0.0, "memory_mb": round(n * d * 4 / 2**20, 1)}
+    rows.append(row | {"p50_ms": wall, "p50_cpu_ms": cpu, "recall_at_10": 1.0})
     print(json.dumps(rows[-1]), flush=True)
 
-    # One coarse quantizer (k-means centroids, searched exactly) shared by the IVF indexes; its training
-    # time is part of each one's build time. Not an HNSW over the centroids: on these vectors its
-    # graph misses some of each query's nearest centroids, which capped IVF-Flat's recall@10 at 0.986
-    # even with every list probed (20k vectors); exact search of 4,000 centroids costs ~0.4 ms.
-    nlist = round(4 * math.sqrt(n))
-    sample = train_sample(xb, 40 * nlist, seed)  # FAISS asks for >= 39 per centroid
+    # The service's own index above `exact_below` (indexer/kinds.py): two stages of PQ codes and an exact
+    # re-rank, swept over the shortlist depth. Its memory is the codes': the float vectors stay on disk.
     t0 = time.perf_counter()
-    km = faiss.Kmeans(d, nlist, niter=10, seed=seed, max_points_per_centroid=10**9)
-    km.train(sample)
-    quantizer = faiss.IndexFlatL2(d)
-    quantizer.add(km.centroids)
-    coarse_s = time.perf_counter() - t0
-    out["nlist"], out["coarse_train_s"] = nlist, round(coarse_s, 2)
-    probes = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    pq = PQIndex.build(xb, np.arange(n, dtype=np.int64), pq_conf, seed)
+    build = time.perf_counter() - t0
+    layout = {k: getattr(pq_conf, k) for k in ("m", "coarse_m", "rerank")}
 
-    def ivf(name: str, index: faiss.IndexIVF, bytes_per_vector: float, extra: dict[str, Any]) -> None:
-        t0 = time.perf_counter()
-        if not index.is_trained:
-            index.train(sample)
-        for start in range(0, n, CHUNK):
-            index.add(xb[start : start + CHUNK])
-        build = coarse_s + time.perf_counter() - t0
+    def set_shortlist(v: int) -> None:
+        pq.shortlist = v
 
-        def set_nprobe(v: int) -> None:
-            index.nprobe = v
-
-        rows.extend(
-            sweep(
-                name,
-                build,
-                n * bytes_per_vector / 2**20,
-                set_nprobe,
-                probes,
-                "nprobe",
-                lambda q: index.search(q, K),
-                xq,
-                truth,
-                n_time,
-                {"nlist": nlist, **extra},
-            )
-        )
-
-    index = faiss.IndexIVFFlat(quantizer, d, nlist)
-    ivf("IVF-Flat", index, 4 * d, {})
-    del index
-    index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit)
-    ivf("IVF-SQ8", index, d, {})
-    del index
-
-    # IVF-PQ, 64 bytes a vector, alone and with its top k_factor * 10 re-ranked exactly against the
-    # flat copy (which a deployment would keep on disk or memory-mapped).
-    pq = faiss.IndexIVFPQ(quantizer, d, nlist, 64, 8)
-    t0 = time.perf_counter()
-    pq.train(sample)
-    for start in range(0, n, CHUNK):
-        pq.add(xb[start : start + CHUNK])
-    pq_build = coarse_s + time.perf_counter() - t0
-    for k_factor in (1, 10, 50):
-        refine = faiss.IndexRefine(pq, flat)
-        refine.k_factor = k_factor
-
-        def set_nprobe_pq(v: int, pq: faiss.IndexIVFPQ = pq) -> None:
-            pq.nprobe = v
-
-        rows.extend(
-            sweep(
-                "IVF-PQ64" + (f" + exact re-rank of top {k_factor * K}" if k_factor > 1 else ""),
-                pq_build,
-                n * 64 / 2**20,
-                set_nprobe_pq,
-                probes,
-                "nprobe",
-                lambda q, r=refine: r.search(q, K),
-                xq,
-                truth,
-                n_time,
-                {"nlist": nlist, "k_factor": k_factor},
-            )
-        )
-    del pq
-
-    # Fast-scan PQ over the whole collection: 4-bit codes, so the distance tables fit in SIMD registers
-    # (1M codes of 32 bytes in ~1.6 ms on one core); no coarse partition, so no true neighbour is lost
-    # to an unprobed cell. Its top k_factor * 10 are re-ranked exactly against the flat copy.
-    for m in (32, 64):
-        fs = faiss.IndexPQFastScan(d, m, 4)
-        t0 = time.perf_counter()
-        fs.train(train_sample(xb, 100_000, seed))
-        for start in range(0, n, CHUNK):
-            fs.add(xb[start : start + CHUNK])
-        fs_build = time.perf_counter() - t0
-        refine = faiss.IndexRefine(fs, flat)
-
-        def set_k_factor(v: int, r: faiss.IndexRefine = refine) -> None:
-            r.k_factor = v
-
-        rows.extend(
-            sweep(
-                f"PQ{m}x4 fast-scan + exact re-rank",
-                fs_build,
-                n * m / 2 / 2**20,
-                set_k_factor,
-                [1, 2, 5, 10, 20],
-                "k_factor",
-                lambda q, r=refine: r.search(q, K),
-                xq,
-                truth,
-                n_time,
-                {"M": m},
-            )
-        )
-        del refine, fs
+    memory = n * (layout["m"] + layout["coarse_m"]) / 2 / 2**20
+    rows.extend(
+        sweep(PQ_LABEL, build, memory, set_shortlist, [50, 100, 200, 400, 800, 1600, 3200], "shortlist",
+              lambda q: pq.search(q, K), xq, truth, n_time, layout)
+    )  # fmt: skip
 
     if n <= hnsw_max:
         hnsw = faiss.IndexHNSWFlat(d, 32)
@@ -304,20 +193,9 @@ def run_size(gen: Generator, n: int, nq: int, n_time: int, hnsw_max: int, seed: 
             hnsw.hnsw.efSearch = v
 
         rows.extend(
-            sweep(
-                "HNSW32-Flat",
-                build,
-                n * (4 * d + 2 * 32 * 8) / 2**20,
-                set_ef,
-                [16, 32, 64, 128, 256, 512],
-                "efSearch",
-                lambda q: hnsw.search(q, K),
-                xq,
-                truth,
-                n_time,
-                {"M": 32, "efConstruction": 40},
-            )
-        )
+            sweep("HNSW32-Flat", build, n * (4 * d + 2 * 32 * 8) / 2**20, set_ef, [16, 32, 64, 128, 256, 512],
+                  "efSearch", lambda q: hnsw.search(q, K), xq, truth, n_time, {"M": 32, "efConstruction": 40})
+        )  # fmt: skip
         del hnsw
     else:
         out["hnsw_skipped"] = f"HNSW-Flat not built at n={n} (> --hnsw-max {hnsw_max}): see BENCHMARKS.md"
@@ -329,6 +207,7 @@ def run_size(gen: Generator, n: int, nq: int, n_time: int, hnsw_max: int, seed: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--index-dir", type=Path, required=True, help="a served index version (its real embeddings)")
+    p.add_argument("--preset", default=Settings().preset, help="whose index conf the served layout has")
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--queries", type=int, default=1000, help="queries for recall (default 1000)")
     p.add_argument("--timed", type=int, default=300, help="single queries timed for the p50 (default 300)")
@@ -336,42 +215,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spread", type=float, default=1.0, help="photo noise relative to the place spread")
     p.add_argument("--hnsw-max", type=int, default=1_000_000, help="largest size to build HNSW-Flat for")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    p.add_argument("--out", type=Path, default=report.RESULTS)
     args = p.parse_args(argv)
     if min(args.sizes) < 1000 or args.queries < 10 or args.timed < 5 or args.per_place < 1 or args.spread <= 0:
         p.error("sizes >= 1000, queries >= 10, timed >= 5, per-place >= 1, spread > 0")
+    ann = report.started("bench/ann.py", argv)
     try:
         real = real_embeddings(args.index_dir)
     except RuntimeError as e:  # FAISS raises RuntimeError for a missing or unreadable file
         print(f"ann: cannot read {args.index_dir / 'index.faiss'}: {e}", file=sys.stderr)
         return 2
+    pq_conf = get_pipeline(args.preset).index
     d2, _ = faiss.knn(real, real, K + 1)  # itself first
     pairs = np.random.default_rng([args.seed, 4]).integers(len(real), size=(2, 2000))
-    ann: dict[str, Any] = {
+    ann |= {
         "dim": int(real.shape[1]),
         "real_structure": {
             "nn1_d2_median": round(float(np.median(d2[:, 1])), 3),
             "nn10_d2_median": round(float(np.median(d2[:, -1])), 3),
             "random_pair_d2_median": round(float(np.median(((real[pairs[0]] - real[pairs[1]]) ** 2).sum(1))), 3),
         },
-        "generator": {
-            "real_embeddings": len(real),
-            "per_place": args.per_place,
-            "spread": args.spread,
-            "seed": args.seed,
-            "normalised": True,
-        },
+        "generator": {"real_embeddings": len(real), "per_place": args.per_place, "spread": args.spread}
+        | {"seed": args.seed, "normalised": True},
         "threads_for_p50": 1,
         "sizes": {},
     }
     for n in args.sizes:
         gen = Generator(real, max(1, n // args.per_place), args.spread, args.seed)
-        ann["sizes"][str(n)] = run_size(gen, n, args.queries, args.timed, args.hnsw_max, args.seed)
-    ann["created"] = utc_timestamp()
-    ann["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
-    results = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
-    results["ann"] = ann
-    args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
+        ann["sizes"][str(n)] = run_size(gen, n, args.queries, args.timed, args.hnsw_max, args.seed, pq_conf)
+    report.record("ann", ann, args.out)
     return 0
 
 

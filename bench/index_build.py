@@ -9,7 +9,9 @@ index version (so no k-means or training is timed), in a fresh temporary folder 
    progress bar; each worker reads its files one at a time), embedded in batches as they arrive
    and added to a FAISS index, so neither the images nor all their vectors are held at once;
 2. verification keypoints: indexer.build.build_map_features (the indexer's own function).
-Prints one JSON line; bench/run.py runs it once with every core and once with one.
+Part of the suite: bench/run.py runs it in a process of its own, once with every core and once pinned
+to one core (pinned before exec, so that the libraries size their thread pools for it), and records
+the JSON line it prints in its own section of bench/results.json.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from app.core.config import Settings
 from common.parallel import map_files
+from common.pipeline import Pipeline, VectorConf
+from common.settings import Settings
 from dataset.layout import DatasetError, load_dataset
 from features.decode import ImageDecodeError
 from features.extract import image_to_features
@@ -42,17 +45,18 @@ BATCH = 64
 
 
 @functools.lru_cache(maxsize=1)
-def _vectorizer(path: str, conf_json: str) -> Vectorizer:
+def _vectorizer(path: str, conf: VectorConf) -> Vectorizer:
     """Loaded once per worker process."""
-    return Vectorizer.load(Path(path), json.loads(conf_json))
+    return Vectorizer.load(Path(path), conf)
 
 
-def _map_vector(path: str, conf: dict[str, Any]) -> np.ndarray | None:
+def _map_vector(path: str, job: tuple[Pipeline, str]) -> np.ndarray | None:
+    conf, vectorizer_path = job
     try:
-        features = image_to_features(Path(path).read_bytes(), conf)
+        features = image_to_features(Path(path).read_bytes(), conf.features)
     except (ImageDecodeError, NoKeypointsError):
         return None
-    return _vectorizer(conf["vectorizer_path"], json.dumps(conf["vector"], sort_keys=True))(features)
+    return _vectorizer(vectorizer_path, conf.vector)(features)
 
 
 def build(settings: Settings, jobs: int) -> dict[str, Any]:
@@ -60,7 +64,7 @@ def build(settings: Settings, jobs: int) -> dict[str, Any]:
     loaded = store.load(
         store.current_version(store.index_family(settings.artifacts, settings.data_root, settings.preset))
     )
-    conf = dict(loaded.manifest["conf"]) | {"vectorizer_path": str(loaded.directory / "vectorizer.npz")}
+    conf = (loaded.pipeline, str(loaded.directory / "vectorizer.npz"))
     files = [dataset.image_path(p) for p in dataset.database.paths]
     for f in files:  # the same page cache for every run: read each file once before timing
         f.read_bytes()
@@ -89,7 +93,7 @@ def build(settings: Settings, jobs: int) -> dict[str, Any]:
     vectors_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="imgsearch-bench-") as tmp:
         t1 = time.perf_counter()
-        map_features = build_map_features(loaded.manifest["conf"], dataset, vectorizer, Path(tmp), jobs)
+        map_features = build_map_features(loaded.pipeline, dataset, vectorizer, Path(tmp), jobs)
         verify_s = time.perf_counter() - t1
     self_, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime - cpu0

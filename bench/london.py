@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the London index they measure, its held-out queries analysed
-by it, and the generated collection of a million map entries around its embeddings."""
+by it and their figures (evaluation/evaluate.py's, as every evaluation prints them), and the
+generated collection of a million map entries around its embeddings."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import numpy as np
 # bench/ is sys.path[0] for these scripts
 from ann import Generator
 
-from app.core.config import Settings
-from common.presets import confs
+from common.pipeline import ALL_PRESETS
+from common.settings import Settings
 from dataset.layout import Dataset, DatasetError, load_dataset
 from dataset.split import load_split
+from evaluation.evaluate import IN_PROCESS, summary
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
 from indexer import store
@@ -29,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """--data, --artifacts, --preset: which built London index a script measures."""
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "london")
     p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
-    p.add_argument("--preset", choices=sorted(confs), default=Settings().preset)
+    p.add_argument("--preset", choices=sorted(ALL_PRESETS), default=Settings().preset)
 
 
 def open_london(args: argparse.Namespace, prog: str) -> tuple[Dataset, store.LoadedIndex] | None:
@@ -82,11 +84,12 @@ def collection(
     return xb, gen
 
 
-def hit_rate(found: np.ndarray, relevant: np.ndarray) -> float:
-    """Share of queries with a relevant map image among their ids (relevant: (nq, n_real) bool; the
-    generated entries are relevant to no query, -1 pads)."""
-    ok = [bool(np.any(relevant[r, f[(f >= 0) & (f < relevant.shape[1])]])) for r, f in enumerate(found)]
-    return round(float(np.mean(ok)), 4)
+def recall_at(found: np.ndarray, ds: Dataset, rows: list[int], k: int = 10) -> float:
+    """recall@k of the London queries `rows` from their ranked ids (found: (nq, >= k)), in the sense of
+    every evaluation (GET /metrics/precision's): the share of the queries with a relevant map image that
+    have one in their first k. Generated entries (ids past the London map images) are relevant to none."""
+    ranked = np.where((found >= 0) & (found < len(ds.database)), found, -1)[:, :k]
+    return round(summary(ranked, ds, np.asarray(rows), "test", ranked_by=IN_PROCESS)[f"recall@{k}"], 4)
 
 
 def add_kept_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,8 +116,8 @@ def open_kept(args: argparse.Namespace, prog: str) -> tuple[PQIndex, Generator, 
     except (OSError, ValueError) as e:
         print(f"{prog}: {families[0]}: {e}", file=sys.stderr)
         return None
-    if not isinstance(index, PQIndex) or index.fine is None:
-        print(f"{prog}: the index in {args.work} has no fine codes (a one-stage index)", file=sys.stderr)
+    if not isinstance(index, PQIndex):
+        print(f"{prog}: the index in {args.work} is not a pq-fastscan index", file=sys.stderr)
         return None
     ids, real = store.index_contents(opened[1].index)
     real = real[np.argsort(ids)]

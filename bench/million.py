@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A million map images served on one node (issue 14): `served_1m` in bench/results.json.
+"""A million map images served on one node: the `served_1m` section of bench/results.json (part of
+`make bench`: bench/run.py runs it).
 
     python bench/million.py --data ../shared/datasets/london [--size 1000000] [--workers 3] [--keep]
 
@@ -18,11 +19,12 @@ Builds a collection of --size map entries and serves it through `imgsearch serve
 
 Reports: search_p50_ms (the search stage of POST /search), exact_p50_ms (exact flat search of the same
 vectors for the same London queries, one query and one thread, in this process, each timed just after
-the server answered it, while the server is idle: the host's speed drifts by a third within a run, and
-the two measures are taken in the same minutes), recall_at_10 of the served index's
-search against that exact search (the version the server serves, loaded here), rss_mb / pss_mb of
-the serving tree after the queries, ready_s (start to /readyz), and the HTTP p50. --work is removed
-afterwards unless --keep (its files take ~8 GB at 1M).
+the server answered it, while the server is idle: a host's speed drifts within a run, so the two are
+taken in the same minutes), recall_at_10 of the served index's search against that exact search (the
+version the server serves, loaded here), the London queries' recall@10 (evaluation/evaluate.py's) over
+either index and through POST /search, rss_mb / pss_mb of the serving tree after the queries, ready_s
+(start to /readyz), and the HTTP p50. --work is removed afterwards unless --keep (its files take
+~8 GB at 1M).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,19 +41,19 @@ from pathlib import Path
 from typing import Any
 
 import faiss
-import numpy as np
 
 # bench/ is sys.path[0] for these scripts
+import harness
+import httpx
+import numpy as np
+import report
+import server
 from ann import recall_at_k
-from london import add_arguments, analysed_queries, collection, hit_rate, open_london
-from procstat import process_tree, pss_mb, rss_mb, stop_server
-from run import free_port, wait_loaded, wait_ready
+from london import add_arguments, analysed_queries, collection, open_london, recall_at
 
-from app.core.config import Settings
-from common.clock import utc_timestamp
-from common.presets import get_conf
-from common.threads import single_threaded_kernels
-from dataset.layout import Location
+from common.settings import Settings
+from common.threads import single_threaded, single_threaded_kernels
+from dataset.layout import Dataset, Location
 from indexer import store
 from indexer.kinds import build_index
 from model.verify import MapFeatures
@@ -117,10 +118,9 @@ def build_collection(
     t0 = time.perf_counter()
     xb, gen = collection(london, args.size, args.per_place, args.spread, args.seed)
     generate_s = time.perf_counter() - t0
-    # The indexer's rule of today's preset (the London version may predate it) picks the index kind.
-    conf = dict(london.manifest["conf"], index=get_conf(london.manifest["conf"]["preset"])["index"])
+    conf = london.pipeline
     t0 = time.perf_counter()
-    index = build_index(conf["index"], xb, np.arange(args.size, dtype=np.int64))
+    index = build_index(conf.index, xb, np.arange(args.size, dtype=np.int64))
     index_s = time.perf_counter() - t0
     records = generated_records(london.images, args.size, args.seed)
     data = write_data_folder(args.work / "data", args.data, records)
@@ -130,10 +130,10 @@ def build_collection(
         files["verify.npz"] = kp.save(args.work / "verify.npz")
         del kp
     skip = ("version", "count", "dim", "checksums", "shards", "index_kinds", "metrics")
-    manifest = {k: v for k, v in london.manifest.items() if k not in skip} | {"conf": conf}
+    manifest = {k: v for k, v in london.manifest.items() if k not in skip} | {"conf": conf.to_json()}
     manifest |= {"data": str(data), "generated": {"size": args.size, "keypoints": args.keypoints, "seed": args.seed}}
     t0 = time.perf_counter()
-    family = store.index_family(args.work / "artifacts", data, conf["preset"])
+    family = store.index_family(args.work / "artifacts", data, conf.name)
     version = store.publish(family, index, records, files, manifest)
     publish_s = time.perf_counter() - t0
     (args.work / "verify.npz").unlink(missing_ok=True)
@@ -142,12 +142,11 @@ def build_collection(
 
 
 def exact_and_served(
-    version: Path, flat: faiss.IndexFlatL2, queries: list[Query], xg: np.ndarray, relevant: np.ndarray
+    version: Path, flat: faiss.IndexFlatL2, queries: list[Query], xg: np.ndarray, ds: Dataset, rows: list[int]
 ) -> dict[str, Any]:
     """Exact search of the same vectors (`flat`) against the served version's own search, in this
     process, for the London queries and for generated ones (xg: new photos of generated places,
     whose neighbours are generated entries, where the codes must tell near-alike vectors apart)."""
-    threads = faiss.omp_get_max_threads()
     served = store.load(version)
     recall = {}
     xq = np.concatenate([q.embedding for q in queries])
@@ -155,41 +154,25 @@ def exact_and_served(
         _, truth = flat.search(x, K)
         found = served.index.search(x, K)[1]
         recall[name] = round(recall_at_k(found, truth), 4)
-    # What the user sees of it: London test queries with a relevant map image in the first stage's
-    # top 10 among all entries, exact search against the served index.
-    recall["london_first_stage_r10_exact"] = hit_rate(truth, relevant)
-    recall["london_first_stage_r10_served"] = hit_rate(found, relevant)
-    # And after verification and expansion (the whole ranking of POST /search), over either index.
+    # What the user sees of it: the London test queries' recall@10 among all entries, from the first
+    # stage alone (exact search against the served index), then after verification and expansion (the
+    # whole ranking of POST /search) over either index.
+    recall["london_first_stage_r10_exact"] = recall_at(truth, ds, rows)
+    recall["london_first_stage_r10_served"] = recall_at(found, ds, rows)
     for name, index in (("exact", flat), ("served", served.index)):
         searcher = Searcher(dataclasses.replace(served, index=index))  # flat rows are the ids 0..n-1
         ranked = np.array([[h.id for h in searcher.rank(q, K)] for q in queries])
-        recall[f"london_r10_{name}_index"] = hit_rate(ranked, relevant)
-    faiss.omp_set_num_threads(1)  # one query on one thread, as `imgsearch serve` runs FAISS
-    try:
-        local = []
-        for q in xq:
-            t0 = time.perf_counter()
-            served.index.search(q[None, :], K)
-            local.append(time.perf_counter() - t0)
-    finally:
-        faiss.omp_set_num_threads(threads)
-    return {
-        "index_kind": served.manifest["index_kinds"][0],
-        "search_inproc_p50_ms": round(1000 * float(np.median(local)), 3),
-        **recall,
-    }
+        recall[f"london_r10_{name}_index"] = recall_at(ranked, ds, rows)
+    # One query on one thread, as `imgsearch serve` runs FAISS.
+    with single_threaded():
+        local = harness.time_calls(lambda q: served.index.search(q[None, :], K), xq)
+    return {"index_kind": served.manifest["index_kinds"][0], "search_inproc_p50_ms": local.ms(50), **recall}
 
 
 def exact_ms(flat: faiss.IndexFlatL2, x: np.ndarray) -> float:
     """One exact search of one query on one thread, in ms."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        t0 = time.perf_counter()
-        flat.search(x[None, :], K)
-        return 1000 * (time.perf_counter() - t0)
-    finally:
-        faiss.omp_set_num_threads(threads)
+    with single_threaded():
+        return 1000 * harness.clock(lambda q: flat.search(q[None, :], K), x)[0]
 
 
 def serve_queries(
@@ -197,46 +180,37 @@ def serve_queries(
 ) -> dict[str, Any]:
     """`imgsearch serve` on the collection; the queries through POST /search, one client. After each
     answer, while the server is idle, `exact(i)` times exact search of query i in this process: the
-    two are sampled in the same minutes, so the host's drift (a third in speed within one run,
-    BENCHMARKS.md) moves both alike."""
-    import httpx
-
-    port = free_port()
+    two are sampled in the same minutes, so a host's drift moves both alike."""
     env = os.environ | {
         "IMGSEARCH_DATA": str(data),
         "IMGSEARCH_ARTIFACTS": str(args.work / "artifacts"),
         "IMGSEARCH_PRESET": preset,
-        "IMGSEARCH_PORT": str(port),
         "IMGSEARCH_WORKERS": str(args.workers),
         "IMGSEARCH_LOG_FORMAT": "json",
     }
     log_path = args.work / "server.log"
-    with open(log_path, "wb") as log:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve"], cwd=ROOT, env=env, stdout=log, stderr=log)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            ready_s = wait_ready(url, proc, t0, args.workers, timeout=900)
-            # Every worker loads the collection on its own: nothing is timed before the last one serves.
-            all_ready_s = wait_loaded(log_path, proc, t0, args.workers, timeout=900)
-            took, answers, exact_took = [], [], []
-            with httpx.Client(timeout=120) as c:
-                for f in files[: 2 * args.workers]:  # every worker answers once before anything counts
-                    c.post(f"{url}/search", params={"k": K}, files={"file": ("q.jpg", f.read_bytes())})
-                first_timed = sum(1 for _ in log_path.open(encoding="utf-8", errors="replace"))
-                for i, f in enumerate(files):
-                    t1 = time.perf_counter()
-                    r = c.post(f"{url}/search", params={"k": K}, files={"file": ("q.jpg", f.read_bytes())})
-                    took.append(time.perf_counter() - t1)
-                    if r.status_code != 200:
-                        raise RuntimeError(f"POST /search answered {r.status_code}: {r.text[:200]}")
-                    answers.append([h["id"] for h in r.json()["results"]])
-                    exact_took.append(exact(i))
-            pids = process_tree(proc.pid)
-            rss = {p: rss_mb(p) for p in pids}
-            pss = {p: pss_mb(p) for p in pids}
-        finally:
-            stop_server(proc)
+    with open(log_path, "wb") as log, server.serving(env, log=log) as srv:
+        ready_s = server.wait_ready(srv.url, srv.proc, srv.t0, args.workers, timeout=900)
+        # Every worker loads the collection on its own: nothing is timed before the last one serves.
+        all_ready_s = server.wait_loaded(log_path, srv.proc, srv.t0, args.workers, timeout=900)
+        took, answers, exact_took = [], [], []
+        with httpx.Client(timeout=120) as c:
+            for f in files[: 2 * args.workers]:  # every worker answers once before anything counts
+                c.post(f"{srv.url}/search", params={"k": K}, files={"file": ("q.jpg", f.read_bytes())})
+            first_timed = sum(1 for _ in log_path.open(encoding="utf-8", errors="replace"))
+            for i, f in enumerate(files):
+                seconds, _, r = harness.clock(
+                    lambda data: c.post(f"{srv.url}/search", params={"k": K}, files={"file": ("q.jpg", data)}),
+                    f.read_bytes(),
+                )
+                took.append(1000 * seconds)
+                if r.status_code != 200:
+                    raise RuntimeError(f"POST /search answered {r.status_code}: {r.text[:200]}")
+                answers.append([h["id"] for h in r.json()["results"]])
+                exact_took.append(exact(i))
+        pids = server.process_tree(srv.proc.pid)
+        rss = [server.rss_mb(p) for p in pids]
+        pss = [server.pss_mb(p) for p in pids]
     stages: dict[str, list[float]] = {}
     for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines()[first_timed:]:
         try:
@@ -252,11 +226,11 @@ def serve_queries(
         "search_p50_ms": round(float(np.median(stages["search"])), 3),
         "exact_p50_ms": round(float(np.median(exact_took)), 2),
         "stages_p50_ms": {s: round(float(np.median(v)), 2) for s, v in stages.items()},
-        "http_p50_ms": round(1000 * float(np.median(took)), 2),
+        "http_p50_ms": round(float(np.median(took)), 2),
         "answers": answers,
-        "rss_mb": round(sum(rss.values()), 1),
-        "rss_mb_by_process": sorted(rss.values(), reverse=True),
-        "pss_mb": round(sum(pss.values()), 1),
+        "rss_mb": round(sum(rss), 1),
+        "rss_mb_by_process": sorted(rss, reverse=True),
+        "pss_mb": round(sum(pss), 1),
         "ready_s": round(ready_s, 2),
         "all_workers_ready_s": round(all_ready_s, 2),
     }
@@ -275,13 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench-1m", help="where the collection is built")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    p.add_argument("--out", type=Path, default=report.RESULTS)
     args = p.parse_args(argv)
     small = min(args.keypoints, args.workers, args.per_place) < 1 or min(args.queries, args.generated_queries) < 5
     if args.size < 10_000 or small:
         p.error("--size >= 10000; --keypoints, --workers, --per-place >= 1; --queries, --generated-queries >= 5")
     if args.spread <= 0:
         p.error("--spread must be > 0")
+    started = report.started("bench/million.py", argv)
     opened = open_london(args, "million")
     if opened is None:
         return 2
@@ -289,7 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     single_threaded_kernels()
     searcher = Searcher(london)
     kept, sent, xq = analysed_queries(searcher, ds, "test", args.queries)
-    relevant = np.asarray(ds.sim[kept], bool)
     args.n_real = len(london.images)
     if args.work.exists():
         shutil.rmtree(args.work)
@@ -301,14 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         flat = faiss.IndexFlatL2(xb.shape[1])
         flat.add(xb)  # its own copy: the 4 GB of xb are let go
         del xb
-        out |= exact_and_served(version, flat, xq, xg, relevant)
+        out |= exact_and_served(version, flat, xq, xg, ds, kept)
         print(f"exact and served search: {json.dumps(out)}", flush=True)
         london_x = [q.embedding[0] for q in xq]
         served = serve_queries(args, data, args.preset, sent, lambda i: exact_ms(flat, london_x[i]))
-        # Through POST /search (verified, expanded): London test queries with a relevant map image
-        # in the top 10 among all entries.
+        # Through POST /search (verified, expanded), among all entries.
         out |= {k: v for k, v in served.items() if k != "answers"}
-        out["london_r10_through_search"] = hit_rate(np.array(served["answers"]), relevant)
+        answers = np.array([a + [-1] * (K - len(a)) for a in served["answers"]])
+        out["london_r10_through_search"] = recall_at(answers, ds, kept)
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
@@ -319,12 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         "queries": len(sent),
         **out,
         "search_over_exact": round(out["search_p50_ms"] / out["exact_p50_ms"], 4),
-        "created": utc_timestamp(),
     }
     print(json.dumps(out), flush=True)
-    results = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
-    results["served_1m"] = out
-    args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    report.record("served_1m", started | out, args.out)
     return 0
 
 

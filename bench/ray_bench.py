@@ -9,7 +9,7 @@
    connections (wrk, as bench/run.py), and whether both return the same hits.
 
 Everything stays on loopback: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set before Ray is imported.
-Writes bench/ray.json and the section between the ray markers of BENCHMARKS.md.
+Records the `ray` section of bench/results.json and the section between the ray markers of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -20,25 +20,21 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported:
 
 import argparse
 import dataclasses
-import json
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+# bench/ is sys.path[0] for these scripts
+import harness
 import httpx
 import numpy as np
+import report
+import server
 
-# bench/ is sys.path[0] for these scripts
-from procstat import stop_server
-from run import free_port, machine, wait_ready, wrk
-
-from app.core.config import Settings
-from common.clock import utc_timestamp
 from common.parallel import map_files
-from common.presets import confs, get_conf, verify_features_conf
+from common.pipeline import ALL_PRESETS, Pipeline, get_pipeline
+from common.settings import Settings
 from dataset.layout import DatasetError, ImageSet, load_dataset
 from dataset.split import load_split
 from indexer import store
@@ -49,7 +45,6 @@ from retrieval.live import republish
 from retrieval.searcher import Searcher
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench"
 BEGIN, END = "<!-- ray:begin -->", "<!-- ray:end -->"
 
 
@@ -63,19 +58,19 @@ def publish_sharded(version: Path, family: Path, shards: int) -> Path:
 _VECTORIZERS: dict[str, Vectorizer] = {}  # one per extraction process
 
 
-def _embedded_one(path: str, job: tuple[dict[str, Any], str]) -> np.ndarray | None:
+def _embedded_one(path: str, job: tuple[Pipeline, str]) -> np.ndarray | None:
     """The embedded engine's per-image work: the aggregate vector, and the verification keypoints."""
     conf, vectorizer_file = job
     if vectorizer_file not in _VECTORIZERS:
-        _VECTORIZERS[vectorizer_file] = Vectorizer.load(Path(vectorizer_file), conf["vector"])
+        _VECTORIZERS[vectorizer_file] = Vectorizer.load(Path(vectorizer_file), conf.vector)
     vectorizer = _VECTORIZERS[vectorizer_file]
     data = Path(path).read_bytes()
-    if conf["verify"] is not None:
-        image_keypoints(data, verify_features_conf(conf), vectorizer)
+    if conf.verify is not None:
+        image_keypoints(data, conf.verify_features, vectorizer)
     return image_vector(data, conf, vectorizer)
 
 
-def indexing(version: Path, data_root: Path, conf: dict[str, Any], n_images: int, nodes: list[int]) -> dict[str, Any]:
+def indexing(version: Path, data_root: Path, conf: Pipeline, n_images: int, nodes: list[int]) -> dict[str, Any]:
     """Map images per second: Ray with each number of 1-CPU worker nodes, embedded with as many processes."""
     import ray
     from ray.cluster_utils import Cluster
@@ -121,24 +116,6 @@ def indexing(version: Path, data_root: Path, conf: dict[str, Any], n_images: int
 # --- serving -----------------------------------------------------------------------------------------
 
 
-def _serve(env: dict[str, str], args: list[str], workers: int) -> tuple[subprocess.Popen, str, float]:
-    port = free_port()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "serve", *args],
-        cwd=ROOT,
-        env=os.environ | env | {"IMGSEARCH_HOST": "127.0.0.1", "IMGSEARCH_PORT": str(port)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        return proc, url, wait_ready(url, proc, t0, workers)
-    except Exception:
-        stop_server(proc)
-        raise
-
-
 def _hits(url: str, files: list[Path]) -> list[list[tuple[int, float]]]:
     with httpx.Client(timeout=60) as c:
         out = []
@@ -165,13 +142,12 @@ def serving(env: dict[str, str], files: list[Path], duration: int) -> dict[str, 
             ("embedded", ["--workers", "3"], 3),
         ]
         for name, args, workers in runs:
-            proc, url, ready_s = _serve(env, args, workers)
-            try:
-                hits = _hits(url, files[:20])  # also the warm-up of every replica
-                c1 = wrk(url, [str(f) for f in files], 1, duration)
-                c8 = wrk(url, [str(f) for f in files], 8, duration)
-            finally:
-                stop_server(proc, timeout=60) if name == "ray" else stop_server(proc)
+            # Ray Serve takes longer to stop its replicas.
+            with server.serving(os.environ | env, args, stop_timeout=60 if name == "ray" else 30) as srv:
+                ready_s = server.wait_ready(srv.url, srv.proc, srv.t0, workers)
+                hits = _hits(srv.url, files[:20])  # also the warm-up of every replica
+                c1 = server.wrk(srv.url, files, 1, duration)
+                c8 = server.wrk(srv.url, files, 8, duration)
             if reference is None:
                 reference = hits
             same = [h == r for h, r in zip(hits, reference, strict=True)]
@@ -187,8 +163,8 @@ def serving(env: dict[str, str], files: list[Path], duration: int) -> dict[str, 
             print(f"{name} serving: {out[name]}", flush=True)
     finally:
         c.shutdown()
-    out["ray_over_embedded_p50_c1"] = round(out["ray"]["http_p50_ms_c1"] / out["embedded"]["http_p50_ms_c1"], 2)
-    out["ray_over_embedded_rps_c8"] = round(out["ray"]["rps_c8"] / out["embedded"]["rps_c8"], 2)
+    out["ray_over_embedded_p50_c1"] = harness.ratio(out["ray"]["http_p50_ms_c1"], out["embedded"]["http_p50_ms_c1"], 2)
+    out["ray_over_embedded_rps_c8"] = harness.ratio(out["ray"]["rps_c8"], out["embedded"]["rps_c8"], 2)
     return out
 
 
@@ -199,7 +175,7 @@ def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     ix, sv = r["indexing"], r["serving"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {r['created']}.",
+        f"Machine: {report.describe(m)}; {r['created']}, commit {r.get('commit')}.",
         f"Command: `{r['command']}` (index version {r['index_version']}, {r['shards']} shards).",
         "",
         f"Indexing {ix['images']} London map images ({r['preset']}): features, embedding, verification "
@@ -242,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "london")
     p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts", help="where the embedded index was built")
     p.add_argument("--out-artifacts", type=Path, default=ROOT / "artifacts" / "bench-ray", help="the sharded copy")
-    p.add_argument("--preset", choices=sorted(confs), default=Settings().preset)
+    p.add_argument("--preset", choices=sorted(ALL_PRESETS), default=Settings().preset)
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--index-images", type=int, default=600, help="map images to index per run (default 600)")
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--duration", type=int, default=15, help="seconds of each wrk run")
-    p.add_argument("--out", type=Path, default=BENCH / "ray.json")
-    p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--out", type=Path, default=report.RESULTS)
+    p.add_argument("--markdown", type=Path, default=report.MARKDOWN)
     args = p.parse_args(argv)
     if min(args.shards, args.index_images, args.queries, args.duration) < 1:
         p.error("--shards, --index-images, --queries and --duration must be >= 1")
@@ -269,20 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         "shards": args.shards,
         "queries": len(files),
         "duration": args.duration,
-        "machine": machine(),
-        "created": utc_timestamp(),
-        "command": shlex.join(["python", "bench/ray_bench.py", *(argv if argv is not None else sys.argv[1:])]),
-    }
-    r["indexing"] = indexing(version, args.data, get_conf(args.preset), args.index_images, [1, 2])
+    } | report.started("bench/ray_bench.py", argv)
+    r["indexing"] = indexing(version, args.data, get_pipeline(args.preset), args.index_images, [1, 2])
     env = {"IMGSEARCH_DATA": str(args.data), "IMGSEARCH_ARTIFACTS": str(args.out_artifacts)}
     r["serving"] = serving(env | {"IMGSEARCH_PRESET": settings.preset}, files, args.duration)
-    args.out.write_text(json.dumps(r, indent=1), encoding="utf-8")
-    table = markdown(r)
-    if args.markdown.exists():
-        text = args.markdown.read_text(encoding="utf-8")
-        if BEGIN in text and END in text:
-            pre, rest = text.split(BEGIN, 1)
-            args.markdown.write_text(f"{pre}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}", encoding="utf-8")
+    table = markdown(report.record("ray", r, args.out)["ray"])
+    report.write_markdown(BEGIN, END, table, args.markdown)
     print(table)
     return 0
 

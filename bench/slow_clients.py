@@ -17,7 +17,8 @@ Starts `imgsearch serve` (default preset; on ../shared/datasets/london when pres
 2. Deadlines: a fresh server with --header-timeout and --body-timeout (the service's defaults unless
    given); --held connections held the same way until the server closes them, each watched.
 
-Writes bench/slow_clients.json and the section between the slow-clients markers in BENCHMARKS.md.
+Records the `slow_clients` section of bench/results.json and the section between the slow-clients
+markers in BENCHMARKS.md.
 Exit status 1 when a request failed (any answer but 200, or a transport error), a held connection
 was closed or answered in phase 1, or a connection was still open at the end of phase 2; 2 for bad
 arguments or an index that is not built.
@@ -29,28 +30,28 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import selectors
-import shlex
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+# bench/ is sys.path[0] for these scripts
+import harness
 import httpx
 import numpy as np
+import report
+import server
+from harness import ratio, summarise
+from server import process_tree, tree_rss_mb
 
-# bench/procstat.py: bench/ is sys.path[0] for these scripts
-from procstat import process_tree, stop_server, tree_rss_mb
-
-from app.core.config import Settings
+from common.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 LONDON = ROOT.parent / "shared" / "datasets" / "london"
@@ -66,37 +67,6 @@ FD_HEADROOM = 64  # this process's descriptors besides the held connections
 
 
 # --- pure helpers ---------------------------------------------------------------------------------
-
-
-def summarise(ms: Sequence[float]) -> dict[str, Any]:
-    """Count, p50, p99 and max of latencies in ms (None when there are none)."""
-    if not ms:
-        return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
-    a = np.asarray(ms, dtype=float)
-    return {
-        "n": len(a),
-        "p50_ms": round(float(np.percentile(a, 50)), 2),
-        "p99_ms": round(float(np.percentile(a, 99)), 2),
-        "max_ms": round(float(a.max()), 2),
-    }
-
-
-def ratio(held: float | None, none: float | None) -> float | None:
-    """held / none, None when either is missing or the base is not positive."""
-    if held is None or none is None or none <= 0:
-        return None
-    return round(held / none, 3)
-
-
-def replace_section(text: str, section: str) -> str:
-    """`text` with its slow-clients section replaced by `section`, or `section` put before the soak
-    section (or at the end when that is absent too)."""
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        return text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    if SOAK_BEGIN in text:
-        i = text.index(SOAK_BEGIN)
-        return text[:i] + section + "\n\n" + text[i:]
-    return text.rstrip("\n") + "\n\n" + section + "\n"
 
 
 def socket_state(sock: socket.socket) -> str:
@@ -130,21 +100,6 @@ def slow_body_start() -> bytes:
 # --- the machine and the server -------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    return "unknown"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def query_photo(data: Path) -> bytes:
     q = json.loads((data / "query" / "query.json").read_text())
     return (data / q["im_paths"][0]).read_bytes()
@@ -171,35 +126,24 @@ def wait_sockets(pid: int, done: Any, timeout: float) -> int:
         time.sleep(0.2)
 
 
-def server_env(data: Path, artifacts: Path, preset: str, port: int, header_s: float, body_s: float) -> dict[str, str]:
+def server_env(data: Path, artifacts: Path, preset: str, header_s: float, body_s: float) -> dict[str, str]:
     # The service's defaults for everything else: no IMGSEARCH_* setting of the caller's shell leaks in.
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
     return env | {
         "IMGSEARCH_DATA": str(data),
         "IMGSEARCH_ARTIFACTS": str(artifacts),
         "IMGSEARCH_PRESET": preset,
-        "IMGSEARCH_HOST": "127.0.0.1",
-        "IMGSEARCH_PORT": str(port),
         "IMGSEARCH_HEADER_TIMEOUT_S": f"{header_s:g}",
         "IMGSEARCH_BODY_TIMEOUT_S": f"{body_s:g}",
     }
 
 
-def start_server(env: dict[str, str], workers: int, log: IO[bytes]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cli.main", "serve", "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{env['IMGSEARCH_PORT']}"
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {log.name}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            raise SystemExit(f"server not ready after 600 s; see {log.name}")
-        time.sleep(0.5)
+@contextlib.contextmanager
+def started_server(env: dict[str, str], workers: int, log: IO[bytes]) -> Iterator[server.Server]:
+    """`imgsearch serve --workers N` on a free port, ready; stopped on leaving."""
+    with server.serving(env, ["--workers", str(workers)], log) as srv:
+        server.wait_ready(srv.url, srv.proc, srv.t0, 1, timeout=600)
+        yield srv
 
 
 # --- held connections -----------------------------------------------------------------------------
@@ -314,29 +258,36 @@ def watch_until_closed(held: Held, limit_s: float) -> dict[socket.socket, tuple[
 # --- measuring ------------------------------------------------------------------------------------
 
 
+class Refused(Exception):
+    """A request answered otherwise than 200 (or not at all): counted, not timed."""
+
+
 def measure_block(url: str, photo: bytes, n: int) -> tuple[dict[str, list[float]], dict[str, Counter[str]]]:
-    """n GET /healthz and n POST /search in turn, each on a new connection: latencies (ms) of the
+    """n GET /healthz and n POST /search in turns, each on a new connection: latencies (ms) of the
     200s and every outcome's count, by request."""
-    ms: dict[str, list[float]] = {"healthz": [], "search": []}
     outcomes: dict[str, Counter[str]] = {"healthz": Counter(), "search": Counter()}
     # Connection: close: each request connects anew, as a new client would.
     with httpx.Client(base_url=url, timeout=60, headers={"Connection": "close"}) as c:
-        for _ in range(n):
-            for name in ("healthz", "search"):
-                t0 = time.perf_counter()
+
+        def ask(name: str, send: Callable[[], httpx.Response]) -> Callable[[int], None]:
+            def call(_: int) -> None:
                 try:
-                    if name == "healthz":
-                        status = str(c.get("/healthz").status_code)
-                    else:
-                        files = {"file": ("q.jpg", photo, "image/jpeg")}
-                        status = str(c.post("/search", files=files, params={"k": 10}).status_code)
+                    status = str(send().status_code)
                 except httpx.TransportError as e:
                     status = f"transport:{type(e).__name__}"
-                dt = 1000 * (time.perf_counter() - t0)
                 outcomes[name][status] += 1
-                if status == "200":
-                    ms[name].append(dt)
-    return ms, outcomes
+                if status != "200":
+                    raise Refused(status)
+
+            return call
+
+        files = {"file": ("q.jpg", photo, "image/jpeg")}
+        calls = {
+            "healthz": ask("healthz", lambda: c.get("/healthz")),
+            "search": ask("search", lambda: c.post("/search", files=files, params={"k": 10})),
+        }
+        times = harness.in_turns(calls, range(n), skip=(Refused,))
+    return {name: [1000 * s for s in t.wall] for name, t in times.items()}, outcomes
 
 
 def warm_up(url: str, photo: bytes, pid: int, workers: int) -> None:
@@ -356,10 +307,8 @@ def n_failed(outcomes: dict[str, Counter[str]]) -> int:
 
 
 def phase_held(args: argparse.Namespace, env: dict[str, str], photo: bytes, log: IO[bytes]) -> dict[str, Any]:
-    port = int(env["IMGSEARCH_PORT"])
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(env, args.workers, log)
-    try:
+    with started_server(env, args.workers, log) as srv:
+        port, url, proc = srv.port, srv.url, srv.proc
         warm_up(url, photo, proc.pid, args.workers)
         base = server_sockets(proc.pid)
         rss_before = tree_rss_mb(proc.pid)  # no connection has been held yet
@@ -434,14 +383,11 @@ def phase_held(args: argparse.Namespace, env: dict[str, str], photo: bytes, log:
                 "kb_per_connection": round(1024 * (rss_held - rss_before) / args.held, 1) + 0.0,
             },
         }
-    finally:
-        stop_server(proc)
 
 
 def phase_deadlines(args: argparse.Namespace, env: dict[str, str], log: IO[bytes]) -> dict[str, Any]:
-    port = int(env["IMGSEARCH_PORT"])
-    proc = start_server(env, args.workers, log)
-    try:
+    with started_server(env, args.workers, log) as srv:
+        port, proc = srv.port, srv.proc
         t0 = time.monotonic()
         # Well past the later deadline: a connection still open then is a fault, not a slow close.
         limit = 2 * max(args.header_timeout, args.body_timeout) + 30
@@ -468,8 +414,6 @@ def phase_deadlines(args: argparse.Namespace, env: dict[str, str], log: IO[bytes
             out["server_alive"] = proc.poll() is None and r.status_code == 200
         out.setdefault("server_alive", False)
         return out
-    finally:
-        stop_server(proc)
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -519,17 +463,17 @@ def markdown(res: dict[str, Any]) -> str:
             f" {k['lifetime_p50_s']} / {k['lifetime_max_s']} | {k['answered']} |"
         )
 
-    return f"""{BEGIN}
-## Slow clients (`make bench-slow-clients`)
+    m = res["machine"]
+    return f"""## Slow clients (`make bench-slow-clients`)
 
 `imgsearch serve` (preset `{res["preset"]}`, data `{res["data"]}`, {res["workers"]} uvicorn worker(s)) with
 {res["held"]} connections held open by one client: {res["idle"]} idle (connected, nothing sent) and
 {res["slow"]} slow (the headers of a POST /search, then one body byte a second). Written by
-`bench/slow_clients.py` on {res["date"]}.
+`bench/slow_clients.py` on {res["created"]} (commit {res["commit"]}).
 
 - Command: `{res["command"]}`
-- Machine: {res["machine"]}; load average {load(res["load_avg_start"])} at the start,
-  {load(res["load_avg_end"])} at the end (other jobs share it: compare the ratios, not the times)
+- Machine: {report.describe(m)}; load average {load(m["load_avg_start"])} at the start,
+  {load(m["load_avg_end"])} at the end (other jobs share it: compare the ratios, not the times)
 
 **Latency with and without them.** Read deadlines of {HOLD_DEADLINE_S:g} s, so nothing is cut;
 {res["rounds"]} rounds, each measuring both (alternating which goes first) with {res["requests"]}
@@ -558,13 +502,7 @@ connection ({d["open_s"]} s to open all) until the server had closed the last of
 {closed("slow", f"body, {d['body_timeout_s']:g} s")}
 
 All closed: {d["all_closed"]}; server healthy afterwards: {d["server_alive"]}; verdict:
-{"pass" if res["passed"] else "FAIL"}.
-{END}"""
-
-
-def write_markdown(path: Path, res: dict[str, Any]) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    path.write_text(replace_section(text, markdown(res)), encoding="utf-8")
+{"pass" if res["passed"] else "FAIL"}."""
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -588,7 +526,7 @@ def server_log(name: str) -> Iterator[IO[bytes]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.presets import DEFAULT_PRESET, confs
+    from common.pipeline import ALL_PRESETS, DEFAULT_PRESET
 
     defaults = Settings.model_fields
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -601,8 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=25, help="requests of each kind per condition per round")
     p.add_argument("--header-timeout", type=float, default=defaults["header_timeout_s"].default)
     p.add_argument("--body-timeout", type=float, default=defaults["body_timeout_s"].default)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "slow_clients.json")
-    p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--out", type=Path, default=report.RESULTS)
+    p.add_argument("--markdown", type=Path, default=report.MARKDOWN)
     args = p.parse_args(argv)
 
     if not 1 <= args.workers <= 64:
@@ -617,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.parent.is_dir():  # found out before the run, not after it
             p.error(f"{flag} {path}: no folder {path.parent}")
     preset = args.preset or DEFAULT_PRESET
-    if preset not in confs:
+    if preset not in ALL_PRESETS:
         p.error(f"unknown --preset {preset!r}")
     data = args.data or (LONDON if (LONDON / "database" / "database.json").is_file() else None)
     if data is None:
@@ -638,23 +576,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     photo = query_photo(data)
-    load_start = [round(v, 2) for v in os.getloadavg()]
+    started = report.started("bench/slow_clients.py", argv)
     with server_log("held") as log:
-        env = server_env(data, args.artifacts, preset, free_port(), HOLD_DEADLINE_S, HOLD_DEADLINE_S)
+        env = server_env(data, args.artifacts, preset, HOLD_DEADLINE_S, HOLD_DEADLINE_S)
         print(f"phase 1: {args.held} held connections, {args.rounds} rounds; server log {log.name}", flush=True)
         held = phase_held(args, env, photo, log)
     with server_log("deadlines") as log:
-        env = server_env(data, args.artifacts, preset, free_port(), args.header_timeout, args.body_timeout)
+        env = server_env(data, args.artifacts, preset, args.header_timeout, args.body_timeout)
         limits = f"{args.header_timeout:g} / {args.body_timeout:g} s"
         print(f"phase 2: header / body deadlines {limits}; server log {log.name}", flush=True)
         deadline = phase_deadlines(args, env, log)
     deadline |= {"header_timeout_s": args.header_timeout, "body_timeout_s": args.body_timeout}
-    res: dict[str, Any] = {
-        "command": shlex.join(["python", "bench/slow_clients.py", *(sys.argv[1:] if argv is None else argv)]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{os.cpu_count()} cores, {platform.machine()}, {cpu_model()}",
-        "load_avg_start": load_start,
-        "load_avg_end": [round(v, 2) for v in os.getloadavg()],
+    res: dict[str, Any] = started | {
         "preset": preset,
         "data": data.name,
         "workers": args.workers,
@@ -673,8 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         and deadline["all_closed"]
         and deadline["server_alive"]
     )
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    write_markdown(args.markdown, res)
+    res = report.record("slow_clients", res, args.out)["slow_clients"]
+    report.write_markdown(BEGIN, END, markdown(res), args.markdown, before=SOAK_BEGIN)
     print(json.dumps({k: v for k, v in res.items() if k != "held_phase"} | {"latency": held["latency"]}, indent=2))
     return 0 if res["passed"] else 1
 

@@ -9,9 +9,9 @@ threads: valid query photos and invalid uploads (random bytes, truncated JPEG, o
 GIF/HTML/SVG labelled as images, PSD and EPS headers, a progressive JPEG with thousands of scans,
 empty, missing or duplicated field, bad k). Records the status counts, the number of 5xx and
 transport errors (both must be 0), the RSS of the server's processes after warm-up and at the end
-(the whole tree's and each worker's growth must stay under 5%), and p50/p99 latency. Writes
-bench/soak.json and the section between the soak markers in BENCHMARKS.md. Exit status 1 when a
-criterion fails.
+(the whole tree's and each worker's growth must stay under 5%), and p50/p99 latency. Records the
+`soak` section of bench/results.json and the section between the soak markers in BENCHMARKS.md.
+Exit status 1 when a criterion fails.
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ import argparse
 import io
 import json
 import os
-import platform
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,24 +30,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+# bench/ is sys.path[0] for these scripts
+import harness
 import httpx
-import numpy as np
+import report
+import server
+from server import process_tree, rss_mb, tree_rss_mb
 
-# bench/procstat.py: bench/ is sys.path[0] for these scripts
-from procstat import process_tree, rss_mb, stop_server, tree_rss_mb
-
-from app.core.config import Settings
+from common.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 LONDON = ROOT.parent / "shared" / "datasets" / "london"
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 MAX_RSS_GROWTH = 0.05
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def query_photos(data: Path, n: int) -> list[bytes]:
@@ -146,9 +138,7 @@ def run_load(url: str, reqs: list[Request], clients: int) -> dict[str, Any]:
         list(pool.map(worker, range(clients)))
     wall = time.perf_counter() - t0
 
-    def pct(v: list[float], q: float) -> float | None:
-        return round(1000 * float(np.percentile(v, q)), 1) if v else None
-
+    every, valid = (harness.summarise((1000 * t for t in v), digits=1) for v in (lat_all, lat_valid))
     return {
         "requests": len(reqs),
         "wall_s": round(wall, 1),
@@ -157,10 +147,10 @@ def run_load(url: str, reqs: list[Request], clients: int) -> dict[str, Any]:
         "by_kind": {k: dict(sorted(v.items())) for k, v in sorted(by_kind.items())},
         "n_5xx": sum(n for s, n in statuses.items() if s.startswith("5")),
         "n_transport_errors": sum(n for s, n in statuses.items() if s.startswith("transport")),
-        "p50_ms": pct(lat_all, 50),
-        "p99_ms": pct(lat_all, 99),
-        "valid_p50_ms": pct(lat_valid, 50),
-        "valid_p99_ms": pct(lat_valid, 99),
+        "p50_ms": every["p50_ms"],
+        "p99_ms": every["p99_ms"],
+        "valid_p50_ms": valid["p50_ms"],
+        "valid_p99_ms": valid["p99_ms"],
     }
 
 
@@ -170,7 +160,7 @@ def _rss_at(samples: list[tuple[float, float]], fraction: float) -> float:
     return next(r for t, r in samples if t >= fraction * t_end)
 
 
-def write_markdown(path: Path, res: dict[str, Any]) -> None:
+def markdown(res: dict[str, Any]) -> str:
     kinds = "\n".join(f"| {k} | {', '.join(f'{s}: {n}' for s, n in v.items())} |" for k, v in res["by_kind"].items())
     workers = ", ".join(f"{a} → {b} MB" for a, b in res["worker_rss_mb"]) + (
         f" (largest growth {res['worker_rss_growth_max_pct']:+.1f}%; workers replaced: {res['workers_replaced']})"
@@ -179,12 +169,12 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
         f"{res['rss_start_mb']} MB → {res['rss_end_mb']} MB ({res['rss_growth_pct']:+.1f}%,"
         f" peak {res['rss_peak_mb']} MB; second half of the load {res['rss_growth_second_half_pct']:+.1f}%)"
     )
-    md = f"""{BEGIN}
-## Soak (`make soak`)
+    return f"""## Soak (`make soak`)
 
 {res["requests"]} POST /search from {res["clients"]} concurrent clients against `imgsearch serve`
-(preset `{res["preset"]}`, data `{res["data"]}`, {res["workers"]} uvicorn worker(s), {res["machine"]}),
-mixing valid query photos (60%) and invalid uploads; written by `bench/soak.py` on {res["date"]}.
+(preset `{res["preset"]}`, data `{res["data"]}`, {res["workers"]} uvicorn worker(s), {report.describe(res["machine"])}),
+mixing valid query photos (60%) and invalid uploads; written by `bench/soak.py` on {res["created"]}
+(commit {res["commit"]}).
 
 | | |
 |---|---|
@@ -198,21 +188,14 @@ mixing valid query photos (60%) and invalid uploads; written by `bench/soak.py` 
 | server alive at the end | {res["server_alive"]} |
 | verdict | {"pass" if res["passed"] else "FAIL"} |
 
-Latency here is mostly queueing: {res["clients"]} clients keep 2 cores saturated, so a request waits
-behind the others; the unloaded latency is in the benchmark above.
+Latency here is mostly queueing: {res["clients"]} clients keep {res["machine"]["cores"]} cores saturated, so a request
+waits behind the others; the unloaded latency is in the benchmark above.
 
 Statuses by kind of request:
 
 | kind | statuses |
 |---|---|
-{kinds}
-{END}"""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + md + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + md + "\n"
-    path.write_text(text, encoding="utf-8")
+{kinds}"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,43 +207,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--warmup", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "soak.json")
-    p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--out", type=Path, default=report.RESULTS)
+    p.add_argument("--markdown", type=Path, default=report.MARKDOWN)
     args = p.parse_args(argv)
 
-    from common.presets import DEFAULT_PRESET
+    from common.pipeline import DEFAULT_PRESET
 
     data = args.data or (LONDON if (LONDON / "database" / "database.json").is_file() else None)
     if data is None:
         p.error(f"no --data given and the London data is missing at {LONDON}")
     preset = args.preset or DEFAULT_PRESET
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = os.environ | {
-        "IMGSEARCH_DATA": str(data),
-        "IMGSEARCH_ARTIFACTS": str(args.artifacts),
-        "IMGSEARCH_PRESET": preset,
-        "IMGSEARCH_HOST": "127.0.0.1",
-        "IMGSEARCH_PORT": str(port),
-    }
+    started = report.started("bench/soak.py", argv)
+    env = os.environ | {"IMGSEARCH_DATA": str(data), "IMGSEARCH_ARTIFACTS": str(args.artifacts)}
+    env |= {"IMGSEARCH_PRESET": preset}
     env.pop("IMGSEARCH_MAX_UPLOAD_MB", None)  # the default 10 MB cap: the over-cap uploads below rely on it
     # The server's request log (about 7 MB for 20,000 requests) goes to the temp folder, not the repo.
-    log = open(Path(tempfile.gettempdir()) / "imgsearch-soak-server.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve"], cwd=ROOT, env=env, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("server not ready after 600 s (is the index built? `make build`)")
-            time.sleep(0.5)
-
+    with (
+        open(Path(tempfile.gettempdir()) / "imgsearch-soak-server.log", "wb") as log,
+        server.serving(env, log=log) as srv,
+    ):
+        proc, url = srv.proc, srv.url
+        server.wait_ready(url, proc, srv.t0, 1, timeout=600)
         rng = random.Random(args.seed)
         photos = query_photos(data, 200)
         over_cap = 10 * 1024 * 1024 + 100 * 1024
@@ -287,52 +254,47 @@ def main(argv: list[str] | None = None) -> int:
         sampler.join()
         alive = proc.poll() is None and httpx.get(url + "/healthz", timeout=5).status_code == 200
         rss_end = tree_rss_mb(proc.pid) if proc.poll() is None else float("nan")
-        growth = (rss_end - rss_start) / rss_start
         # Each worker that lived through the load (one restarted by its supervisor would start afresh).
         workers_end = {pid: rss_mb(pid) for pid in process_tree(proc.pid) if pid in workers_start}
-        worker_growth = {pid: workers_end[pid] / workers_start[pid] - 1 for pid in workers_end}
-        worst_worker = max(worker_growth.values(), default=float("nan"))
-        res |= {
-            "clients": args.clients,
-            "workers": Settings().workers,  # what the server started with: the same environment
-            "preset": preset,
-            "data": data.name,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{os.cpu_count()} cores, {platform.machine()}",
-            "rss_start_mb": round(rss_start, 1),
-            "rss_end_mb": round(rss_end, 1),
-            "rss_peak_mb": round(max(r for _, r in samples), 1),
-            "rss_growth_pct": round(100 * growth, 2),
-            # Growth over the second half of the load only: a plateau (allocator arenas filled during
-            # the first half) shows ~0 here, a leak keeps growing at the same rate.
-            "rss_growth_second_half_pct": round(100 * (rss_end / _rss_at(samples, 0.5) - 1), 2),
-            "rss_samples_mb": [[round(t), round(r, 1)] for t, r in samples[:: max(1, len(samples) // 40)]],
-            "worker_rss_mb": [[round(workers_start[p], 1), round(workers_end[p], 1)] for p in sorted(workers_end)],
-            "worker_rss_growth_max_pct": round(100 * worst_worker, 2),
-            "workers_replaced": len(workers_start) - len(workers_end),
-            "server_alive": alive,
-            "criteria": {
-                "n_5xx": "== 0",
-                "n_transport_errors": "== 0",
-                "rss_growth": f"< {MAX_RSS_GROWTH:.0%}",
-                "worker_rss_growth": f"< {MAX_RSS_GROWTH:.0%} each",
-            },
-        }
-        res["passed"] = bool(
-            alive
-            and res["n_5xx"] == 0
-            and res["n_transport_errors"] == 0
-            and growth < MAX_RSS_GROWTH
-            and worst_worker < MAX_RSS_GROWTH
-            and res["workers_replaced"] == 0
-        )
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
-        write_markdown(args.markdown, res)
-        print(json.dumps(res, indent=2))
-        return 0 if res["passed"] else 1
-    finally:
-        stop_server(proc)
-        log.close()
+    growth = (rss_end - rss_start) / rss_start
+    worker_growth = {pid: workers_end[pid] / workers_start[pid] - 1 for pid in workers_end}
+    worst_worker = max(worker_growth.values(), default=float("nan"))
+    res |= {
+        "clients": args.clients,
+        "workers": Settings().workers,  # what the server started with: the same environment
+        "preset": preset,
+        "data": data.name,
+        "rss_start_mb": round(rss_start, 1),
+        "rss_end_mb": round(rss_end, 1),
+        "rss_peak_mb": round(max(r for _, r in samples), 1),
+        "rss_growth_pct": round(100 * growth, 2),
+        # Growth over the second half of the load only: a plateau (allocator arenas filled during
+        # the first half) shows ~0 here, a leak keeps growing at the same rate.
+        "rss_growth_second_half_pct": round(100 * (rss_end / _rss_at(samples, 0.5) - 1), 2),
+        "rss_samples_mb": [[round(t), round(r, 1)] for t, r in samples[:: max(1, len(samples) // 40)]],
+        "worker_rss_mb": [[round(workers_start[p], 1), round(workers_end[p], 1)] for p in sorted(workers_end)],
+        "worker_rss_growth_max_pct": round(100 * worst_worker, 2),
+        "workers_replaced": len(workers_start) - len(workers_end),
+        "server_alive": alive,
+        "criteria": {
+            "n_5xx": "== 0",
+            "n_transport_errors": "== 0",
+            "rss_growth": f"< {MAX_RSS_GROWTH:.0%}",
+            "worker_rss_growth": f"< {MAX_RSS_GROWTH:.0%} each",
+        },
+    }
+    res["passed"] = bool(
+        alive
+        and res["n_5xx"] == 0
+        and res["n_transport_errors"] == 0
+        and growth < MAX_RSS_GROWTH
+        and worst_worker < MAX_RSS_GROWTH
+        and res["workers_replaced"] == 0
+    )
+    res = report.record("soak", started | res, args.out)["soak"]
+    report.write_markdown(BEGIN, END, markdown(res), args.markdown)
+    print(json.dumps(res, indent=2))
+    return 0 if res["passed"] else 1
 
 
 if __name__ == "__main__":

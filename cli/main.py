@@ -1,21 +1,32 @@
-"""One command line for every stage: imgsearch {data,train,index,build,evaluate,serve}.
+"""One command line for every stage: imgsearch {presets,data,train,index,build,evaluate,serve}.
 
-Settings come from IMGSEARCH_* variables (see the README); flags override them.
+Settings come from IMGSEARCH_* variables (common/settings.py, the README); flags override them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from app.core.config import Settings
-from common.presets import UnknownPresetError, confs
+from common.pipeline import ABLATIONS, ALL_PRESETS, PRESETS, UnknownPresetError, get_pipeline
+from common.settings import Settings
+
+if TYPE_CHECKING:
+    from dataset.layout import Dataset
+
+# The project's own loggers: INFO by default; other libraries' (faiss's loader, Ray, TensorFlow) only with -v.
+OWN_LOGGERS = ("app", "cli", "cluster", "common", "dataset", "evaluation", "features", "indexer", "model", "retrieval")
 
 # What the optional extras of pyproject.toml install: `train` (Keras models, the evaluation's figures)
 # and `ray` (the cluster engine).
@@ -24,7 +35,7 @@ EXTRAS = {"tensorflow": "train", "keras": "train", "matplotlib": "train", "ray":
 
 # uvicorn's supervisor kills a worker that does not answer its ping within this time (its default: 5 s).
 # A worker loading a million-entry index holds the GIL in long calls; on a slow host that passed 5 s,
-# and the workers were killed and started again in a loop (bench/million.py, 103 times in 12 minutes).
+# and the workers were killed and started again in a loop (bench/million.py).
 WORKER_PING_TIMEOUT_S = 60
 
 
@@ -53,11 +64,46 @@ def _domain_errors(command: str) -> tuple[type[Exception], ...]:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    over = {k: v for k, v in {"data": args.data, "artifacts": args.artifacts, "preset": args.preset}.items() if v}
-    return Settings(**over)
+    """The settings: IMGSEARCH_* variables, with the command's flags over them."""
+    flags = {name: getattr(args, name, None) for name in ("data", "artifacts", "preset", "workers")}
+    return Settings(**{k: v for k, v in flags.items() if v is not None})
 
 
-def _dataset(s: Settings):
+@dataclass(frozen=True)
+class AppFactory:
+    """uvicorn's app factory for `imgsearch serve`: the validated settings, pickled to each worker. The
+    app is imported in the worker: the supervisor holds none of NumPy, FAISS or OpenCV."""
+
+    settings: Settings
+
+    def __call__(self) -> Any:
+        from app.main import create_app
+
+        return create_app(self.settings)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """The presets a user picks from (--all: the ablations behind the results table too), each as
+    its stage choices; --json: the typed confs."""
+    names = list(ALL_PRESETS if args.all else PRESETS)
+    if args.json:
+        print(json.dumps({n: get_pipeline(n).model_dump(mode="json") for n in names}, indent=1))
+        return 0
+    stages = ("features", "vector", "encoder", "index", "verify", "expand")
+    rows = [["preset", *stages]] + [
+        [n, *(str(ALL_PRESETS[n].get(st) or ("auto" if st == "index" else "-")) for st in stages)] for n in names
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        if args.all and i == len(PRESETS) + 1:
+            print("ablations:")
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if not args.all:
+        print(f"{len(ABLATIONS)} ablations more: imgsearch presets --all")
+    return 0
+
+
+def _dataset(s: Settings) -> Dataset:
     from cli.stages import ensure_data
     from dataset.layout import load_dataset
 
@@ -121,18 +167,40 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cli.stages import run_index
+    """The one evaluation (evaluation/evaluate.py): presets in process, or with --url a running
+    service's answers to POST /search scored here; the same summary either way."""
     from evaluation import compare
-    from indexer.store import data_dir
+    from indexer import store
 
     s = _settings(args)
     dataset = _dataset(s)
-    presets = args.presets or [s.preset]
-    out = args.out or data_dir(s.artifacts, dataset.root) / "evaluation"
-    versions = {p: run_index(p, dataset, s.artifacts, args.jobs) for p in presets}  # builds what is missing
+    if args.url:
+        import httpx
+
+        from evaluation.evaluate import evaluate_service, held_out_rows
+
+        if args.concurrency < 1:
+            print("imgsearch: error: --concurrency must be >= 1", file=sys.stderr)
+            return 2
+        split_file = args.split_file
+        if split_file is None and args.split != "all":  # the split saved with the served index
+            split_file = store.current_version(store.index_family(s.artifacts, s.data_root, s.preset)) / "split.json"
+        rows = held_out_rows(dataset, args.split, split_file)
+        try:
+            summary = evaluate_service(args.url, dataset, rows, args.split, args.concurrency).summary
+        except httpx.HTTPError as e:
+            print(f"imgsearch: error: {args.url}: {e}", file=sys.stderr)
+            return 3
+        print(json.dumps(summary, indent=1) if args.json else compare.markdown_table({args.url: summary}, "–"))
+        return 0
+    from cli.stages import run_index
+
+    out = args.out or store.data_dir(s.artifacts, dataset.root) / "evaluation"
+    # run_index builds whatever is missing
+    versions = {p: run_index(p, dataset, s.artifacts, args.jobs) for p in args.presets or [s.preset]}
     md = compare.main(versions, dataset, out, baseline=args.baseline, split_name=args.split)
-    print(md.read_text(encoding="utf-8"))
-    print(f"written to {out}")
+    print((out / "results.json" if args.json else md).read_text(encoding="utf-8"))
+    print(f"written to {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -152,18 +220,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         serving.run(_settings(args), args.address, args.replicas, ready=lambda m: print(m, flush=True))
         return 0
-    if args.workers is not None:
-        os.environ["IMGSEARCH_WORKERS"] = str(args.workers)  # validated with the other settings
+    from app.core.server import Deadlines
+
     s = _settings(args)
     logging.config.dictConfig(log_config(s.log_format))
     if s.log_format == "json":
         route_stderr_to_log()
     # Inherited by the workers: each may hold max_connections sockets.
     raise_open_files_limit(s.max_connections)
-    # The workers build their app with app.main:create_app() from the environment: hand the flags down.
-    for name in ("data", "artifacts", "preset"):
-        if getattr(args, name):
-            os.environ[f"IMGSEARCH_{name.upper()}"] = str(getattr(args, name))
     # Backstop inside OpenCV for the header check in features/decode.py (read at the first decode).
     os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
     # prometheus_client picks its mode when it is first imported (in the workers, after this), from
@@ -177,7 +241,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
         logging.getLogger(__name__).info("%d workers; prometheus multiprocess folder %s", s.workers, prom_dir)
     try:
-        serve = dict(
+        # The settings travel to the workers inside the app factory and the protocol (uvicorn pickles its
+        # config to the processes it spawns), so every worker serves what this process validated.
+        app = AppFactory(s)
+        serve: dict[str, Any] = dict(  # the keyword arguments of uvicorn.run and of uvicorn.Config
             factory=True,
             host=s.host,
             port=s.port,
@@ -186,18 +253,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level="info",
             access_log=False,  # replaced by the request log line of app.core.observability
             timeout_worker_healthcheck=WORKER_PING_TIMEOUT_S,
-            # Header and body read deadlines; the class travels to spawned workers by reference and
-            # reads its IMGSEARCH_* settings there.
-            http=DeadlineProtocol,
+            # Header and body read deadlines.
+            http=functools.partial(DeadlineProtocol, deadlines=Deadlines.from_settings(s)),
             # Requests past this many connections (or running requests) in a worker are answered 503.
             limit_concurrency=s.max_connections,
         )
         if s.workers == 1:
-            uvicorn.run("app.main:create_app", **serve)
+            uvicorn.run(app, **serve)
         else:  # uvicorn's supervisor, but the first worker serves before the others start
             from cli.supervisor import FirstWorkerFirst
 
-            conf = uvicorn.Config("app.main:create_app", **serve)
+            conf = uvicorn.Config(app, **serve)
             with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
                 FirstWorkerFirst(conf, sockets=[conf.bind_socket()]).run()
     finally:
@@ -208,12 +274,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imgsearch", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="also other libraries' INFO logs")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--data", type=Path, help="data folder in the course layout (env IMGSEARCH_DATA)")
         sp.add_argument("--artifacts", type=Path, help="artifacts folder (env IMGSEARCH_ARTIFACTS)")
-        sp.add_argument("--preset", choices=sorted(confs), help="pipeline preset (env IMGSEARCH_PRESET)")
+        sp.add_argument(
+            "--preset", metavar="NAME", help="pipeline preset (env IMGSEARCH_PRESET; list: imgsearch presets)"
+        )
 
     def jobs(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -228,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="embedded: this machine (default); ray: a Ray cluster (pip install '.[ray]')",
         )
         sp.add_argument("--address", default=None, help="ray: the cluster's address (default: RAY_ADDRESS or local)")
+
+    sp = sub.add_parser("presets", help="list the pipeline presets and their stage choices")
+    sp.add_argument("--all", action="store_true", help="the ablations behind the results table too")
+    sp.add_argument("--json", action="store_true", help="print the typed stage confs")
+    sp.set_defaults(func=cmd_presets)
 
     sp = sub.add_parser("data", help="generate the synthetic demo data set")
     common(sp)
@@ -267,14 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_build)
 
     sp = sub.add_parser(
-        "evaluate", help="build (if needed) and compare presets on the held-out area split: table and plots"
+        "evaluate",
+        help="evaluate on held-out queries: presets compared in process (built if needed), or a running service",
     )
     common(sp)
     jobs(sp)
-    sp.add_argument("--presets", nargs="+", choices=sorted(confs), help="presets to compare (default: --preset)")
-    sp.add_argument("--baseline", default="orb-bow", help="preset for the per-query sign test (default orb-bow)")
-    sp.add_argument("--split", choices=["train", "val", "test"], default="test")
+    sp.add_argument("--presets", nargs="+", metavar="NAME", help="presets to compare (default: --preset)")
+    sp.add_argument("--baseline", default="bow", help="preset for the per-query sign test (default bow)")
+    sp.add_argument("--split", choices=["train", "val", "test", "all"], default="test", help="all: every query")
     sp.add_argument("--out", type=Path, help="output folder (default: <artifacts>/<data>/evaluation)")
+    sp.add_argument("--url", help="score the answers of the service running there (POST /search) instead")
+    sp.add_argument("--split-file", type=Path, help="--url: split.json to use (default: the served index's)")
+    sp.add_argument("--concurrency", type=int, default=2, help="--url: requests in flight (default 2)")
+    sp.add_argument("--json", action="store_true", help="print the figures as JSON")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("serve", help="serve the HTTP API")
@@ -289,8 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
     for flag in ("jobs", "workers", "shards", "actors", "replicas"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             print(f"imgsearch: error: --{flag} must be >= 1", file=sys.stderr)
@@ -301,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"imgsearch: error: --{flag} is for --engine {only}", file=sys.stderr)
             return 2
     try:
-        return args.func(args)
+        command: Callable[[argparse.Namespace], int] = args.func  # the sub-command's cmd_* function
+        return command(args)
     except ValidationError as e:
         msgs = "; ".join(f"IMGSEARCH_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
         print(f"imgsearch: invalid settings: {msgs}", file=sys.stderr)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from common.presets import get_conf
+from common.pipeline import Pipeline, get_pipeline
 from common.threads import single_threaded
 from dataset import synthetic
 from dataset.layout import Dataset, load_dataset
@@ -33,29 +32,29 @@ def ensure_data(data: Path | None, demo_dir: Path) -> Path:
     return synthetic.main(demo_dir, synthetic.confs["demo"])
 
 
-def _vectors_and_model(conf: dict, dataset: Dataset, out_root: Path, jobs: int | None) -> tuple[Path, Path]:
+def _vectors_and_model(conf: Pipeline, dataset: Dataset, out_root: Path, jobs: int | None) -> tuple[Path, Path]:
     vectors_path = vectors.main(conf, dataset, out_root, jobs)
     return vectors_path, train.main(conf, dataset, vectors_path, out_root)
 
 
 def run_train(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None = None) -> Path:
     """The preset's model folder, with the vectors it needs, made when missing."""
-    return _vectors_and_model(get_conf(preset), dataset, store.data_dir(artifacts, dataset.root), jobs)[1]
+    return _vectors_and_model(get_pipeline(preset), dataset, store.data_dir(artifacts, dataset.root), jobs)[1]
 
 
-def _current_matches(family: Path, model_dir: Path, conf: dict, shards: int | None) -> Path | None:
+def _current_matches(family: Path, model_dir: Path, conf: Pipeline, shards: int | None) -> Path | None:
     try:
         current = store.current_version(family)
         manifest = json.loads((current / "manifest.json").read_text(encoding="utf-8"))
     except (store.IndexLoadError, OSError, json.JSONDecodeError):
         return None  # nothing usable yet: build it
-    same = manifest.get("model") == model_dir.name and manifest.get("conf") == conf
+    same = manifest.get("model") == model_dir.name and manifest.get("conf") == conf.to_json()
     return current if same and shards in (None, manifest.get("shards", 1)) else None
 
 
 # Computes the map images' embeddings and keypoints elsewhere (cluster/indexing.py on Ray):
-# (conf, dataset, vectors file, model folder) -> MapArrays.
-Engine = Callable[[dict[str, Any], Dataset, Path, Path], index_build.MapArrays]
+# (pipeline, dataset, vectors file, model folder) -> MapArrays.
+Engine = Callable[[Pipeline, Dataset, Path, Path], index_build.MapArrays]
 
 
 def run_index(
@@ -70,7 +69,7 @@ def run_index(
     """The current index version of `preset`, built and published unless one of the same model and
     settings (and `shards`, if given) is current already (or `force`). The model is trained here;
     `engine`, if given, embeds the map images (default: this process and `jobs` workers)."""
-    conf = get_conf(preset)
+    conf = get_pipeline(preset)
     out_root = store.data_dir(artifacts, dataset.root)
     vectors_path, model_dir = _vectors_and_model(conf, dataset, out_root, jobs)
     if not force and (current := _current_matches(store.family_dir(out_root, preset), model_dir, conf, shards)):
@@ -85,7 +84,7 @@ def run_index(
             val = analyse_queries(Searcher(staged.loaded), dataset, split["val"])
             if staged.loaded.verifier is not None:
                 staged.set_verify_head(fit_verify_head(Searcher(staged.loaded), dataset, val))
-                if conf["verify"].get("expand"):
+                if conf.expand is not None:
                     staged.set_expand_prior(fit_expand_prior(Searcher(staged.loaded), dataset, val))
             staged.set_location_head(fit_location_head(Searcher(staged.loaded), dataset, val))
             # Retrieval quality of this index on held-out queries, computed once here, served by the API.

@@ -3,10 +3,9 @@ pings), except that the first worker starts alone and the others once it serves.
 
 Why: each worker imports the stack and loads the index on its own. Started all at once on a host with
 fewer cores than workers, they share the cores until nearly all have loaded, and the first answer
-waits for that (3 workers on 2 cores: 3.2-4.1 s to the first /readyz = 200, against 1.7-1.8 s for one
-worker; BENCHMARKS.md, issue 14, seventh step). Started first, one worker serves in about the time it
-needs alone, and the others come up behind it while it answers; the last is ready later than when
-all start at once (4.6 s against 3.2-4.1 s there), the price of the earlier first answer.
+waits for that (about twice the time one worker needs, with 3 workers on 2 cores). Started first, one
+worker serves in about the time it needs alone, and the others come up behind it while it answers;
+the last is ready somewhat later than when all start at once, the price of the earlier first answer.
 """
 
 from __future__ import annotations

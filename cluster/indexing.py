@@ -10,13 +10,14 @@ Every node reads the images and the model from the same paths: on a real cluster
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import numpy as np
 
 from common.files import npz_arrays, npz_bytes
-from common.presets import verify_features_conf
+from common.pipeline import Pipeline
 from common.threads import single_threaded_kernels
 from dataset.layout import Dataset
 from features.orb import OrbFeatures
@@ -35,11 +36,11 @@ class Embedder:
     """A Ray Data actor: loads the vectorizer and encoder once and uses one library thread, since the
     actor pool (one actor per CPU) is the parallelism."""
 
-    def __init__(self, conf: dict[str, Any], vectorizer_file: str, encoder_file: str) -> None:
+    def __init__(self, conf: Pipeline, vectorizer_file: str, encoder_file: str) -> None:
         single_threaded_kernels()
         self.conf = conf
-        self.vconf = verify_features_conf(conf) if conf["verify"] is not None else None
-        self.vectorizer = Vectorizer.load(Path(vectorizer_file), conf["vector"])
+        self.vconf = conf.verify_features if conf.verify is not None else None
+        self.vectorizer = Vectorizer.load(Path(vectorizer_file), conf.vector)
         self.encoder = NumpyEncoder.load(Path(encoder_file))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -66,7 +67,7 @@ def _unpack(blob: bytes) -> tuple[OrbFeatures, np.ndarray]:
 
 
 def embed_map_images(
-    conf: dict[str, Any], dataset: Dataset, vectors_path: Path, model_dir: Path, actors: int | None = None
+    conf: Pipeline, dataset: Dataset, vectors_path: Path, model_dir: Path, actors: int | None = None
 ) -> MapArrays:
     """The engine of `imgsearch index --engine ray` (cli/stages.py: Engine): the model of `model_dir`
     and the vectorizer fitted beside `vectors_path`."""
@@ -74,7 +75,7 @@ def embed_map_images(
 
 
 def embed_with(
-    conf: dict[str, Any], dataset: Dataset, vectorizer_file: Path, encoder_file: Path, actors: int | None = None
+    conf: Pipeline, dataset: Dataset, vectorizer_file: Path, encoder_file: Path, actors: int | None = None
 ) -> MapArrays:
     """MapArrays of every map image, computed on the Ray cluster this process is connected to
     (ray.init first) by `actors` actors of one CPU each (default: one per CPU of the cluster)."""
@@ -101,9 +102,11 @@ def embed_with(
     ok = np.zeros(n, bool)
     seen = np.zeros(n, bool)
     keypoints: list[tuple[OrbFeatures, np.ndarray] | None] = [None] * n
-    for batch in out.iter_batches(batch_size=256, batch_format="numpy"):
+    # batch_format="numpy": each batch is column -> array (Ray's type is the union of every format)
+    batches = cast(Iterable[dict[str, np.ndarray]], out.iter_batches(batch_size=256, batch_format="numpy"))
+    for batch in batches:
         ids = batch["id"].astype(np.int64)
-        embeddings[ids] = np.stack(batch["embedding"])
+        embeddings[ids] = np.stack(list(batch["embedding"]))
         ok[ids], seen[ids] = batch["ok"], True
         for i, blob in zip(ids, batch.get("keypoints", [None] * len(ids)), strict=True):
             if blob is not None:
@@ -111,7 +114,7 @@ def embed_with(
     if not seen.all():
         raise RuntimeError(f"the Ray pipeline returned {int(seen.sum())} of {n} map images")
     map_features = None
-    if conf["verify"] is not None:
+    if conf.verify is not None:
         kp = [k for k in keypoints if k is not None]
         map_features = MapFeatures.build(list(range(n)), [f for f, _ in kp], [w for _, w in kp])
     log.info("embedded %d map images on the Ray cluster with %d actors", n, actors)

@@ -19,23 +19,23 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import RayServeException
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
-from app.core.config import Settings
 from app.main import create_app
 from cluster import connect
+from common.settings import Settings
 from common.threads import single_threaded_kernels
 from features.orb import OrbFeatures
 from indexer import store
 from retrieval.live import LiveIndex, NotReadyError
-from retrieval.searcher import Hit, ShardClient
-from retrieval.shards import Answer, ShardServer, gather_inliers, head_index, merge_hits
+from retrieval.searcher import Hit
+from retrieval.shards import Answer, ShardCalls, ShardServer, gather_inliers, head_index, merge_hits
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,14 @@ SHARD_TIMEOUT_S = 10.0
 SETTINGS_FIELDS = ("data", "artifacts", "preset", "max_upload_mb", "utm_epsg", "log_format", "host", "allowed_hosts")
 
 
-class RayShards(ShardClient):
+class RayShards(ShardCalls):
     """The head's view of the shard deployments: calls them all at once, waits, merges."""
 
-    def __init__(self, handles: list[DeploymentHandle], timeout_s: float = SHARD_TIMEOUT_S) -> None:
+    def __init__(self, handles: list[DeploymentHandle[Any]], timeout_s: float = SHARD_TIMEOUT_S) -> None:
         self.handles = handles
         self.timeout_s = timeout_s
 
-    def _wait(self, shard: int, response: DeploymentResponse) -> Any:
+    def _wait(self, shard: int, response: DeploymentResponse[Any] | DeploymentResponseGenerator[Any]) -> Any:
         try:
             return response.result(timeout_s=self.timeout_s)
         except RayTaskError as e:
@@ -97,7 +97,7 @@ class Shard:
 class Ingress:
     """The FastAPI app of the embedded service over the head of the sharded index."""
 
-    def __init__(self, settings: dict[str, Any], admin_key: str | None, shards: list[DeploymentHandle]) -> None:
+    def __init__(self, settings: dict[str, Any], admin_key: str | None, shards: list[DeploymentHandle[Any]]) -> None:
         self.settings = Settings(**settings, admin_key=admin_key)
         self.shards = shards
 
@@ -148,7 +148,9 @@ def application(settings: Settings, replicas: int | None = None, max_replicas: i
     ingress, `replicas` of it or (None) autoscaled from 1 to `max_replicas` on ongoing requests."""
     shards = _shard_count(settings)
     family = store.index_family(settings.artifacts, settings.data_root, settings.preset).resolve()
-    bound = [Shard.options(name=f"Shard{i}").bind(str(family), i, shards) for i in range(shards)]
+    # @serve.deployment made Shard a Deployment (mypy keeps a decorated class's own type)
+    shard_deployment = cast(serve.Deployment, Shard)
+    bound = [shard_deployment.options(name=f"Shard{i}").bind(str(family), i, shards) for i in range(shards)]
     values = {f: getattr(settings, f) for f in SETTINGS_FIELDS}
     values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
     values["artifacts"] = str(Path(values["artifacts"]).resolve())
@@ -160,7 +162,7 @@ def application(settings: Settings, replicas: int | None = None, max_replicas: i
         if replicas is not None
         else {"autoscaling_config": {"min_replicas": 1, "max_replicas": max_replicas, "target_ongoing_requests": 2}}
     )
-    ingress = serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0.5}, **scaling)
+    ingress = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, **scaling)(Ingress)
     return ingress.bind(values, key, bound)
 
 

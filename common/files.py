@@ -22,7 +22,7 @@ import weakref
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -166,7 +166,7 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     """The bytes of an uncompressed .npz holding `arrays` (no pickles: every reader passes
     allow_pickle=False)."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, allow_pickle=True, **arrays)  # numpy's default, named so that no array takes its place
     return buf.getvalue()
 
 
@@ -208,20 +208,21 @@ def mapped_npz(path: Path) -> dict[str, np.ndarray]:
             if int(np.prod(shape)) == 0:
                 out[name] = np.zeros(shape, dtype)
                 continue
-            order = "F" if fortran else "C"
-            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+            order: Literal["F", "C"] = "F" if fortran else "C"
+            mapped = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+            out[name] = mapped
             handle = handle or _ReadHandle(path)
             with _HANDLES_LOCK:
-                _HANDLES[out[name].base] = handle
+                # a fresh np.memmap's base is the mmap.mmap it maps (numpy's stubs say only "an array or None")
+                _HANDLES[cast(mmap.mmap, mapped.base)] = handle
     return out
 
 
 class _ReadHandle:
     """A read-only descriptor of a file mapped by mapped_npz, open as long as an array maps it.
 
-    read_rows reads through it rather than opening the file per call: on these machines an open,
-    its advice and its close cost 0.14-0.21 ms, more than the 30 rows a query reads (BENCHMARKS.md,
-    issue 14's thirteenth step). It is opened with the mapping, so a version whose folder is removed
+    read_rows reads through it rather than opening the file per call: an open, its advice and its close
+    cost more than the 30 rows a query reads. It is opened with the mapping, so a version whose folder is removed
     while a worker still serves it reads on from the file it mapped."""
 
     __slots__ = ("__weakref__", "fd")
@@ -252,8 +253,8 @@ def read_rows(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
     Two passes: every range is first read only if the page cache holds it (RWF_NOWAIT, no disk
     wait); the kernel is then asked for all the missing ranges at once (POSIX_FADV_WILLNEED) before
     they are read, so that a query's cold rows wait on the disk together rather than one after
-    another. Cold rows are the rule on hosts that reclaim idle page cache (BENCHMARKS.md, issue 14's
-    twelfth step: DAMON pages out what went unread for a minute)."""
+    another. Cold rows are the rule on hosts that reclaim idle page cache (DAMON, for one, pages out
+    what went unread for a minute)."""
     starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
     lens = ends - starts
     out = np.empty((int(lens.sum()), *a.shape[1:]), a.dtype)

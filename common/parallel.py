@@ -7,24 +7,25 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from tqdm import tqdm
 
 from common.threads import single_threaded_kernels
 
 T = TypeVar("T")
+C = TypeVar("C")  # the conf fn is given with each file: anything picklable
 
 
-def _apply(job: tuple[Callable[[str, dict[str, Any]], T], str, dict[str, Any]]) -> T:
+def _apply(job: tuple[Callable[[str, C], T], str, C]) -> T:
     fn, path, conf = job
     return fn(path, conf)
 
 
 def map_files(
-    fn: Callable[[str, dict[str, Any]], T],
+    fn: Callable[[str, C], T],
     paths: Iterable[Path],
-    conf: dict[str, Any],
+    conf: C,
     jobs: int | None = None,
     desc: str = "features",
 ) -> Iterator[T]:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "accuracy_within_margin",
@@ -39,7 +40,7 @@ __all__ = [
 # validation helpers
 
 
-def _check_ranked(ranked: Any, ndb: int | None = None) -> np.ndarray:
+def _check_ranked(ranked: npt.ArrayLike, ndb: int | None = None) -> np.ndarray:
     ranked = np.asarray(ranked)
     if ranked.ndim != 2:
         raise ValueError(f"ranked must be a 2-D (nq, K) array, got shape {ranked.shape}")
@@ -57,7 +58,7 @@ def _check_ranked(ranked: Any, ndb: int | None = None) -> np.ndarray:
     return ranked
 
 
-def _check_matrix(name: str, m: Any, nq: int) -> np.ndarray:
+def _check_matrix(name: str, m: npt.ArrayLike, nq: int) -> np.ndarray:
     m = np.asarray(m)
     if m.ndim != 2:
         raise ValueError(f"{name} must be a 2-D (nq, ndb) array, got shape {m.shape}")
@@ -66,14 +67,14 @@ def _check_matrix(name: str, m: Any, nq: int) -> np.ndarray:
     return m
 
 
-def _check_relevance(relevance: Any, nq: int) -> np.ndarray:
+def _check_relevance(relevance: npt.ArrayLike, nq: int) -> np.ndarray:
     relevance = _check_matrix("relevance", relevance, nq)
     if relevance.dtype != bool:
         raise ValueError(f"relevance must be a bool array, got dtype {relevance.dtype}")
     return relevance
 
 
-def _check_gains(gains: Any, nq: int) -> np.ndarray:
+def _check_gains(gains: npt.ArrayLike, nq: int) -> np.ndarray:
     gains = _check_matrix("gains", gains, nq)
     if not (np.issubdtype(gains.dtype, np.floating) or np.issubdtype(gains.dtype, np.integer)):
         raise ValueError(f"gains must be a float array, got dtype {gains.dtype}")
@@ -89,7 +90,7 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
-def _check_1d_pair(a: Any, b: Any, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+def _check_1d_pair(a: npt.ArrayLike, b: npt.ArrayLike, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(a)
     b = np.asarray(b)
     for name, x in zip(names, (a, b), strict=True):
@@ -106,10 +107,11 @@ def _hits(ranked: np.ndarray, relevance: np.ndarray) -> np.ndarray:
     if relevance.shape[1] == 0:  # empty database: every slot is necessarily -1
         return np.zeros(ranked.shape, dtype=bool)
     rows = np.arange(ranked.shape[0])[:, None]
-    return relevance[rows, np.maximum(ranked, 0)] & (ranked >= 0)
+    hit: np.ndarray = relevance[rows, np.maximum(ranked, 0)] & (ranked >= 0)
+    return hit
 
 
-def _checked_hits(ranked: Any, relevance: Any) -> tuple[np.ndarray, np.ndarray]:
+def _checked_hits(ranked: npt.ArrayLike, relevance: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     ranked = np.asarray(ranked)
     if ranked.ndim != 2:
         raise ValueError(f"ranked must be a 2-D (nq, K) array, got shape {ranked.shape}")
@@ -135,7 +137,8 @@ def precision_at_k(ranked: np.ndarray, relevance: np.ndarray, k: int) -> np.ndar
     """
     k = _check_k(k)
     h, _ = _checked_hits(ranked, relevance)
-    return h[:, :k].sum(axis=1) / k
+    precision: np.ndarray = h[:, :k].sum(axis=1) / k
+    return precision
 
 
 def recall_at_k(ranked: np.ndarray, relevance: np.ndarray, k: int) -> np.ndarray:
@@ -144,7 +147,8 @@ def recall_at_k(ranked: np.ndarray, relevance: np.ndarray, k: int) -> np.ndarray
     excludes such queries). For the classic IR recall see ``fraction_recalled_at_k``."""
     k = _check_k(k)
     h, _ = _checked_hits(ranked, relevance)
-    return h[:, :k].any(axis=1).astype(np.float64)
+    # h is 2-D, so any(axis=1) is an array, never the scalar numpy's stubs allow for
+    return cast(np.ndarray, h[:, :k].any(axis=1)).astype(np.float64)
 
 
 def fraction_recalled_at_k(ranked: np.ndarray, relevance: np.ndarray, k: int) -> np.ndarray:
@@ -256,7 +260,7 @@ def summarize(
     for k in ks:
         out[f"precision@{k}"] = _mean_or_none(hk[:, :k].sum(axis=1) / k)
     for k in ks:
-        out[f"recall@{k}"] = _mean_or_none(hk[:, :k].any(axis=1).astype(np.float64))
+        out[f"recall@{k}"] = _mean_or_none(cast(np.ndarray, hk[:, :k].any(axis=1)).astype(np.float64))
     out["mAP"] = _mean_or_none(_ap(hk, relevance[keep].sum(axis=1)))
     if gains is None:
         out["ndcg@10"] = None

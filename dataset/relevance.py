@@ -8,7 +8,10 @@ Headings are compass bearings: 0 = north (+northing), 90 = east (+easting).
 
 from __future__ import annotations
 
+from typing import overload
+
 import numpy as np
+import numpy.typing as npt
 
 SIM_DIST_M = 25.0
 SIM_HEADING_DEG = 40.0
@@ -17,7 +20,11 @@ FOV_WIDTH_DEG = 90.0
 FOV_HEADING_DEG = 80.0
 
 
-def heading_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+@overload
+def heading_diff(a: np.ndarray, b: npt.ArrayLike) -> np.ndarray: ...
+@overload
+def heading_diff(a: float, b: float) -> np.float64: ...
+def heading_diff(a: npt.ArrayLike, b: npt.ArrayLike) -> np.ndarray | np.float64:
     """Absolute difference of compass headings in degrees, in [0, 180]."""
     d = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) % 360.0
     return np.minimum(d, 360.0 - d)

@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from common.pipeline import SplitConf
 
 SPLITS = ("train", "val", "test")
 
 
-def split_queries(loc: np.ndarray, conf: dict[str, Any]) -> dict[str, np.ndarray]:
+def split_queries(loc: np.ndarray, conf: SplitConf) -> dict[str, np.ndarray]:
     """Query row indices per split. Cells of `cell_m` metres are shuffled (seeded) and filled into
     train, then val, then test, until each holds its fraction of the queries. On a small map where
     whole cells leave a split with under half its share, the cells are halved until none does."""
-    fracs = [float(conf[s]) for s in SPLITS]
+    fracs = [conf.train, conf.val, conf.test]
     if len(loc) < 3 or any(f <= 0 for f in fracs) or abs(sum(fracs) - 1) > 1e-6:
         raise ValueError("need >= 3 queries and positive split fractions that sum to 1")
-    cell_m = float(conf["cell_m"])
+    cell_m = conf.cell_m
     while True:
-        split = _split_cells(np.asarray(loc), fracs, cell_m, int(conf["seed"]))
+        split = _split_cells(np.asarray(loc), fracs, cell_m, conf.seed)
         if all(len(split[s]) >= max(1.0, f * len(loc) / 2) for s, f in zip(SPLITS, fracs, strict=True)) or cell_m < 1.0:
             return split
         cell_m /= 2

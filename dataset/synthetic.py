@@ -82,7 +82,7 @@ def _merge_conf(conf: dict[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(conf) - set(DEFAULT_CONF))
     if unknown:  # a typo would otherwise silently give the default
         raise ValueError(f"unknown synthetic conf keys: {unknown}")
-    merged = {**DEFAULT_CONF, **conf}
+    merged: dict[str, Any] = {**DEFAULT_CONF, **conf}
     # Round-trip through JSON so the conf compares equal to the one read back from a manifest.
     merged = json.loads(json.dumps(merged))
     if int(merged["n_db"]) < 2 or int(merged["n_query"]) < 1:
@@ -115,11 +115,13 @@ def _shade(c: tuple[int, ...], k: float) -> tuple[int, int, int, int]:
 
 
 def _vivid(rng: np.random.Generator) -> tuple[int, int, int, int]:
-    hsv = np.uint8([[[rng.integers(0, 180), rng.integers(120, 256), rng.integers(110, 256)]]])
+    hsv = np.array([[[rng.integers(0, 180), rng.integers(120, 256), rng.integers(110, 256)]]], dtype=np.uint8)
     return _col(cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0])
 
 
-def _text(tex: np.ndarray, rng: np.random.Generator, x0: int, y0: int, x1: int, y1: int, color: tuple) -> None:
+def _text(
+    tex: np.ndarray, rng: np.random.Generator, x0: int, y0: int, x1: int, y1: int, color: tuple[int, ...]
+) -> None:
     """Random letters filling the box (x0, y0)-(x1, y1): signs are corner-rich and unique."""
     h = y1 - y0
     if h < 5 or x1 - x0 < 8:
@@ -135,12 +137,14 @@ def _text(tex: np.ndarray, rng: np.random.Generator, x0: int, y0: int, x1: int, 
     cv2.putText(tex, s, org, font, scale, color, thick, cv2.LINE_AA)
 
 
-def _window(tex: np.ndarray, rng: np.random.Generator, x: int, y: int, w: int, h: int, frame: tuple, mullion: int):
+def _window(
+    tex: np.ndarray, rng: np.random.Generator, x: int, y: int, w: int, h: int, frame: tuple[int, ...], mullion: int
+) -> None:
     lit = rng.random() < 0.15  # a few lit windows: strong, unique blobs
     glass = _col((210, 200, 120) if lit else (rng.integers(40, 95), rng.integers(35, 80), rng.integers(30, 70)))
     cv2.rectangle(tex, (x, y), (x + w, y + h), glass, -1)
     # Sky reflection: a skewed lighter band at a random place, so windows of one grid differ.
-    a, b = rng.integers(0, w), rng.integers(2, max(3, w // 2))
+    a, b = int(rng.integers(0, w)), int(rng.integers(2, max(3, w // 2)))
     band = np.array(
         [[x + a, y], [x + min(w, a + b), y], [x + max(0, a + b - h // 2), y + h], [x + max(0, a - h // 2), y + h]]
     )
@@ -397,7 +401,8 @@ class _Renderer:
         rx, ry, rz = (M[k, 0] * self.xs + M[k, 1] * self.ys + M[k, 2] for k in range(3))
         elev = rz / np.sqrt(rx * rx + ry * ry + rz * rz)
         t = np.clip(elev / 0.7, 0, 1)[..., None]
-        img = (1 - t) * np.float32([235, 225, 215]) + t * np.float32([215, 160, 110])
+        horizon, zenith = np.array([235, 225, 215], dtype=np.float32), np.array([215, 160, 110], dtype=np.float32)
+        img: np.ndarray = (1 - t) * horizon + t * zenith
         # Ground plane, only where the ray goes down (a homography also maps rays that point up).
         p = _GROUND_PPM
         gx0 = max(0, int((s - 80 - self.s_min) * p))
@@ -450,7 +455,8 @@ def _photometric(img: np.ndarray, rng: np.random.Generator, strong: bool) -> np.
             x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.4, 1.2))
         sigma = rng.uniform(1.5, 5.0)
     x = x + np.float32(sigma) * rng.standard_normal(x.shape[:2], dtype=np.float32)[..., None]
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    out: np.ndarray = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return out
 
 
 # ----------------------------------------------------------------------------- data set
@@ -472,7 +478,7 @@ def _poses(conf: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, 
         rows.append(np.stack([s, u, np.full(n, conf["cam_height_m"]), phi, pitch, np.zeros(n), np.full(n, side)], 1))
     db = np.concatenate(rows)
     n_off = round(conf["query_offmap_frac"] * n_q)
-    side = rng.choice([-1.0, 1.0], n_q)
+    q_side = rng.choice([-1.0, 1.0], n_q)
     s = rng.uniform(0, length, n_q)
     lo, hi = conf["offmap_dist_m"]
     off = rng.choice(n_q, n_off, replace=False)
@@ -482,10 +488,10 @@ def _poses(conf: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, 
             s,
             rng.uniform(-lane, lane, n_q),
             conf["cam_height_m"] + rng.uniform(-1, 1, n_q) * conf["query_height_jitter_m"],
-            side * 90.0 + rng.uniform(-1, 1, n_q) * conf["query_yaw_jitter_deg"],
+            q_side * 90.0 + rng.uniform(-1, 1, n_q) * conf["query_yaw_jitter_deg"],
             conf["pitch_deg"] + rng.uniform(-1, 1, n_q) * conf["query_pitch_jitter_deg"],
             rng.uniform(-1, 1, n_q) * conf["query_roll_jitter_deg"],
-            side,
+            q_side,
         ],
         1,
     )
@@ -538,7 +544,8 @@ def _generate(out: Path, conf: dict[str, Any]) -> dict[str, int]:
         (out / name / "images").mkdir(parents=True)
         paths = []
         for i, (pose, ps) in enumerate(zip(poses, pseeds.spawn(len(poses)), strict=True)):
-            img = renderer.render(*pose[:6], side=int(pose[6]))
+            s, u, z, phi, pitch, roll = pose[:6]
+            img = renderer.render(s, u, z, phi, pitch, roll, side=int(pose[6]))
             img = _photometric(img, np.random.default_rng(ps), strong=name == "query")
             ok, buf = cv2.imencode(".jpg", img, q_enc)
             if not ok:
@@ -575,7 +582,7 @@ def _matches(out_dir: Path, conf: dict[str, Any]) -> bool:
     return isinstance(m, dict) and m.get("version") == GENERATOR_VERSION and m.get("conf") == conf
 
 
-def main(out_dir: Path, conf: dict | None = None, overwrite: bool = False) -> Path:
+def main(out_dir: Path, conf: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Generate the synthetic data set into out_dir (conf merged over DEFAULT_CONF); return out_dir.
 
     An existing folder made with the same conf is returned as is unless overwrite. The data are built

@@ -1,10 +1,10 @@
 """Evaluation stage: compare presets on the same held-out area split, in one table and two figures.
 
 For each preset's served index version (built beforehand: `imgsearch evaluate` builds what is
-missing), rank the queries of one split through the query path (retrieval/query.py) and report
-R@1/5/10, P@5/10/20/50, mAP, nDCG@10 on fov, query latency and a per-query sign test of AP against
-the baseline preset; write a recall@k plot and a contact sheet of a few queries with their top 10
-(relevant hits framed in green).
+missing), evaluate the queries of one split in process (evaluation/evaluate.py, the summary every
+evaluation prints) and report R@1/5/10, P@5/10/20/50, mAP, nDCG@10 on fov, query latency and a
+per-query sign test of AP against the baseline preset; write a recall@k plot and a contact sheet of a
+few queries with their top 10 (relevant hits framed in green).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from common import plots
 from common.clock import utc_timestamp
 from common.retrieval_metrics import recall_at_k, sign_test
 from dataset.layout import Dataset
-from dataset.split import load_split
-from evaluation.evaluate import Evaluation, evaluate_searcher
+from evaluation.evaluate import Evaluation, evaluate_searcher, held_out_rows
 from indexer import store
 from retrieval.searcher import Searcher
 
@@ -49,6 +48,7 @@ def _fmt(v: float | None) -> str:
 
 
 def markdown_table(results: dict[str, dict[str, Any]], baseline: str) -> str:
+    """One row per evaluation summary (evaluation/evaluate.py), named by its key."""
     head = (
         "| preset | " + " | ".join(c for c, _ in COLUMNS) + " | loc median m | p50 ms | sign test vs " + baseline + " |"
     )
@@ -59,7 +59,8 @@ def markdown_table(results: dict[str, dict[str, Any]], baseline: str) -> str:
         cells = " | ".join(_fmt(r[key]) for _, key in COLUMNS)
         med = r["localisation_median_m"]
         cells += " | –" if med is None else f" | {med:.0f}"
-        lines.append(f"| `{name}` | {cells} | {r['latency_ms_p50']:.1f} | {sign} |")
+        p50 = r["latency_ms_p50"]
+        lines.append(f"| `{name}` | {cells} | {'–' if p50 is None else f'{p50:.1f}'} | {sign} |")
     return "\n".join(lines)
 
 
@@ -83,6 +84,7 @@ def contact_sheet(
     """A grid: each row a query (left) and its top 10, relevant ones framed green, others red."""
     import cv2
 
+    assert dataset.sim is not None  # an evaluation needs ground truth
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(len(query_rows), min(n_queries, len(query_rows)), replace=False))
     th, tw, pad = 96, 128, 4
@@ -113,7 +115,7 @@ def main(
     versions: dict[str, Path],
     dataset: Dataset,
     out_dir: Path,
-    baseline: str = "orb-bow",
+    baseline: str = "bow",
     split_name: str = "test",
 ) -> Path:
     """Evaluate the index version of every preset (preset -> version folder); write results.{md,json},
@@ -124,7 +126,7 @@ def main(
     rows: np.ndarray | None = None
     for preset, version in versions.items():
         loaded = store.load(version)
-        split = load_split(loaded.directory / "split.json", dataset.queries.paths)[split_name]
+        split = held_out_rows(dataset, split_name, loaded.directory / "split.json")
         if rows is not None and not np.array_equal(rows, split):
             raise ValueError(f"preset {preset} was split differently: presets must share the held-out split")
         rows = split
@@ -136,7 +138,7 @@ def main(
         for name, ev in evals.items():
             if name != baseline:
                 results[name]["sign_test"] = sign_test(ev.ap, evals[baseline].ap)
-    assert rows is not None
+    assert rows is not None and dataset.sim is not None  # evaluate() refuses a data set without ground truth
     plot_recall(evals, dataset.sim[rows], out_dir / "recall_at_k.png")
     meta = {
         "data": str(dataset.root),

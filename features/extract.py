@@ -8,9 +8,9 @@ keypoints, from one decode).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from common.clock import StageClock
+from common.pipeline import FeaturesConf
 from features.decode import decode_image
 from features.orb import OrbFeatures, extract_orb
 
@@ -21,20 +21,19 @@ class QueryFeatures:
     verify: OrbFeatures | None = None  # keypoints for geometric verification, when the preset verifies
 
 
-def image_to_features(data: bytes, conf: dict[str, Any]) -> OrbFeatures:
+def image_to_features(data: bytes, conf: FeaturesConf) -> OrbFeatures:
     """Image bytes -> ORB features of `conf`. Raises ImageDecodeError or NoKeypointsError."""
-    gray = decode_image(data, conf["image"]["max_side"])
-    return extract_orb(gray, conf["features"])
+    return extract_orb(decode_image(data, conf.max_side), conf)
 
 
 def query_features(
-    data: bytes, conf: dict[str, Any], verify_conf: dict[str, Any] | None = None, clock: StageClock | None = None
+    data: bytes, conf: FeaturesConf, verify_conf: FeaturesConf | None = None, clock: StageClock | None = None
 ) -> QueryFeatures:
     """Both feature sets of one image, decoded once; `clock` gets laps "decode" and "features"."""
     clock = clock or StageClock(None)
-    gray = decode_image(data, conf["image"]["max_side"])
+    gray = decode_image(data, conf.max_side)
     clock.lap("decode")
-    features = extract_orb(gray, conf["features"])
-    verify = None if verify_conf is None else extract_orb(gray, verify_conf["features"])
+    features = extract_orb(gray, conf)
+    verify = None if verify_conf is None else extract_orb(gray, verify_conf)
     clock.lap("features")
     return QueryFeatures(features, verify)

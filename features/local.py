@@ -8,20 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from common.files import atomic_savez, sha256_bytes
 from common.parallel import map_files
-from common.presets import conf_hash
+from common.pipeline import FeaturesConf, features_digest
 from dataset.layout import Dataset
 from features.decode import ImageDecodeError
 from features.extract import image_to_features
 from features.orb import NoKeypointsError, OrbFeatures
 
 
-def _local_of_file(path: str, conf: dict[str, Any]) -> OrbFeatures | None:
+def _local_of_file(path: str, conf: FeaturesConf) -> OrbFeatures | None:
     try:
         return image_to_features(Path(path).read_bytes(), conf)
     except (ImageDecodeError, NoKeypointsError):
@@ -87,14 +86,13 @@ def _angles(f: OrbFeatures) -> np.ndarray:
     return np.full(len(f.xy), np.nan, np.float32) if f.angles is None else np.asarray(f.angles, np.float32)
 
 
-def local_name(conf: dict[str, Any], names: list[str] | None = None) -> str:
+def local_name(conf: FeaturesConf, names: list[str] | None = None) -> str:
     which = "" if names is None else "-" + sha256_bytes("\n".join(names).encode())[:8]
-    # v3: with the keypoint orientations and the image widths.
-    return f"local-orb-v3-{conf_hash(conf, 'image', 'features')}{which}.npz"
+    return f"local-{features_digest(conf)}{which}.npz"
 
 
 def main(
-    conf: dict[str, Any], dataset: Dataset, out_dir: Path, jobs: int | None = None, names: list[str] | None = None
+    conf: FeaturesConf, dataset: Dataset, out_dir: Path, jobs: int | None = None, names: list[str] | None = None
 ) -> Path:
     """ORB keypoints and descriptors of `names` (default: all map and query images) in `jobs`
     processes; returns the file (reused if present)."""
@@ -107,7 +105,7 @@ def main(
     xy, desc, angles, counts, heights, widths = [], [], [], [], [], []
     for feats in map_files(_local_of_file, files, conf, jobs, desc="ORB"):
         n = 0 if feats is None else len(feats.xy)
-        if n:
+        if feats is not None and n:
             xy.append(feats.xy)
             desc.append(feats.descriptors)
             angles.append(_angles(feats))

@@ -9,10 +9,11 @@ the same size and the same Hamming distance.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import cv2
 import numpy as np
+
+from common.pipeline import FeaturesConf
 
 MIN_CONTRAST_STD = 1.0  # grey levels; a photo has tens, a blank (even JPEG-compressed) image under 1
 
@@ -32,17 +33,17 @@ class OrbFeatures:
     width: float = 0.0  # of the image the positions refer to (0: unknown)
 
 
-def dense_keypoints(shape: tuple[int, ...], conf: dict[str, Any]) -> list[cv2.KeyPoint]:
+def dense_keypoints(shape: tuple[int, ...], conf: FeaturesConf) -> list[cv2.KeyPoint]:
     h, w = shape[:2]
-    sf = float(conf["scale_factor"])
+    sf = conf.scale_factor
     out = []
-    for octave in conf["dense_octaves"]:
+    for octave in conf.dense_octaves:
         scale = sf**octave
-        step = float(conf["dense_step"]) * scale
-        margin = float(conf["edge_threshold"]) * scale + 1
+        step = float(conf.dense_step) * scale
+        margin = float(conf.edge_threshold) * scale + 1
         for y in np.arange(margin, h - margin, step):
             for x in np.arange(margin, w - margin, step):
-                out.append(cv2.KeyPoint(float(x), float(y), float(conf["patch_size"]) * scale, 0, 1.0, int(octave)))
+                out.append(cv2.KeyPoint(float(x), float(y), float(conf.patch_size) * scale, 0, 1.0, int(octave)))
     return out
 
 
@@ -51,10 +52,10 @@ DESCRIPTORS = ("orb", "teblid")
 
 def _teblid() -> cv2.Feature2D:
     # Scale factor 1.0 is TEBLID's setting for ORB keypoints (their size is ORB's patch size).
-    return cv2.xfeatures2d.TEBLID_create(1.0)
+    return cv2.xfeatures2d.TEBLID.create(1.0)
 
 
-def extract_orb(gray: np.ndarray, conf: dict[str, Any]) -> OrbFeatures:
+def extract_orb(gray: np.ndarray, conf: FeaturesConf) -> OrbFeatures:
     """Detect ORB keypoints and compute descriptors; raises NoKeypointsError when there are none.
 
     `upsample` > 1 enlarges the image first: the map images are small (341x256) and ORB's 31-pixel
@@ -63,30 +64,27 @@ def extract_orb(gray: np.ndarray, conf: dict[str, Any]) -> OrbFeatures:
     if gray.size == 0 or float(gray.std()) < MIN_CONTRAST_STD:
         # Dense descriptors of a flat image are all zeros and would match anything: refuse it.
         raise NoKeypointsError("no ORB keypoints: the image is a single colour (blank or featureless)")
-    scale = float(conf["upsample"])
+    scale = conf.upsample
     # ORB describes nothing within edge_threshold of a border, and its pyramid asserts inside OpenCV
     # on images a few pixels thick (a corrupt header can decode to 1x341): refuse them here.
-    min_side = 2 * int(conf["edge_threshold"]) + 1
+    min_side = 2 * conf.edge_threshold + 1
     if min(gray.shape[:2]) * scale < min_side:
         raise NoKeypointsError(f"no ORB keypoints: the image is too small (under {min_side} pixels on a side)")
     if scale != 1.0:
         gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    orb = cv2.ORB_create(
-        nfeatures=int(conf["nfeatures"]),
-        scaleFactor=float(conf["scale_factor"]),
-        nlevels=int(conf["nlevels"]),
-        edgeThreshold=int(conf["edge_threshold"]),
-        patchSize=int(conf["patch_size"]),
-        fastThreshold=int(conf["fast_threshold"]),
+    orb = cv2.ORB.create(
+        nfeatures=conf.nfeatures,
+        scaleFactor=conf.scale_factor,
+        nlevels=conf.nlevels,
+        edgeThreshold=conf.edge_threshold,
+        patchSize=conf.patch_size,
+        fastThreshold=conf.fast_threshold,
     )
-    dense = conf.get("detector", "fast") == "dense"
+    dense = conf.detector == "dense"
     # Dense: descriptors on a regular grid at a few scales, upright: every image region is described,
     # not only the corners FAST finds, which is what an aggregate over the image needs.
     keypoints = dense_keypoints(gray.shape, conf) if dense else orb.detect(gray, None)
-    name = conf.get("descriptor", "orb")
-    if name not in DESCRIPTORS:
-        raise ValueError(f"unknown descriptor {name!r}; known: {', '.join(DESCRIPTORS)}")
-    describer = orb if name == "orb" else _teblid()
+    describer = orb if conf.descriptor == "orb" else _teblid()
     keypoints, descriptors = describer.compute(gray, keypoints)
     if descriptors is None or len(keypoints) == 0:
         raise NoKeypointsError("no ORB keypoints found in the image (blank or featureless?)")

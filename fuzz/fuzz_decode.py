@@ -15,7 +15,6 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
 import atheris
 
@@ -41,7 +40,7 @@ with atheris.instrument_imports(include=["features", "PIL"]):
     from features.limits import MAX_PIXELS
     from features.orb import NoKeypointsError
 
-from common.presets import DEFAULT_PRESET, get_conf, verify_features_conf
+from common.pipeline import DEFAULT_PRESET, get_pipeline
 
 # Pillow's other plugins load now, uninstrumented: never on the path, they would only dilute the map.
 Image.init()
@@ -50,8 +49,8 @@ Image.init()
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
 
 # The service's default preset, with its verification keypoints as retrieval/searcher.py asks for them.
-CONF: dict[str, Any] = get_conf(DEFAULT_PRESET)
-VERIFY_CONF: dict[str, Any] | None = verify_features_conf(CONF) if CONF["verify"] is not None else None
+PIPELINE = get_pipeline(DEFAULT_PRESET)
+VERIFY_FEATURES = PIPELINE.verify_features if PIPELINE.verify is not None else None
 EXPECTED = (ImageDecodeError, NoKeypointsError)
 # Findings are what an upload may cost: a decode past 10 s or 2 GB of memory.
 DEFAULT_FLAGS = ("-rss_limit_mb=2048", "-timeout=10")
@@ -60,7 +59,7 @@ DEFAULT_FLAGS = ("-rss_limit_mb=2048", "-timeout=10")
 def test_one_input(data: bytes) -> None:
     """One upload through the service's decode and feature extraction; only domain errors are expected."""
     with contextlib.suppress(*EXPECTED):
-        query_features(data, CONF, VERIFY_CONF)
+        query_features(data, PIPELINE.features, VERIFY_FEATURES)
 
 
 def with_default_flags(argv: list[str]) -> list[str]:

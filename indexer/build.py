@@ -18,7 +18,7 @@ import numpy as np
 
 from common.clock import utc_timestamp
 from common.files import sha256_bytes
-from common.presets import verify_features_conf
+from common.pipeline import FeaturesConf, Pipeline
 from common.threads import single_threaded
 from dataset.layout import Dataset
 from features import local
@@ -39,10 +39,10 @@ PRIOR_VERIFY_HEAD = [-2.0, 1.0, 0.0]
 
 
 def build_map_features(
-    conf: dict[str, Any], dataset: Dataset, vectorizer: Vectorizer, out_root: Path, jobs: int | None
+    conf: Pipeline, dataset: Dataset, vectorizer: Vectorizer, out_root: Path, jobs: int | None
 ) -> MapFeatures:
     """Verification keypoints of every map image, with their visual words."""
-    vconf = verify_features_conf(conf)
+    vconf = conf.verify_features
     local_store = local.LocalStore.load(local.main(vconf, dataset, out_root, jobs, names=dataset.database.paths))
     row = local_store.row_of()
     feats = [local_store.get(row[p]) for p in dataset.database.paths]
@@ -85,16 +85,16 @@ class MapArrays:
     keypoints: MapFeatures | None  # verification keypoints, for presets that verify
 
 
-def image_vector(data: bytes, conf: dict[str, Any], vectorizer: Vectorizer) -> np.ndarray | None:
+def image_vector(data: bytes, conf: Pipeline, vectorizer: Vectorizer) -> np.ndarray | None:
     """The aggregate vector of one map image, as the vectors stage makes it (None: no features)."""
     try:
-        feats = image_to_features(data, conf)
+        feats = image_to_features(data, conf.features)
     except (ImageDecodeError, NoKeypointsError):
         return None
     return vectorizer(feats) if len(feats.descriptors) else None
 
 
-def image_keypoints(data: bytes, vconf: dict[str, Any], vectorizer: Vectorizer) -> tuple[OrbFeatures, np.ndarray]:
+def image_keypoints(data: bytes, vconf: FeaturesConf, vectorizer: Vectorizer) -> tuple[OrbFeatures, np.ndarray]:
     """Verification keypoints of one map image and their visual words, as build_map_features makes them."""
     try:
         feats = image_to_features(data, vconf)
@@ -105,20 +105,20 @@ def image_keypoints(data: bytes, vconf: dict[str, Any], vectorizer: Vectorizer) 
 
 
 def embed_map_images(
-    conf: dict[str, Any], dataset: Dataset, vectors_path: Path, model_dir: Path, out_root: Path, jobs: int | None
+    conf: Pipeline, dataset: Dataset, vectors_path: Path, model_dir: Path, out_root: Path, jobs: int | None
 ) -> MapArrays:
     """The embedded engine: embeddings from the vectors stage's cache, keypoints in `jobs` processes."""
     encoder = NumpyEncoder.load(model_dir / "encoder.npz")
     xd, ok = load_vectors(vectors_path, dataset.database.paths)
     keypoints = None
-    if conf["verify"] is not None:
-        vectorizer = Vectorizer.load(vectorizer_path(vectors_path), conf["vector"])
+    if conf.verify is not None:
+        vectorizer = Vectorizer.load(vectorizer_path(vectors_path), conf.vector)
         keypoints = build_map_features(conf, dataset, vectorizer, out_root, jobs)
     return MapArrays(encoder.embed(xd), ok, keypoints)
 
 
 def build(
-    conf: dict[str, Any],
+    conf: Pipeline,
     dataset: Dataset,
     vectors_path: Path,
     model_dir: Path,
@@ -133,14 +133,14 @@ def build(
     t0 = time.time()
     arrays = arrays or embed_map_images(conf, dataset, vectors_path, model_dir, out_root, jobs)
     encoder = NumpyEncoder.load(model_dir / "encoder.npz")
-    vectorizer = Vectorizer.load(vectorizer_path(vectors_path), conf["vector"])
+    vectorizer = Vectorizer.load(vectorizer_path(vectors_path), conf.vector)
     if arrays.embeddings.shape != (len(dataset.database), encoder.dim):
         raise ValueError(f"embeddings of shape {arrays.embeddings.shape} for {len(dataset.database)} map images")
     # FAISS ids are the map images' rows in database.json, kept in the id map file as well; the
     # index's kind follows the collection's size (indexer/kinds.py).
     ids = np.arange(len(dataset.database), dtype=np.int64)
-    index = build_index(conf["index"], arrays.embeddings, ids)
-    images = {int(i): store.ImageRecord(int(i), dataset.database.paths[i], dataset.database.location(i)) for i in ids}
+    index = build_index(conf.index, arrays.embeddings, ids)
+    images = {i: store.ImageRecord(i, dataset.database.paths[i], dataset.database.location(i)) for i in ids.tolist()}
     files = {
         "vectorizer.npz": vectorizer_path(vectors_path),
         "encoder.npz": model_dir / "encoder.npz",
@@ -148,8 +148,8 @@ def build(
     }
     model_manifest = (model_dir / "manifest.json").read_text(encoding="utf-8")
     manifest: dict[str, Any] = {
-        "preset": conf["preset"],
-        "conf": conf,
+        "preset": conf.name,
+        "conf": conf.to_json(),
         "data": str(dataset.root),
         "model": model_dir.name,
         # The model's files and their hashes, as its own manifest lists them.
@@ -158,14 +158,14 @@ def build(
         "images_without_features": int((~arrays.ok).sum()),
     }
     verifier, staged = None, []
-    if conf["verify"] is not None:
+    if conf.verify is not None:
         if arrays.keypoints is None:
             raise ValueError("the preset verifies, but no verification keypoints were computed")
-        files["verify.npz"] = arrays.keypoints.save(out_root / f".verify-{conf['preset']}.npz")
+        files["verify.npz"] = arrays.keypoints.save(out_root / f".verify-{conf.name}.npz")
         staged.append(files["verify.npz"])
-        verifier = Verifier(conf["verify"], arrays.keypoints, vectorizer.n_words, head=PRIOR_VERIFY_HEAD)
+        verifier = Verifier(conf.verify, conf.expand, arrays.keypoints, vectorizer.n_words, head=PRIOR_VERIFY_HEAD)
         manifest["verify_head"] = PRIOR_VERIFY_HEAD
-    family = store.family_dir(out_root, conf["preset"])
+    family = store.family_dir(out_root, conf.name)
     loaded = store.LoadedIndex(
         "unpublished", family / "unpublished", manifest, index, images, vectorizer, encoder, verifier
     )

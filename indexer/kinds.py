@@ -3,17 +3,14 @@
 - `flat-l2`: exact search (FAISS IndexFlatL2 under an IndexIDMap2), memory-mapped from the version's
   index.faiss. Below `exact_below` vectors it is both exact and fast enough (3,291 London map images:
   ~2 ms a query).
-- `pq-fastscan`: above it, 4-bit product-quantisation codes (m x 4 bits: 32 bytes at m 64) scanned
-  with SIMD distance tables, and the codes' nearest `rerank` (at least k) re-ranked by their exact
-  distance to the float vectors, which stay on disk (vectors.npz: a query reads only its
-  shortlist's rows, with pread, into the page cache all workers share). With `coarse_m` > 0 (the
-  presets' choice) the scan has two stages: coarse fast-scan codes of coarse_m sub-quantizers find a
-  `shortlist`, which the m x 4-bit codes (plain layout, memory-mapped) order before the re-rank. With
-  `nlist` > 0 the codes are held in that many cells of a coarse k-means (FAISS IndexIVFPQFastScan)
-  and a query scans the `nprobe` nearest cells; with 0 (the presets' choice, see
-  common/presets.py), every code (IndexPQFastScan, so no true neighbour is lost to an unprobed
-  cell). bench/ann.py compares the alternatives; bench/million.py serves a million vectors this way
-  (`served_1m`).
+- `pq-fastscan`: above it, 4-bit product-quantisation codes in two stages, and an exact re-rank. Coarse
+  fast-scan codes of `coarse_m` sub-quantizers (scanned with SIMD distance tables, every code: no
+  true neighbour is lost to an unprobed cell) find a `shortlist`, which finer codes of m x 4 bits
+  (32 bytes at m 64, plain layout, memory-mapped) order; their nearest `rerank` (at least k) are
+  re-ranked by their exact distance to the float vectors, which stay on disk (vectors.npz: a query
+  reads only its shortlist's rows, with pread, into the page cache all workers share). This is the
+  only PQ layout the service writes and reads; bench/ann.py compares alternatives, bench/million.py
+  serves a million vectors this way (`served_1m`).
 
 A PQIndex answers the calls the service makes of a FAISS index (search, add_with_ids, remove_ids,
 ntotal, d), so the searcher and the living index do not care which kind they hold. An online add is
@@ -26,17 +23,18 @@ shared.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import faiss
 import numpy as np
 
 from common.files import atomic_savez, backing_files, mapped_npz, read_rows
+from common.pipeline import IndexConf
 
 EXACT = "flat-l2"
 PQ = "pq-fastscan"
-KINDS = ("auto", EXACT, PQ)
 VECTORS_FILE = "vectors.npz"  # the float vectors a pq-fastscan index re-ranks with
+VECTORS_ARRAYS = {"ids", "vectors", "rerank", "shortlist"}  # what PQIndex.save writes into it
 
 
 def new_flat_index(dim: int) -> faiss.Index:
@@ -44,37 +42,23 @@ def new_flat_index(dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
 
 
-def index_kind(conf: dict[str, Any], n: int) -> str:
-    """The kind of index for n vectors under the preset's `index` conf; raises ValueError on a
-    conf that names no kind."""
-    kind = str(conf.get("type", "auto"))
-    if kind not in KINDS:
-        raise ValueError(f"unknown index type {kind!r}; known: {', '.join(KINDS)}")
-    if kind == "auto":
-        return PQ if n >= int(conf["exact_below"]) else EXACT
-    return kind
+def index_kind(conf: IndexConf, n: int) -> str:
+    """The kind of index for n vectors under the pipeline's index conf."""
+    if conf.kind == "auto":
+        return PQ if n >= conf.exact_below else EXACT
+    return EXACT if conf.kind == "exact" else PQ
 
 
-MIN_TRAIN_PER_CELL = 39  # FAISS's k-means warns below 39 training points a centroid
-SCAN_BLOCK = 64  # codes a fast-scan block holds (new_codes)
+SCAN_BLOCK = 64  # codes a fast-scan block holds (new_coarse_codes)
+# What a version of another layout (an earlier build's) is told: it does not load, it is rebuilt.
+REBUILD = "not the layout this build writes; rebuild the index (`imgsearch build`)"
 
 
-def new_codes(d: int, m: int, conf: dict[str, Any], n_train: int) -> faiss.Index:
-    """Untrained fast-scan codes of m x 4 bits: in conf["nlist"] cells probed conf["nprobe"] at a
-    time, as many as n_train training vectors can place; with nlist 0 (or too few vectors) one flat
-    scan of every code."""
-    nlist = min(int(conf.get("nlist", 0)), n_train // MIN_TRAIN_PER_CELL)
-    if nlist < 2:
-        # Blocks of 64 codes, not FAISS's default 32: a query's distance tables are loaded once a
-        # block, and a million coarse codes scan a few % faster (BENCHMARKS.md, issue 14's
-        # thirteenth step: bench/search_parts.py).
-        return faiss.IndexPQFastScan(d, m, 4, faiss.METRIC_L2, SCAN_BLOCK)
-    quantizer = faiss.IndexFlatL2(d)
-    codes = faiss.IndexIVFPQFastScan(quantizer, d, nlist, m, 4)
-    codes.own_fields = True  # the codes free their coarse quantizer; Python must not
-    quantizer.this.disown()
-    codes.nprobe = min(int(conf["nprobe"]), nlist)
-    return codes
+def new_coarse_codes(d: int, m: int) -> faiss.IndexPQFastScan:
+    """The untrained coarse codes of a two-stage scan: fast-scan codes of m x 4 bits, every one scanned."""
+    # Blocks of 64 codes, not FAISS's default 32: a query's distance tables are loaded once a block,
+    # and a million coarse codes scan a few % faster (BENCHMARKS.md: bench/studies/search_parts.py).
+    return faiss.IndexPQFastScan(d, m, 4, faiss.METRIC_L2, SCAN_BLOCK)
 
 
 def new_fine_codes(d: int, m: int, xt: np.ndarray) -> faiss.IndexPQ:
@@ -87,39 +71,21 @@ def new_fine_codes(d: int, m: int, xt: np.ndarray) -> faiss.IndexPQ:
     return fine
 
 
-def plain_codes(pq: faiss.ProductQuantizer, codes: np.ndarray) -> faiss.IndexPQ:
-    """An IndexPQ in this process's memory: a copy of these trained codebooks, holding these codes
-    ((n, code_size) uint8, or flat)."""
-    out = faiss.IndexPQ(pq.d, pq.M, pq.nbits)
-    out.pq = pq  # copied
-    out.is_trained = True
-    if codes.size:
-        faiss.copy_array_to_vector(np.ascontiguousarray(codes, np.uint8).ravel(), out.codes)
-        out.ntotal = codes.size // pq.code_size
-    return out
-
-
 def owned_fine_codes(fine: faiss.IndexPQ, with_codes: bool) -> faiss.IndexPQ:
     """Fine codes with the same codebooks in this process's memory, with a copy of the codes or none.
     (FAISS's clone of a memory-mapped index still views the mapping, and a change to it aborts.)"""
-    return plain_codes(fine.pq, faiss.vector_to_array(fine.codes) if with_codes else np.zeros(0, np.uint8))
-
-
-def fine_codes_from_arrays(d: int, z: dict[str, np.ndarray]) -> faiss.IndexPQ:
-    """The finer codes as versions of 8e50106 stored them (codebooks and codes in vectors.npz), copied
-    into memory: such a version serves, but its workers do not share these codes (32 MB a million)."""
-    centroids = np.ascontiguousarray(z["fine_centroids"], np.float32)
-    codes = np.asarray(z["fine_codes"])
-    m = len(centroids)
-    if m == 0 or d % m or centroids.shape[1] != 16 * (d // m) or codes.ndim != 2 or codes.shape[1] * 2 != m:
-        raise ValueError(f"fine codebooks of shape {centroids.shape} and codes {codes.shape} for dimension {d}")
-    pq = faiss.ProductQuantizer(d, m, 4)
-    faiss.copy_array_to_vector(centroids.ravel(), pq.centroids)
-    return plain_codes(pq, codes)
+    out = faiss.IndexPQ(fine.pq.d, fine.pq.M, fine.pq.nbits)
+    out.pq = fine.pq  # copied
+    out.is_trained = True
+    codes = faiss.vector_to_array(fine.codes) if with_codes else np.zeros(0, np.uint8)
+    if codes.size:
+        faiss.copy_array_to_vector(codes, out.codes)
+        out.ntotal = codes.size // fine.pq.code_size
+    return out
 
 
 class PQIndex:
-    """Fast-scan PQ codes of every vector, whose shortlist is re-ranked exactly (module docstring).
+    """Two stages of PQ codes of every vector, whose shortlist is re-ranked exactly (module docstring).
 
     Codes sit in slots, in the order they were added: the version's vectors first, sorted by id (their
     float vectors are the rows of the version's vectors.npz), then those added online (float vectors
@@ -127,78 +93,74 @@ class PQIndex:
     remove_ids scrambles the codes added after it, measured on faiss 1.15), and dead slots are left
     out of every answer; publishing a version writes the live ones only.
 
-    With `fine` codes the scan has two stages: the fast-scan codes are coarse (fewer sub-quantizers,
-    so a scan of every code costs less) and only find a `shortlist`; the fine codes score it, and the
-    fine codes' nearest `rerank` are re-ranked exactly. Both code stages run in FAISS's C++
-    (IndexRefine over the two, one index.faiss), where numpy's gathering and table lookups of the
-    shortlist cost more than the C++ loop (0.6 against 0.15 ms at 800). A loaded version's fine codes
-    are memory-mapped from its file, shared by the workers; a change works on an owned copy."""
+    The fast-scan `codes` are coarse (fewer sub-quantizers, so a scan of every code costs less) and
+    only find a `shortlist`; the `fine` codes score it, and the fine codes' nearest `rerank` are
+    re-ranked exactly. Both code stages run in FAISS's C++ (IndexRefine over the two, one
+    index.faiss), where numpy's gathering and table lookups of the shortlist cost more than the C++
+    loop (0.6 against 0.15 ms at 800). A loaded version's fine codes are memory-mapped from its file,
+    shared by the workers; a change works on an owned copy."""
 
     kind = PQ
 
     def __init__(
         self,
         codes: faiss.IndexPQFastScan,
+        fine: faiss.IndexPQ,
         slot_ids: np.ndarray,
         base: np.ndarray,
         rerank: int,
+        shortlist: int,
         alive: np.ndarray | None = None,
         added: list[np.ndarray] | None = None,
         added_slot: dict[int, int] | None = None,
-        fine: faiss.IndexPQ | None = None,
-        shortlist: int = 0,
         refine: faiss.IndexRefine | None = None,
         mapped: bool = False,
     ) -> None:
+        if fine.ntotal != codes.ntotal:
+            raise ValueError(f"{fine.ntotal} fine codes for {codes.ntotal} coarse codes")
         self.codes = codes
+        self.fine = fine
         self.slot_ids = slot_ids  # (slots,) int64: the id whose code each slot holds
         self.base = base  # (n_base, d) float32 vectors of the first slots, memory-mapped
-        self.rerank = int(rerank)  # codes' candidates re-ranked exactly (at least k)
+        self.rerank = int(rerank)  # the fine codes' candidates re-ranked exactly
+        self.shortlist = int(shortlist)  # the coarse codes' candidates that the fine codes score
         self.alive = np.ones(len(slot_ids), bool) if alive is None else alive
         self.added = list(added or [])  # float vectors of the slots after the base ones
         self.added_slot = dict(added_slot or {})  # id -> its live slot among those added online
         self._ntotal = int(self.alive.sum())
-        self.fine = fine  # None: one stage, the codes' candidates re-ranked exactly
-        self.shortlist = int(shortlist)  # the coarse codes' candidates that the fine codes score
-        if fine is not None and fine.ntotal != codes.ntotal:
-            raise ValueError(f"{fine.ntotal} fine codes for {codes.ntotal} coarse codes")
-        if fine is not None and refine is None:
-            refine = faiss.IndexRefine(codes, fine)  # owns neither: self holds both
-        self.refine = refine  # the two code stages as one FAISS index (None: one stage)
+        # The two code stages as one FAISS index; one made here owns neither: self holds both.
+        self.refine = faiss.IndexRefine(codes, fine) if refine is None else refine
         self.mapped = mapped  # the fine codes are a read-only mapping of the version's file
         self._params: dict[tuple[int, int], faiss.IndexRefineSearchParameters] = {}
 
     @classmethod
-    def build(cls, xb: np.ndarray, ids: np.ndarray, conf: dict[str, Any], seed: int = 0) -> PQIndex:
+    def build(cls, xb: np.ndarray, ids: np.ndarray, conf: IndexConf, seed: int = 0) -> PQIndex:
         """Codes trained on (a seeded sample of) xb itself, then every vector encoded."""
         xb = np.ascontiguousarray(xb, np.float32)
         ids = np.asarray(ids, np.int64)
         if xb.ndim != 2 or len(xb) != len(ids):
             raise ValueError(f"{len(ids)} ids for vectors of shape {xb.shape}")
-        m, coarse = int(conf["m"]), int(conf.get("coarse_m", 0))
-        if coarse >= m:
-            raise ValueError(f"coarse_m={coarse} must be below m={m} (0: one stage)")
-        scanned = coarse or m
-        if xb.shape[1] % scanned:
-            raise ValueError(f"dimension {xb.shape[1]} does not split into m={scanned} sub-vectors")
+        m, coarse = conf.m, conf.coarse_m
+        if not 0 < coarse < m:
+            raise ValueError(f"coarse_m={coarse} must be above 0 and below m={m}: the index scans in two stages")
+        if xb.shape[1] % coarse:
+            raise ValueError(f"dimension {xb.shape[1]} does not split into coarse_m={coarse} sub-vectors")
         if len(np.unique(ids)) != len(ids):
             raise ValueError("the ids of an index must be unique")
         if not np.all(ids[1:] > ids[:-1]):  # base slots are in id order, so an id finds its row by bisection
             order = np.argsort(ids, kind="stable")
             xb, ids = xb[order], ids[order]
-        n_train = min(len(xb), int(conf["train_size"]))
-        codes = new_codes(int(xb.shape[1]), scanned, conf, n_train)
+        n_train = min(len(xb), conf.train_size)
+        codes = new_coarse_codes(int(xb.shape[1]), coarse)
         rows = np.sort(np.random.default_rng(seed).choice(len(xb), size=n_train, replace=False))
         xt = np.ascontiguousarray(xb[rows])
         codes.train(xt)
         for start in range(0, len(xb), 65536):
             codes.add(xb[start : start + 65536])
-        fine = None
-        if coarse:
-            fine = new_fine_codes(int(xb.shape[1]), m, xt)
-            for start in range(0, len(xb), 65536):
-                fine.add(xb[start : start + 65536])
-        return cls(codes, ids, xb, int(conf["rerank"]), fine=fine, shortlist=int(conf.get("shortlist", 0)))
+        fine = new_fine_codes(int(xb.shape[1]), m, xt)
+        for start in range(0, len(xb), 65536):
+            fine.add(xb[start : start + 65536])
+        return cls(codes, fine, ids, xb, conf.rerank, shortlist=conf.shortlist)
 
     @property
     def d(self) -> int:
@@ -210,7 +172,8 @@ class PQIndex:
 
     def ids(self) -> np.ndarray:
         """The served ids, in slot order."""
-        return self.slot_ids[self.alive]
+        served: np.ndarray = self.slot_ids[self.alive]
+        return served
 
     def _slots_of(self, ids: np.ndarray) -> np.ndarray:
         """The live slot of each id, -1 where it has none."""
@@ -260,26 +223,19 @@ class PQIndex:
         if k <= 0 or self.ntotal == 0:
             return d2, found
         dead = len(self.alive) - self.ntotal  # dead codes can fill the shortlist: ask for that many more
-        if self.refine is not None:
-            # Two stages: the fine codes order the coarse codes' nearest `shortlist`, and only their
-            # nearest `rerank` are re-ranked exactly; past them (k > rerank: the expansion pool) the
-            # fine order and distances stand, raised where needed so that the row stays sorted.
-            want = min(len(self.alive), max(k, self.rerank) + dead)
-            deep = max(self.shortlist + dead, want)
-            est, cand = self.refine.search(x, want, params=self._refine_params(want, deep))
-        else:
-            # One stage: the top 10 of the 100 nearest codes, recall@10 0.999 against exact at 1M
-            # (BENCHMARKS.md). A deeper k (the expansion pool of 200) is re-ranked as deep, not 10 x
-            # deeper: its tail only feeds expansion, which looks at places, not at the exact order.
-            est, cand = self.codes.search(x, min(len(self.alive), max(k, self.rerank) + dead))
+        # The fine codes order the coarse codes' nearest `shortlist`, and only their nearest `rerank`
+        # are re-ranked exactly; past them (k > rerank: the expansion pool) the fine order and
+        # distances stand, raised where needed so that the row stays sorted.
+        want = min(len(self.alive), max(k, self.rerank) + dead)
+        deep = max(self.shortlist + dead, want)
+        est, cand = self.refine.search(x, want, params=self._refine_params(want, deep))
         for r, row in enumerate(cand):
             keep = row >= 0
             if dead:
                 keep &= self.alive[np.maximum(row, 0)]
-            slots, rest, tail = row[keep], row[:0], est[r, :0]
-            if self.refine is not None:
-                rest, tail = slots[self.rerank : k], est[r][keep][self.rerank : k]
-                slots = slots[: self.rerank]
+            slots = row[keep]
+            rest, tail = slots[self.rerank : k], est[r][keep][self.rerank : k]
+            slots = slots[: self.rerank]
             exact = ((self._vectors(slots) - x[r]) ** 2).sum(axis=1)
             top = np.argsort(exact, kind="stable")[:k]
             dist, ids = exact[top], self.slot_ids[slots[top]]
@@ -296,7 +252,8 @@ class PQIndex:
         params = self._params.get((want, deep))
         if params is None:
             # IndexRefine asks the coarse codes for int(want * k_factor): deep, whatever the rounding
-            params = self._params[want, deep] = faiss.IndexRefineSearchParameters(k_factor=(deep + 0.5) / want)
+            params = self._params[want, deep] = faiss.IndexRefineSearchParameters()
+            params.k_factor = (deep + 0.5) / want  # as the constructor's k_factor= would (FAISS's stub lacks it)
         return params
 
     def add_with_ids(self, x: np.ndarray, ids: np.ndarray) -> None:
@@ -309,7 +266,7 @@ class PQIndex:
         if self.mapped:  # FAISS aborts on a change of a mapped index: own the codes first
             self._own_codes()
         # Encoded now: the codes stay in step with the online adds (IndexRefine adds to both stages).
-        (self.codes if self.refine is None else self.refine).add(x)
+        self.refine.add(x)
         self.slot_ids = np.concatenate([self.slot_ids, ids])
         self.alive = np.concatenate([self.alive, np.ones(len(ids), bool)])
         for j, (i, v) in enumerate(zip(ids.tolist(), x, strict=True)):
@@ -328,10 +285,10 @@ class PQIndex:
 
     def _own_codes(self) -> None:
         """Both code stages copied into this process's memory."""
-        self.codes = faiss.clone_index(self.codes)
-        if self.fine is not None:
-            self.fine = owned_fine_codes(self.fine, with_codes=True)
-            self.refine = faiss.IndexRefine(self.codes, self.fine)
+        # FAISS returns the clone downcast to its own class (its stub says Index)
+        self.codes = cast(faiss.IndexPQFastScan, faiss.clone_index(self.codes))
+        self.fine = owned_fine_codes(self.fine, with_codes=True)
+        self.refine = faiss.IndexRefine(self.codes, self.fine)
         self.mapped = False
 
     def copy(self) -> PQIndex:
@@ -339,14 +296,14 @@ class PQIndex:
         million), the same read-only float vectors on disk."""
         out = PQIndex(
             self.codes,
+            self.fine,
             self.slot_ids.copy(),
             self.base,
             self.rerank,
+            self.shortlist,
             self.alive.copy(),
             list(self.added),  # the copy's adds must not show in this one's tables
             dict(self.added_slot),
-            self.fine,
-            self.shortlist,
             self.refine,
         )
         out._own_codes()
@@ -358,50 +315,48 @@ class PQIndex:
         again by the same trained quantizer."""
         ids = np.sort(self.ids())
         xb = self.vectors_of(ids)
-        codes = self.codes if self.refine is None else self.refine
+        codes = self.refine
         changed = len(self.alive) != len(self.base) or not self.alive.all()
         if changed:
             coarse = faiss.clone_index(self.codes)
             coarse.reset()  # keeps the trained codebooks
-            fine = None if self.fine is None else owned_fine_codes(self.fine, with_codes=False)
-            codes = coarse if fine is None else faiss.IndexRefine(coarse, fine)
+            codes = faiss.IndexRefine(coarse, owned_fine_codes(self.fine, with_codes=False))
             for start in range(0, len(xb), 65536):
                 codes.add(xb[start : start + 65536])
-        extra = {} if self.refine is None else {"shortlist": np.array(self.shortlist)}
         faiss.write_index(codes, str(index_path))
-        atomic_savez(vectors_path, ids=ids, vectors=xb, rerank=np.array(self.rerank), **extra)
+        atomic_savez(
+            vectors_path, ids=ids, vectors=xb, rerank=np.array(self.rerank), shortlist=np.array(self.shortlist)
+        )
 
     @classmethod
     def load(cls, index_path: Path, vectors_path: Path) -> PQIndex:
+        """What `save` wrote; ValueError for files of another layout (one-stage codes, codes in cells,
+        fine codes in vectors.npz: earlier builds') or that do not fit each other."""
         # The fine codes (IndexPQ's) memory-mapped, shared by the workers; fast-scan's are read.
-        codes = faiss.read_index(str(index_path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
-        refine, fine, mapped = None, None, False
-        if isinstance(codes, faiss.IndexRefine):
-            refine, codes = codes, faiss.downcast_index(codes.base_index)
-            fine, mapped = faiss.downcast_index(refine.refine_index), True
-            if not isinstance(fine, faiss.IndexPQ) or fine.pq.nbits != 4:
-                raise ValueError(f"{index_path}: the fine codes are not 4-bit plain-layout PQ codes")
-        if not isinstance(codes, faiss.IndexPQFastScan | faiss.IndexIVFPQFastScan):
-            raise ValueError(f"{index_path} holds no fast-scan PQ codes")
+        refine = faiss.read_index(str(index_path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
+        if not isinstance(refine, faiss.IndexRefine):
+            raise ValueError(f"{index_path} holds no two-stage PQ codes: {REBUILD}")
+        codes, fine = faiss.downcast_index(refine.base_index), faiss.downcast_index(refine.refine_index)
+        if not isinstance(codes, faiss.IndexPQFastScan) or not isinstance(fine, faiss.IndexPQ) or fine.pq.nbits != 4:
+            raise ValueError(f"{index_path}: codes of {type(codes).__name__} and {type(fine).__name__}: {REBUILD}")
         z = mapped_npz(vectors_path)
+        if set(z) != VECTORS_ARRAYS:
+            raise ValueError(f"{vectors_path}: arrays {sorted(z)}, not {sorted(VECTORS_ARRAYS)}: {REBUILD}")
         ids = np.asarray(z["ids"], np.int64)
         if z["vectors"].shape != (len(ids), codes.d) or codes.ntotal != len(ids):
             raise ValueError(f"{vectors_path}: vectors of shape {z['vectors'].shape} for {codes.ntotal} codes")
         if not np.all(ids[1:] > ids[:-1]):
             raise ValueError(f"{vectors_path}: ids are not sorted and unique")
-        if "fine_codes" in z and fine is None:  # 8e50106 stored them there (versions before: one stage)
-            fine = fine_codes_from_arrays(codes.d, z)
-        if fine is not None and fine.ntotal != len(ids):
+        if fine.ntotal != len(ids):
             raise ValueError(f"{index_path}: {fine.ntotal} fine codes for {len(ids)} vectors")
-        shortlist = int(z["shortlist"]) if "shortlist" in z else 0
-        rerank = int(z["rerank"])
-        return cls(codes, ids, z["vectors"], rerank, fine=fine, shortlist=shortlist, refine=refine, mapped=mapped)
+        rerank, shortlist = int(z["rerank"]), int(z["shortlist"])
+        return cls(codes, fine, ids, z["vectors"], rerank, shortlist, refine=refine, mapped=True)
 
 
 AnyIndex = faiss.Index | PQIndex
 
 
-def build_index(conf: dict[str, Any], xb: np.ndarray, ids: np.ndarray) -> AnyIndex:
+def build_index(conf: IndexConf, xb: np.ndarray, ids: np.ndarray) -> AnyIndex:
     """The kind of index the collection's size calls for (index_kind), holding xb under ids."""
     if index_kind(conf, len(ids)) == PQ:
         return PQIndex.build(xb, ids, conf)
@@ -417,7 +372,7 @@ def index_ids(index: AnyIndex) -> np.ndarray:
         return index.ids()
     if index.ntotal == 0:
         return np.zeros(0, np.int64)
-    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+    return faiss.vector_to_array(cast(faiss.IndexIDMap, faiss.downcast_index(index)).id_map).astype(np.int64)
 
 
 def index_contents(index: AnyIndex) -> tuple[np.ndarray, np.ndarray]:
@@ -427,7 +382,7 @@ def index_contents(index: AnyIndex) -> tuple[np.ndarray, np.ndarray]:
         return ids, index.vectors_of(ids)
     if index.ntotal == 0:
         return ids, np.zeros((0, index.d), np.float32)
-    return ids, faiss.downcast_index(index).index.reconstruct_n(0, index.ntotal)
+    return ids, cast(faiss.IndexIDMap, faiss.downcast_index(index)).index.reconstruct_n(0, index.ntotal)
 
 
 def copy_for_change(index: AnyIndex) -> AnyIndex:

@@ -2,18 +2,22 @@
 
 Layout of one index family (one data folder, one preset), under <artifacts>/<data tag>/:
     index-<preset>/CURRENT            name of the served version (replaced atomically)
-    index-<preset>/v<time>/index.faiss   the vectors (flat-l2) or their codes (pq-fastscan, indexer/kinds.py)
-                          /vectors.npz   the float vectors a pq-fastscan index re-ranks with
-                          /images.json   FAISS id -> map image (path, location): the saved id map
-                          /vectorizer.npz the fitted vectorizer (vocabulary, idf) for queries
-                          /encoder.npz   the encoder the embeddings came from (queries use the same)
-                          /verify.npz    verification keypoints of the map images (presets that verify)
-                          (a version split into N > 1 shards has index.s<i>.faiss and verify.s<i>.npz
-                          instead: shard i holds the images whose id % N == i; manifest "shards": N)
-                          /split.json    the model's train/val/test queries (metrics use the test ones)
-                          /manifest.json preset, conf, model hash, count, dim, index kinds, checksums, metrics
-                          /.checked.json which files this machine has hashed, by their stat (verify_checksums)
+    index-<preset>/v<seq>-<time>/index.faiss   the vectors (flat-l2) or their codes (pq-fastscan, indexer/kinds.py)
+                                /vectors.npz   the float vectors a pq-fastscan index re-ranks with
+                                /images.json   FAISS id -> map image (path, location): the saved id map
+                                /vectorizer.npz the fitted vectorizer (vocabulary, idf) for queries
+                                /encoder.npz   the encoder the embeddings came from (queries use the same)
+                                /verify.npz    verification keypoints of the map images (presets that verify)
+                                (a version split into N > 1 shards has index.s<i>.faiss and verify.s<i>.npz
+                                instead: shard i holds the images whose id % N == i; manifest "shards": N)
+                                /split.json    the model's train/val/test queries (metrics use the test ones)
+                                /manifest.json preset, conf, model hash, count, dim, index kinds, checksums,
+                                               metrics, seq, previous (MANIFEST_KEYS)
+                                /.checked.json which files this machine has hashed, by their stat (verify_checksums)
     index-<preset>/changes.log, uploads/, changes/   online changes (indexer/changes.py)
+
+Only what this build writes loads: a version of an earlier layout (another name, a manifest without
+the keys it writes, index files of another layout) is refused with IndexLoadError, to be rebuilt.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -49,10 +54,12 @@ from common.files import (
     storage_errors,
     sweep_temporaries,
 )
+from common.pipeline import IndexConf, Pipeline
 from dataset.layout import Location, data_tag
 from indexer.kinds import (
     EXACT,
     PQ,
+    REBUILD,
     VECTORS_FILE,
     AnyIndex,
     PQIndex,
@@ -166,14 +173,14 @@ def shard_file(name: str, shard: int, shards: int) -> str:
     return f"{stem}.s{shard}{dot}{ext}"
 
 
-def split_index(index: AnyIndex, shards: int, conf: dict[str, Any]) -> list[AnyIndex]:
+def split_index(index: AnyIndex, shards: int, conf: IndexConf) -> list[AnyIndex]:
     """An index split by owner (id % shards), vectors bit for bit; each shard of the kind its own
     size calls for (indexer/kinds.py)."""
     ids, xb = index_contents(index)
     return [build_index(conf, xb[ids % shards == i], ids[ids % shards == i]) for i in range(shards)]
 
 
-def merge_indexes(parts: list[AnyIndex], dim: int, conf: dict[str, Any]) -> AnyIndex:
+def merge_indexes(parts: list[AnyIndex], dim: int, conf: IndexConf) -> AnyIndex:
     """One index of the parts' vectors, of the kind their total size calls for."""
     contents = [index_contents(p) for p in parts]
     ids = np.concatenate([np.zeros(0, np.int64)] + [i for i, _ in contents])
@@ -234,6 +241,11 @@ class LoadedIndex:
     uploads: dict[str, int] = field(default_factory=dict)
     keys: dict[str, int] = field(default_factory=dict)
 
+    @functools.cached_property
+    def pipeline(self) -> Pipeline:
+        """The typed pipeline that built this version (load() refuses a manifest without a valid one)."""
+        return Pipeline.from_json(self.manifest["conf"])
+
     @property
     def family(self) -> Path:
         """The index family folder (versions, CURRENT, change log, uploads)."""
@@ -286,13 +298,19 @@ OWNER = ".owner"  # in a version's temporary folder: its publisher holds an excl
 SEQ_WIDTH = 6
 # v000012-20261206-230410: a sequence number of SEQ_WIDTH digits or more, then (for people) when it
 # was published. Versions are ordered by the number, never by the clock, which may be stepped back.
-_NAME = re.compile(r"v(\d{6,})-\d{8}-\d{6}$")
+_NAME = re.compile(r"v(\d{6,})-\d{8}-\d{6}")
+
+
+def is_version_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
 
 
 def version_seq(name: str) -> int:
-    """The sequence number in a version's name; 0 for names without one (v<time> of older builds)."""
-    m = _NAME.match(name)
-    return int(m.group(1)) if m else 0
+    """The sequence number in a version's name; ValueError for a name that is not a version's."""
+    m = _NAME.fullmatch(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not the name of an index version")
+    return int(m.group(1))
 
 
 @contextlib.contextmanager
@@ -309,8 +327,7 @@ def _write_contents(
 ) -> tuple[list[str], dict[str, str]]:
     """The version's data files in `tmp`, fsync'd; returns each shard's index kind and the files'
     checksums."""
-    index_conf = manifest["conf"].get("index") or {"type": EXACT}
-    parts = [index] if shards == 1 else split_index(index, shards, index_conf)
+    parts = [index] if shards == 1 else split_index(index, shards, Pipeline.from_json(manifest["conf"]).index)
     for i, part in enumerate(parts):
         write_index(part, tmp, i, shards)
     (tmp / "images.json").write_text(json.dumps([r.to_json() for r in images]), encoding="utf-8")
@@ -350,7 +367,7 @@ def _rename_in(
         version=version,
         seq=seq,
         # The version served before this one: what a rollback returns to and pruning keeps.
-        previous=previous if previous is not None and (family / previous).is_dir() else None,
+        previous=previous if previous is not None and _is_version(family, previous) else None,
         count=int(index.ntotal),
         dim=int(index.d),
         shards=shards,
@@ -401,7 +418,7 @@ def sweep_publishers(family: Path) -> None:
         except BlockingIOError:
             continue  # its publisher is writing it
         except OSError:
-            pass  # no owner file: a folder of a killed publisher of an older layout
+            pass  # no owner file: its publisher was killed before it made one
         shutil.rmtree(d, ignore_errors=True)
     older_than = time.time() - TMP_GRACE_S
     for folder in (family, family / "uploads", family / "changes"):
@@ -461,7 +478,7 @@ def versions(family: Path) -> list[Path]:
     temporaries, never listed)."""
     if not family.is_dir():
         return []
-    found = [p for p in family.iterdir() if p.is_dir() and p.name.startswith("v")]
+    found = [p for p in family.iterdir() if p.is_dir() and is_version_name(p.name)]
     return sorted(found, key=lambda p: (version_seq(p.name), p.name))
 
 
@@ -474,17 +491,14 @@ def rollback(family: Path) -> tuple[str | None, Path]:
     Online changes live in the family's change log, not in a version, so they survive a rollback."""
     with storage_errors(f"rolling back {family}"), publish_lock(family):
         name = read_pointer(family)
-        current = family / name if name and _is_version(family, name) else None
-        if current is not None:
-            previous = read_manifest(current).get("previous")
-            if isinstance(previous, str) and _is_version(family, previous):
-                targets = [family / previous]
-            elif "previous" in read_manifest(current):
+        manifest = read_manifest(family / name) if name and _is_version(family, name) else {}
+        if "previous" in manifest:
+            previous = manifest["previous"]
+            if not (isinstance(previous, str) and _is_version(family, previous)):
                 why = "is no longer kept" if previous else "does not exist (it was the first)"
                 raise RollbackError(f"the version served before {name} {why}; nothing to roll back to")
-            else:  # a manifest of an older layout: the version before it by name
-                targets = [v for v in versions(family) if v.name < name][-1:]
-        else:
+            targets = [family / previous]
+        else:  # CURRENT names no version, or one whose manifest is unreadable or of an earlier layout
             targets = [v for v in reversed(versions(family)) if v.name != name]
         errors = []
         for target in targets:
@@ -501,7 +515,7 @@ def rollback(family: Path) -> tuple[str | None, Path]:
 
 
 def _is_version(family: Path, name: str) -> bool:
-    return name.startswith("v") and "/" not in name and (family / name).is_dir()
+    return is_version_name(name) and (family / name).is_dir()
 
 
 def current_version(family: Path) -> Path:
@@ -510,6 +524,8 @@ def current_version(family: Path) -> Path:
         raise IndexLoadError(f"no index built yet in {family} (run `imgsearch build`)")
     version = read_pointer(family) or ""
     if not _is_version(family, version):
+        if version.startswith("v") and "/" not in version and (family / version).is_dir():
+            raise IndexLoadError(f"{pointer} names {version!r}, a version of an earlier build: {REBUILD}")
         raise IndexLoadError(f"{pointer} names {version!r}, which is not an index version here")
     return family / version
 
@@ -586,52 +602,77 @@ def verify_checksums(directory: Path, checksums: dict[str, str]) -> None:
         _record_checked(directory, checked | _hashed(directory, fresh))
 
 
+# What `publish` writes into every manifest (besides what the builder gives it); a manifest without
+# one of them was written by an earlier layout.
+MANIFEST_KEYS = (
+    "version",
+    "seq",
+    "previous",
+    "conf",
+    "count",
+    "dim",
+    "shards",
+    "index_kinds",
+    "checksums",
+    "changes_seq",
+    "max_id",
+)
+
+
 def load(directory: Path, part: Part = WHOLE) -> LoadedIndex:
     """Load one version (or one part of it, see Part), checking checksums, count and dimension against
-    its manifest. Only the files the part reads are read and checked."""
+    its manifest. Only the files the part reads are read and checked; a version of an earlier layout
+    is refused (module docstring)."""
     try:
         manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise IndexLoadError(f"{directory}: unreadable manifest ({e})") from e
-    shards = int(manifest.get("shards", 1))
+    if not isinstance(manifest, dict):
+        raise IndexLoadError(f"{directory}: unreadable manifest (not a JSON object)")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise IndexLoadError(f"{directory}: the manifest has no {', '.join(missing)}: {REBUILD}")
+    try:
+        pipeline = Pipeline.from_json(manifest["conf"])
+    except ValueError as e:
+        raise IndexLoadError(f"{directory}: {e}: {REBUILD}") from e
+    shards = int(manifest["shards"])
     if not part.whole and part.shards != shards:
         raise IndexLoadError(f"{directory}: the version has {shards} shard(s), this process serves 1 of {part.shards}")
     wanted = [] if part.head else list(range(shards)) if part.whole else [int(part.shard or 0)]
-    verifies = manifest["conf"].get("verify") is not None
-    # Versions written before there were index kinds are flat.
-    kinds = manifest.get("index_kinds") or [EXACT] * shards
-    if len(kinds) != shards or any(k not in (EXACT, PQ) for k in kinds):
+    verifies = pipeline.verify is not None
+    kinds = manifest["index_kinds"]
+    if not isinstance(kinds, list) or len(kinds) != shards or any(k not in (EXACT, PQ) for k in kinds):
         raise IndexLoadError(f"{directory}: manifest index kinds {kinds} do not fit {shards} shard(s)")
     needed = ["images.json", "vectorizer.npz", "encoder.npz"] + [shard_file("index.faiss", i, shards) for i in wanted]
     needed += [shard_file(VECTORS_FILE, i, shards) for i in wanted if kinds[i] == PQ]
     needed += [shard_file("verify.npz", i, shards) for i in wanted] if verifies else []
-    checksums = manifest.get("checksums") or {}
+    checksums = manifest["checksums"] if isinstance(manifest["checksums"], dict) else {}
     for name in needed:
         if name not in checksums:
             raise IndexLoadError(f"{directory}: manifest has no checksum for {name}")
     sharded = {shard_file(n, i, shards) for n in ("index.faiss", "verify.npz", VECTORS_FILE) for i in range(shards)}
     # Another shard's files are checked by its own process.
     verify_checksums(directory, {n: d for n, d in checksums.items() if n not in sharded or n in needed})
-    dim = int(manifest.get("dim", -1))
+    dim = int(manifest["dim"])
     try:
         parts = [read_index(directory, i, shards, kinds[i]) for i in wanted]
     except (RuntimeError, ValueError, KeyError) as e:  # FAISS raises RuntimeError on a file it cannot read
         raise IndexLoadError(f"{directory}: an index file does not load ({e})") from e
     if any(p.d != dim for p in parts):
         raise IndexLoadError(f"{directory}: an index file's dimension differs from the manifest's {dim}")
-    index_conf = manifest["conf"].get("index") or {"type": EXACT}
-    index = parts[0] if len(parts) == 1 else merge_indexes(parts, max(dim, 1), index_conf)
+    index = parts[0] if len(parts) == 1 else merge_indexes(parts, max(dim, 1), pipeline.index)
     raw = json.loads((directory / "images.json").read_text(encoding="utf-8"))
     images = {int(r["id"]): ImageRecord.from_json(r) for r in raw}
     encoder = NumpyEncoder.load(directory / "encoder.npz")
     try:
-        vectorizer = Vectorizer.load(directory / "vectorizer.npz", manifest["conf"]["vector"])
+        vectorizer = Vectorizer.load(directory / "vectorizer.npz", pipeline.vector)
     except (KeyError, ValueError) as e:
         raise IndexLoadError(f"{directory}: vectorizer does not fit the manifest ({e})") from e
     if vectorizer.dim != encoder.input_dim:
         raise IndexLoadError(f"{directory}: vectors of {vectorizer.dim} values, encoder wants {encoder.input_dim}")
-    if len(images) != manifest.get("count"):
-        raise IndexLoadError(f"{directory}: id map holds {len(images)} images, manifest {manifest.get('count')}")
+    if len(images) != manifest["count"]:
+        raise IndexLoadError(f"{directory}: id map holds {len(images)} images, manifest {manifest['count']}")
     if encoder.dim != dim:
         raise IndexLoadError(f"{directory}: dimension mismatch (manifest {dim}, encoder {encoder.dim})")
     if part.head:
@@ -643,8 +684,7 @@ def load(directory: Path, part: Part = WHOLE) -> LoadedIndex:
         if len(ids) != len(images) or set(ids.tolist()) != set(images):
             raise IndexLoadError(f"{directory}: ids in the index ({len(ids)}) and the id map ({len(images)}) differ")
     verifier = None
-    vconf = manifest["conf"].get("verify")
-    if vconf is not None:
+    if pipeline.verify is not None:
         if "verify_head" not in manifest:
             raise IndexLoadError(f"{directory}: the preset verifies, but the verification head is missing")
         features = MapFeatures.concat(
@@ -653,7 +693,13 @@ def load(directory: Path, part: Part = WHOLE) -> LoadedIndex:
         if set(int(i) for i in features.ids) != (set() if part.head else set(images)):
             raise IndexLoadError(f"{directory}: verification keypoints cover other images than the index")
         verifier = Verifier(
-            vconf, features, vectorizer.n_words, manifest["verify_head"], None, manifest.get("verify_expand_prior", 0.0)
+            pipeline.verify,
+            pipeline.expand,
+            features,
+            vectorizer.n_words,
+            manifest["verify_head"],
+            None,
+            manifest.get("verify_expand_prior", 0.0),
         )
     uploads = {r.path: i for i, r in images.items() if r.uploaded}
     keys = {r.idem: i for i, r in images.items() if r.idem is not None}

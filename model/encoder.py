@@ -7,14 +7,19 @@ service embed through this one class (query and map embeddings cannot differ).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from common.files import atomic_savez, mapped_npz
 
-_ACTIVATIONS = {
+if TYPE_CHECKING:
+    import keras
+
+_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
     "relu": lambda x: np.maximum(x, 0.0),
     "tanh": np.tanh,
@@ -30,16 +35,17 @@ def block_layer(h: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     size. A part wider than d_in is cut into pieces of d_in values (one per visual word), all
     projected by the same w[i]: a descriptor-space basis tied across the words of a region."""
     if w.ndim == 2:
-        return h @ w + b
+        return cast(np.ndarray, h @ w + b)
     blocks, d_in, d_out = w.shape
     n, width = h.shape
     tiles = width // (blocks * d_in)
     if tiles * blocks * d_in != width:
         raise ValueError(f"{width} values do not split into {blocks} blocks of pieces of {d_in}")
     if tiles == 1:
-        return np.concatenate([h[:, i * d_in : (i + 1) * d_in] @ w[i] for i in range(blocks)], axis=1) + b
+        parts = [h[:, i * d_in : (i + 1) * d_in] @ w[i] for i in range(blocks)]
+        return cast(np.ndarray, np.concatenate(parts, axis=1) + b)
     out = np.matmul(h.reshape(n, blocks, tiles, d_in), w[None])  # (n, blocks, tiles, d_out)
-    return out.reshape(n, blocks * tiles * d_out) + b
+    return cast(np.ndarray, out.reshape(n, blocks * tiles * d_out) + b)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,7 @@ class NumpyEncoder:
         arrays = {f"w{i}": w for i, w in enumerate(self.weights)} | {f"b{i}": b for i, b in enumerate(self.biases)}
         return atomic_savez(
             path,
+            durable=False,
             **arrays,
             activations=np.array(self.activations, dtype=str),
             head=np.array([self.head_w, self.head_b], dtype=np.float64),
@@ -124,7 +131,7 @@ class NumpyEncoder:
         )
 
     @classmethod
-    def from_keras(cls, siamese) -> NumpyEncoder:
+    def from_keras(cls, siamese: keras.Model) -> NumpyEncoder:
         encoder = siamese.get_layer("encoder")
         ws, bs, acts = [], [], []
         for layer in encoder.layers:

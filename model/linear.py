@@ -14,10 +14,9 @@ apart are the same frame, not a pair), each with its graded relevance fov.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
+from common.pipeline import LinearConf
 from dataset.layout import Dataset
 from dataset.relevance import fov_matrix, pairwise_distance, sim_matrix
 from model.encoder import NumpyEncoder, block_layer
@@ -25,10 +24,11 @@ from model.projection import balanced_axes, pair_whitening, pca_projection
 
 
 def anchors_and_positives(
-    dataset: Dataset, split: dict[str, np.ndarray], conf: dict[str, Any]
+    dataset: Dataset, split: dict[str, np.ndarray], conf: LinearConf
 ) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
     """Anchor rows of [map images; queries] (queries offset by the map size), the relevant map
     images of each and their fov. Raises ValueError when there is nothing to train on."""
+    assert dataset.sim is not None and dataset.fov is not None, "training needs ground truth"
     ndb = len(dataset.database)
     rows, pos, fov = [], [], []
     for q in split["train"]:
@@ -37,17 +37,17 @@ def anchors_and_positives(
             rows.append(ndb + int(q))
             pos.append(p)
             fov.append(dataset.fov[q, p].astype(np.float32))
-    if conf["map_pairs"]:
+    if conf.map_pairs:
         loc = dataset.database.loc
         held = dataset.queries.loc[np.concatenate([split["val"], split["test"]])]
-        usable = pairwise_distance(loc, held).min(axis=1, initial=np.inf) >= float(conf["holdout_m"])
-        msim = sim_matrix(loc, loc) & (pairwise_distance(loc, loc) >= float(conf["min_pair_m"]))
+        usable = pairwise_distance(loc, held).min(axis=1, initial=np.inf) >= conf.holdout_m
+        msim = sim_matrix(loc, loc) & (pairwise_distance(loc, loc) >= conf.min_pair_m)
         msim &= usable[None, :]
         mfov = fov_matrix(loc, loc)
         for j in np.flatnonzero(usable):
             p = np.flatnonzero(msim[j])
             if len(p):
-                rows.append(j)
+                rows.append(int(j))
                 pos.append(p)
                 fov.append(mfov[j, p].astype(np.float32))
     if not rows:
@@ -56,26 +56,24 @@ def anchors_and_positives(
 
 
 def base_projection(
-    conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray]
+    conf: LinearConf, dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
     """The linear part of the preset's encoder, (d, embed_dim) and its offset: PCA of the map vectors
-    to embed_dim (whitened by whiten_power), then, with `whiten: "pairs"`, the whitening learned from
+    to embed_dim (whitened by whiten_power), then, for `pair-whiten`, the whitening learned from
     the matching pairs above (each weighted by its fov: graded relevance). Raises ValueError when
     there are no pairs."""
-    proj, offset = pca_projection(xd, int(conf["embed_dim"]), float(conf["whiten_power"]))
-    if conf.get("whiten", "pca") == "pca":
+    proj, offset = pca_projection(xd, conf.embed_dim, conf.whiten_power)
+    if conf.whiten == "pca":
         return proj, offset
-    if conf["whiten"] != "pairs":
-        raise ValueError(f"unknown whitening {conf['whiten']!r}; known: pca, pairs")
     rows, pos, fov = anchors_and_positives(dataset, split, conf)
     z = np.concatenate([xd @ proj + offset, xq @ proj + offset])
     first = np.repeat(rows, [len(p) for p in pos])
-    w = pair_whitening(z, first, np.concatenate(pos), np.concatenate(fov), float(conf["whiten_shrink"]))
+    w = pair_whitening(z, first, np.concatenate(pos), np.concatenate(fov), conf.whiten_shrink)
     return (proj @ w).astype(np.float32), (offset @ w).astype(np.float32)
 
 
 def linear_encoder(
-    conf: dict[str, Any],
+    conf: LinearConf,
     dataset: Dataset,
     xq: np.ndarray,
     xd: np.ndarray,
@@ -91,20 +89,20 @@ def linear_encoder(
     projection is factored through the r-dimensional descriptor subspace that carries most of it,
     shared by the block's words: every word's residual is first reduced to r values (one small
     product), and the block projection then reads words x r values instead of words x 256. That is
-    what a query streams from memory: 4 x less at r 64 of 256 (BENCHMARKS.md, issue 14).
+    what a query streams from memory: 4 x less at r 64 of 256.
 
     With `code_bins` g, the output basis is rotated onto the map embeddings' principal axes dealt into
     g groups of balanced variance (model/projection.py: balanced_axes): no distance changes, and a
     large collection's product-quantisation codes (g = the index's m) lose less of them."""
     weights, biases, acts = [], [], []
-    if conf.get("block_dim"):
+    if conf.block_dim:
         if xd.shape[1] % n_blocks:
             raise ValueError(f"vectors of {xd.shape[1]} values do not split into {n_blocks} blocks")
         size = xd.shape[1] // n_blocks
-        parts = [pca_projection(xd[:, i * size : (i + 1) * size], int(conf["block_dim"])) for i in range(n_blocks)]
+        parts = [pca_projection(xd[:, i * size : (i + 1) * size], conf.block_dim) for i in range(n_blocks)]
         w, b = np.stack([p for p, _ in parts]), np.concatenate([o for _, o in parts])
-        if conf.get("word_basis"):
-            basis, w = word_basis(w, n_words, int(conf["word_basis"]))
+        if conf.word_basis:
+            basis, w = word_basis(w, n_words, conf.word_basis)
             weights.append(basis)
             biases.append(np.zeros(n_blocks * n_words * basis.shape[2], np.float32))
             acts.append("linear")
@@ -114,11 +112,11 @@ def linear_encoder(
         acts.append("linear")
         xd, xq = block_layer(xd, w, b), block_layer(xq, w, b)
     proj, offset = base_projection(conf, dataset, xq, xd, split)
-    if conf.get("code_bins"):
+    if conf.code_bins:
         # The output in the map embeddings' principal axes, dealt into code_bins balanced groups: the
         # same distances (normalisation commutes with a rotation), better product-quantisation codes.
         z = NumpyEncoder([proj], [offset], ["linear_l2"], 0.0, 0.0).embed(xd)  # the map embeddings as served
-        basis = balanced_axes(z, int(conf["code_bins"]))
+        basis = balanced_axes(z, conf.code_bins)
         proj, offset = (proj @ basis).astype(np.float32), (offset @ basis).astype(np.float32)
     return NumpyEncoder([*weights, proj], [*biases, offset], [*acts, "linear_l2"], 0.0, 0.0)
 

@@ -46,7 +46,8 @@ def pair_whitening(
     cov /= w.sum()
     cov = (1.0 - shrink) * cov + shrink * (np.trace(cov) / dim) * np.eye(dim)
     vals, vecs = np.linalg.eigh(cov)
-    return (vecs / np.sqrt(np.maximum(vals, 1e-12))).astype(np.float32)
+    whitening: np.ndarray = (vecs / np.sqrt(np.maximum(vals, 1e-12))).astype(np.float32)
+    return whitening
 
 
 def balanced_axes(x: np.ndarray, bins: int) -> np.ndarray:
@@ -55,8 +56,8 @@ def balanced_axes(x: np.ndarray, bins: int) -> np.ndarray:
     group with the least variance so far. A rotation changes no distance; it matters to product
     quantisation, whose sub-vectors are consecutive values: in this basis they are uncorrelated and
     share the variance evenly, instead of each quantising a slice of correlated raw dimensions
-    (indexer/kinds.py; at a million entries it doubled the London queries kept in the first 10,
-    BENCHMARKS.md, issue 14). Column signs are fixed (largest entry positive), so the basis does not
+    (indexer/kinds.py; docs/presets.md has what it does to the London queries among a million entries).
+    Column signs are fixed (largest entry positive), so the basis does not
     depend on the eigen solver's choice."""
     x = np.asarray(x, np.float64)
     if x.ndim != 2 or bins < 1:

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 from common import plots
 from common.clock import utc_timestamp
 from common.files import sha256_file
-from common.presets import conf_hash
+from common.pipeline import IdentityConf, LinearConf, Pipeline, SiameseMlpConf
 from dataset.layout import Dataset
 from dataset.split import save_split, split_queries
 from model.encoder import NumpyEncoder
@@ -29,8 +30,10 @@ class TrainingError(RuntimeError):
     pass
 
 
-def model_name(conf: dict[str, Any]) -> str:
-    return f"model-{conf['preset']}-{conf_hash(conf, 'image', 'features', 'vector', 'model', 'split')}"
+def model_name(conf: Pipeline) -> str:
+    """Named by what made it: the features, vector, encoder and split confs (not the pipeline's name,
+    so pipelines that differ only after the encoder share one model)."""
+    return f"model-{conf.encoder.kind}-{conf.digest('features', 'vector', 'encoder', 'split')}"
 
 
 def sample_pairs(
@@ -69,18 +72,20 @@ def _plot_history(history: dict[str, list[float]], out: Path) -> Path:
 
 
 def _train_siamese(
-    conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
+    conf: Pipeline, dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
 ) -> dict[str, Any]:
     """The published Siamese network (Keras): balanced pairs, MSE on the target, best epoch kept."""
     import keras
 
     from model.siamese import build_siamese
 
-    mconf = conf["model"]
-    keras.utils.set_random_seed(int(mconf["seed"]))
-    rng = np.random.default_rng(int(mconf["seed"]))
-    target = dataset.sim.astype(np.float32) if mconf["target"] == "sim" else dataset.fov
-    npp = int(mconf["negatives_per_positive"])
+    mconf = conf.encoder
+    assert isinstance(mconf, SiameseMlpConf)
+    assert dataset.sim is not None and dataset.fov is not None  # main() requires ground truth
+    keras.utils.set_random_seed(mconf.seed)
+    rng = np.random.default_rng(mconf.seed)
+    target = dataset.sim.astype(np.float32) if mconf.target == "sim" else dataset.fov
+    npp = mconf.negatives_per_positive
     tq, td, ty = sample_pairs(split["train"], dataset.sim, target, npp, rng)
     vq, vd, vy = sample_pairs(split["val"], dataset.sim, target, npp, rng)
     log.info("training on %d pairs, validating on %d", len(ty), len(vy))
@@ -89,14 +94,12 @@ def _train_siamese(
         [xq[tq], xd[td]],
         ty,
         validation_data=([xq[vq], xd[vd]], vy),
-        batch_size=int(mconf["batch_size"]),
-        epochs=int(mconf["epochs"]),
+        batch_size=mconf.batch_size,
+        epochs=mconf.epochs,
         shuffle=True,
         verbose=2,
         callbacks=[
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=int(mconf["patience"]), restore_best_weights=True
-            ),
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=mconf.patience, restore_best_weights=True),
             keras.callbacks.ModelCheckpoint(str(tmp / "siamese.keras"), monitor="val_loss", save_best_only=True),
         ],
     )
@@ -117,7 +120,7 @@ def _train_siamese(
 
 def _with_calibrated_head(
     enc: NumpyEncoder,
-    conf: dict[str, Any],
+    conf: Pipeline,
     dataset: Dataset,
     xq: np.ndarray,
     xd: np.ndarray,
@@ -126,7 +129,8 @@ def _with_calibrated_head(
 ) -> dict[str, Any]:
     """Fit the score head of an encoder that has none on validation pairs, so its scores are
     calibrated relevance probabilities; save the encoder."""
-    rng = np.random.default_rng(int(conf["model"]["seed"]))
+    assert dataset.sim is not None  # main() requires ground truth
+    rng = np.random.default_rng(conf.encoder.seed)
     dist, label = pair_distances(enc.embed(xq[val]), enc.embed(xd), dataset.sim[val], n_neg=200, rng=rng)
     w, b = fit_sigmoid(dist, label)
     enc.with_head(w, b).save(tmp / "encoder.npz")
@@ -134,76 +138,43 @@ def _with_calibrated_head(
 
 
 def _identity(
-    conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
+    conf: Pipeline, dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
 ) -> dict[str, Any]:
     """No learned layers: the aggregate itself is the embedding."""
     enc = NumpyEncoder([], [], [], 0.0, 0.0, identity_dim=xd.shape[1])
     return _with_calibrated_head(enc, conf, dataset, xq, xd, split["val"], tmp)
 
 
-def _gcl(
-    conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
-) -> dict[str, Any]:
-    from model.gcl import train_gcl
-
-    details = train_gcl(conf, dataset, xq, xd, split, tmp)
-    enc = NumpyEncoder.load(tmp / "encoder.npz")
-    return details | _with_calibrated_head(enc, conf, dataset, xq, xd, split["val"], tmp)
-
-
 def _linear(
-    conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
+    conf: Pipeline, dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
 ) -> dict[str, Any]:
     """A linear encoder (model/linear.py): [a PCA of each VLAD block,] PCA of the map vectors to
     embed_dim, then either a partial whitening (`pca-whiten`: large shared directions such as sky or
     road texture count less; nothing learned from labels) or the whitening learned in closed form from
     matching pairs (`pair-whiten`), L2."""
     from model.linear import linear_encoder
-    from model.vectorize import Vectorizer
 
+    assert isinstance(conf.encoder, LinearConf)
     try:
-        enc = linear_encoder(
-            conf["model"], dataset, xq, xd, split, Vectorizer(conf["vector"]).n_blocks, int(conf["vector"]["words"])
-        )
+        enc = linear_encoder(conf.encoder, dataset, xq, xd, split, conf.vector.n_blocks, conf.vector.words)
     except ValueError as e:
         raise TrainingError(str(e)) from e
     return _with_calibrated_head(enc, conf, dataset, xq, xd, split["val"], tmp)
 
 
-def _siamese_diag(
-    conf: dict[str, Any], dataset: Dataset, xq: np.ndarray, xd: np.ndarray, split: dict[str, np.ndarray], tmp: Path
-) -> dict[str, Any]:
-    from model.siamese_diag import train_siamese_diag
-
-    try:
-        details = train_siamese_diag(conf, dataset, xq, xd, split, tmp)
-    except ValueError as e:
-        raise TrainingError(str(e)) from e
-    enc = NumpyEncoder.load(tmp / "encoder.npz")
-    return details | _with_calibrated_head(enc, conf, dataset, xq, xd, split["val"], tmp)
+Trainer = Callable[[Pipeline, Dataset, np.ndarray, np.ndarray, dict[str, np.ndarray], Path], dict[str, Any]]
+TRAINERS: dict[type, Trainer] = {SiameseMlpConf: _train_siamese, IdentityConf: _identity, LinearConf: _linear}
 
 
-TRAINERS = {
-    "siamese-mlp": _train_siamese,
-    "identity": _identity,
-    "gcl-linear": _gcl,
-    "pca-whiten": _linear,
-    "pair-whiten": _linear,
-    "siamese-diag": _siamese_diag,
-}
-
-
-def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, out_root: Path) -> Path:
-    """Train the preset's model; returns the model folder (reused when it already exists)."""
+def main(conf: Pipeline, dataset: Dataset, vectors_path: Path, out_root: Path) -> Path:
+    """Train the pipeline's encoder; returns the model folder (reused when it already exists)."""
     out = out_root / model_name(conf)
     if (out / "manifest.json").exists():
         return out
     if dataset.sim is None or dataset.fov is None:
         raise TrainingError(f"{dataset.root}: training needs ground truth (london_gt.h5)")
-    trainer = TRAINERS.get(conf["model"]["name"])
-    if trainer is None:
-        raise TrainingError(f"unknown model {conf['model']['name']!r}; known: {', '.join(TRAINERS)}")
-    split = split_queries(dataset.queries.loc, conf["split"])
+    trainer = TRAINERS[type(conf.encoder)]
+    split = split_queries(dataset.queries.loc, conf.split)
     xq, _ = load_vectors(vectors_path, dataset.queries.paths)
     xd, _ = load_vectors(vectors_path, dataset.database.paths)
     tmp = out_root / f".{out.name}.tmp-{os.getpid()}"
@@ -214,8 +185,8 @@ def main(conf: dict[str, Any], dataset: Dataset, vectors_path: Path, out_root: P
     save_split(tmp / "split.json", split, dataset.queries.paths)
     manifest = {
         "name": out.name,
-        "preset": conf["preset"],
-        "conf": conf,
+        "preset": conf.name,
+        "conf": conf.to_json(),
         "data": str(dataset.root),
         "queries": {s: len(v) for s, v in split.items()},
         **details,

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from common.files import atomic_savez
 from common.parallel import map_files
-from common.presets import conf_hash
+from common.pipeline import Pipeline
 from common.threads import single_threaded
 from dataset.layout import Dataset
 from features import local
@@ -24,15 +23,15 @@ from model.vectorize import Vectorizer
 log = logging.getLogger(__name__)
 
 
-def _vector_of_file(path: str, conf: dict[str, Any]) -> np.ndarray | None:
+def _vector_of_file(path: str, conf: Pipeline) -> np.ndarray | None:
     try:
-        return Vectorizer(conf["vector"])(image_to_features(Path(path).read_bytes(), conf))
+        return Vectorizer(conf.vector)(image_to_features(Path(path).read_bytes(), conf.features))
     except (ImageDecodeError, NoKeypointsError):
         return None
 
 
-def features_tag(conf: dict[str, Any]) -> str:
-    return f"{conf['vector']['name']}-{conf_hash(conf, 'image', 'features', 'vector')}"
+def features_tag(conf: Pipeline) -> str:
+    return f"{conf.vector.name}-{conf.digest('features', 'vector')}"
 
 
 def vectorizer_path(vectors_path: Path) -> Path:
@@ -40,7 +39,7 @@ def vectorizer_path(vectors_path: Path) -> Path:
     return vectors_path.with_name(vectors_path.name.replace("vectors-", "vectorizer-", 1))
 
 
-def main(conf: dict[str, Any], dataset: Dataset, out_dir: Path, jobs: int | None = None) -> Path:
+def main(conf: Pipeline, dataset: Dataset, out_dir: Path, jobs: int | None = None) -> Path:
     """Vectors of all map and query images of `dataset`, keyed by image path; returns the file.
 
     A vectorizer that learns (vocabulary, idf) is fitted on the map images only: they are the
@@ -51,7 +50,7 @@ def main(conf: dict[str, Any], dataset: Dataset, out_dir: Path, jobs: int | None
     if out.exists() and vectorizer_path(out).exists():
         return out
     names = dataset.database.paths + dataset.queries.paths
-    vectorizer = Vectorizer(conf["vector"])
+    vectorizer = Vectorizer(conf.vector)
     vectors = np.zeros((len(names), vectorizer.dim), dtype=np.float32)
     ok = np.zeros(len(names), dtype=bool)
     if not vectorizer.needs_fit:
@@ -60,10 +59,10 @@ def main(conf: dict[str, Any], dataset: Dataset, out_dir: Path, jobs: int | None
             if vec is not None:
                 vectors[i], ok[i] = vec, True
     else:
-        store = local.LocalStore.load(local.main(conf, dataset, out_dir, jobs))
+        store = local.LocalStore.load(local.main(conf.features, dataset, out_dir, jobs))
         row = store.row_of()
         map_sets = [store.get(row[n]).descriptors for n in dataset.database.paths]
-        vectorizer = vectorizer.fit([d for d in map_sets if len(d)], seed=int(conf["model"]["seed"]))
+        vectorizer = vectorizer.fit([d for d in map_sets if len(d)], seed=conf.vector.seed)
         with single_threaded():  # one image at a time: library threads only add overhead
             for i, name in enumerate(tqdm(names, desc="aggregate", unit="img", disable=None)):
                 feats = store.get(row[name])

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import faiss
 import numpy as np
 
 from common.files import atomic_savez, backing_files, mapped_npz, read_rows
+from common.pipeline import ExpandConf, VerifyConf
 from features.orb import OrbFeatures
 
 
@@ -107,7 +107,7 @@ class MapFeatures:
 
     def save(self, path: Path) -> Path:
         arrays = {"ids": self.ids, "offsets": self.offsets, "xy": self.xy, "descriptors": self.descriptors}
-        return atomic_savez(path, **arrays, words=self.words, angles=self.angles)
+        return atomic_savez(path, durable=False, **arrays, words=self.words, angles=self.angles)
 
     @classmethod
     def load(cls, path: Path) -> MapFeatures:
@@ -191,7 +191,8 @@ def match_by_word(
         qa, qb, ma, mb = int(q_start[w]), int(q_start[w + 1]), int(m_start[w]), int(m_start[w + 1])
         key = np.empty((qb - qa, mb - ma), np.int32)  # hamdis_t
         q_ptr, m_ptr = faiss.swig_ptr(q_sorted[qa:qb]), faiss.swig_ptr(m_desc[ma:mb])
-        faiss.hammings(q_ptr, m_ptr, qb - qa, mb - ma, nbytes, faiss.swig_ptr(key))
+        # hammings is in FAISS's module (swigfaiss) but missing from its stub
+        faiss.hammings(q_ptr, m_ptr, qb - qa, mb - ma, nbytes, faiss.swig_ptr(key))  # type: ignore[attr-defined]
         key <<= lane_bits
         key |= lanes[: qb - qa]
         best = key.min(axis=0)
@@ -236,7 +237,8 @@ def ransac_inliers(p_query: np.ndarray, p_map: np.ndarray, px: float, iters: int
 class Verifier:
     def __init__(
         self,
-        conf: dict[str, Any],
+        conf: VerifyConf,
+        expand: ExpandConf | None,
         store: MapFeatures,
         n_words: int,
         head: list[float],
@@ -244,6 +246,7 @@ class Verifier:
         expand_prior: float = 0.0,
     ) -> None:
         self.conf = conf
+        self.expand = expand  # verified spatial expansion (None: off)
         self.store = store
         self.n_words = n_words
         self.head = np.asarray(head, np.float64)  # logistic weights for [distance, log1p(inliers), 1]
@@ -261,7 +264,7 @@ class Verifier:
 
     def with_extra(self, extra: dict[int, tuple[OrbFeatures, np.ndarray]]) -> Verifier:
         """The same verifier with another set of online-added images (the stored keypoints are shared)."""
-        return Verifier(self.conf, self.store, self.n_words, self.head.tolist(), extra, self.expand_prior)
+        return Verifier(self.conf, self.expand, self.store, self.n_words, self.head.tolist(), extra, self.expand_prior)
 
     def features_of(self, image_id: int) -> tuple[OrbFeatures, np.ndarray]:
         if image_id in self.extra:
@@ -296,17 +299,18 @@ class Verifier:
         store = store.take(rows)  # the candidates' keypoints alone, from disk
         rows = np.arange(len(rows))
         cpos, qi, mi = match_by_word(
-            np.ascontiguousarray(q.descriptors), q_words, store, rows, self.n_words, c["max_hamming"], c["ratio"]
+            np.ascontiguousarray(q.descriptors), q_words, store, rows, self.n_words, c.max_hamming, c.ratio
         )
-        if c.get("max_angle_deg") is not None:
-            keep = same_turn(None if q.angles is None else q.angles[qi], store.angles[mi], float(c["max_angle_deg"]))
+        if c.max_angle_deg is not None:
+            keep = same_turn(None if q.angles is None else q.angles[qi], store.angles[mi], c.max_angle_deg)
             cpos, qi, mi = cpos[keep], qi[keep], mi[keep]
         bounds = np.searchsorted(cpos, np.arange(len(rows) + 1))
         for p in range(len(rows)):
             a, b = bounds[p], bounds[p + 1]
-            out[p] = ransac_inliers(q.xy[qi[a:b]], store.xy[mi[a:b]], c["ransac_px"], c["ransac_iters"])
+            out[p] = ransac_inliers(q.xy[qi[a:b]], store.xy[mi[a:b]], c.ransac_px, c.ransac_iters)
         return out
 
     def score(self, distance: np.ndarray, inliers: np.ndarray) -> np.ndarray:
         z = self.head[0] * distance + self.head[1] * np.log1p(inliers) + self.head[2]
-        return 1.0 / (1.0 + np.exp(-z))
+        score: np.ndarray = 1.0 / (1.0 + np.exp(-z))
+        return score

@@ -34,10 +34,11 @@ def fit_verify_head(searcher: Searcher, dataset: Dataset, queries: Analysed) -> 
     if searcher.verifier is None or dataset.sim is None:
         raise ValueError("fitting the verification head needs a verifying index and ground truth")
     feats, labels = [], []
-    n = int(searcher.verifier.conf["n"])
+    n = searcher.verifier.conf.n
     for q, query in queries:
         hits = searcher.search_embedding(query.embedding, n)
         ids = [h.id for h in hits]
+        assert query.verify_features is not None and query.verify_words is not None  # a verifying searcher's query
         inl = searcher.verifier.inliers(query.verify_features, query.verify_words, ids)
         feats.append(np.column_stack([[h.distance for h in hits], np.log1p(inl)]))
         labels.append(dataset.sim[q, ids])
@@ -63,12 +64,12 @@ def fit_expand_prior(searcher: Searcher, dataset: Dataset, queries: Analysed) ->
     """The share of relevant map images among those the expansion would lift (near a top hit with
     enough inliers), over the analysed `queries`, with add-one smoothing; the verifier's head must be
     fitted first (the top hit depends on it)."""
-    spec = None if searcher.verifier is None else searcher.verifier.conf.get("expand")
+    spec = None if searcher.verifier is None else searcher.verifier.expand
     if spec is None or dataset.sim is None:
         raise ValueError("fitting the expansion prior needs a preset that expands and ground truth")
     relevant = lifted = 0
     for q, query in queries:
-        hits = searcher.rank(query, int(spec["pool"]), expand=False)
+        hits = searcher.rank(query, spec.pool, expand=False)
         if not found_place([h for h in hits if h.inliers is not None], spec):
             continue
         ids = [h.id for h in hits[1:] if at_place(h, hits[0], spec)]

@@ -374,6 +374,7 @@ class LiveIndex:
         ext = _EXT.get(fmt, "img")
         rel = f"{UPLOADS}/{sha256_bytes(data)}.{ext}"
         # A retry of an add that landed costs no features: answered from the log first.
+        view: LogView | None  # the log as of now, past the snapshot: read here, and again under the lock below
         with contextlib.suppress(LogRewrittenError):
             view = log_view(searcher, self.changelog.read(searcher.applied.offset, searcher.applied.log_id))
             done = _idempotent(view, rel, idempotency_key)

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dataset.relevance import SIM_DIST_M
 from retrieval.searcher import Hit
+
+if TYPE_CHECKING:
+    import pyproj
 
 DEFAULT_UTM_EPSG = 32630  # UTM 30N, London's zone; the service's IMGSEARCH_UTM_EPSG picks another
 
@@ -34,7 +38,7 @@ class Estimate:
 
 
 @lru_cache(maxsize=8)
-def _to_wgs84(utm_epsg: int):
+def _to_wgs84(utm_epsg: int) -> pyproj.Transformer:
     from pyproj import Transformer
 
     return Transformer.from_crs(f"EPSG:{utm_epsg}", "EPSG:4326", always_xy=True)

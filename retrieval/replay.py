@@ -136,10 +136,10 @@ def apply_changes(searcher: Searcher, tail: Tail, changelog: ChangeLog) -> Searc
                 if i in images and i not in added:
                     removed.add(i)
                 added[i] = got
-            images[i] = _record(rec)
+            record = images[i] = _record(rec)
             uploads[rec["path"]] = i
-            if images[i].idem is not None:
-                keys[images[i].idem] = i
+            if record.idem is not None:
+                keys[record.idem] = i
         elif i in images and images[i].path == rec["path"]:
             gone = images.pop(i)
             if uploads.get(gone.path) == i:
@@ -158,7 +158,8 @@ def apply_changes(searcher: Searcher, tail: Tail, changelog: ChangeLog) -> Searc
     # Indexes are not safe to change while another thread searches them: change a copy.
     index = copy_for_change(searcher.index)
     if removed:
-        index.remove_ids(np.array(sorted(removed), np.int64))
+        # FAISS's wrapper takes an array of ids (it makes the IDSelectorBatch); its stub names only the selector
+        index.remove_ids(np.array(sorted(removed), np.int64))  # type: ignore[arg-type]
     if added:
         index.add_with_ids(np.vstack([e for e, _ in added.values()]), np.array(list(added), np.int64))
     verifier = searcher.verifier

@@ -1,22 +1,26 @@
 """Ranking against one index snapshot: image bytes -> features -> vector -> embedding -> FAISS
 shortlist -> geometric verification -> ranked hits.
 
-A Searcher is built from a loaded index version (preset conf, fitted vectorizer, encoder and
+A Searcher is built from a loaded index version (typed pipeline, fitted vectorizer, encoder and
 verification keypoints are stored with it), so a query goes through exactly what the map images went
 through. It never changes: online changes (retrieval/replay.py) make a new one, so a request keeps a
 consistent view while another thread swaps in the next.
+
+The first stage and the verification run on a Backend: the index this process loaded (LocalBackend),
+or, for the head of a sharded index, its shards (retrieval/shards.py: ShardedBackend). The ranking
+around them is the same code for both, so a sharded service ranks exactly as a whole index.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from common.clock import StageClock
-from common.presets import verify_features_conf
+from common.pipeline import ExpandConf, Pipeline
 from common.threads import kernels_for_this_thread
 from dataset.layout import Location
 from dataset.relevance import heading_diff
@@ -57,26 +61,118 @@ class Applied:
     bad_lines: int = 0  # corrupt log lines skipped
 
 
+class Candidates(Protocol):
+    """A first stage's nearest map images, nearest first: ids and distances as arrays (what
+    verification reads), hits made only of the positions an answer takes."""
+
+    @property
+    def ids(self) -> np.ndarray:
+        """(n,) int64 image ids."""
+        ...
+
+    @property
+    def distances(self) -> np.ndarray:
+        """(n,) float64 Euclidean distances of the embeddings."""
+        ...
+
+    def hits(self, start: int, stop: int) -> list[Hit]:
+        """The hits at positions [start, stop) (fewer past the end), ranked from start + 1."""
+        ...
+
+
+class Backend(Protocol):
+    """What a Searcher's queries run on: the index this process loaded (LocalBackend), or the shards of
+    a sharded index (retrieval/shards.py: ShardedBackend)."""
+
+    @property
+    def size(self) -> int:
+        """How many map images are served."""
+        ...
+
+    def nearest(self, embedding: np.ndarray, k: int) -> Candidates:
+        """The k (>= 1) nearest map images to the (1, dim) embedding."""
+        ...
+
+    def inliers(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
+        """Verification inliers of the query's keypoints with each of the map images `ids`."""
+        ...
+
+    def on_demand_files(self) -> list[Path]:
+        """The files whose rows a query reads from disk in this process."""
+        ...
+
+
 class ShardClient(Protocol):
-    """The shards of a sharded index as its head sees them (retrieval/shards.py in one process,
-    cluster/serving.py on a Ray cluster). `version` is the head's: a shard answers from that version."""
+    """How the head of a sharded index reaches its shards (retrieval/shards.py in one process,
+    cluster/serving.py on a Ray cluster)."""
 
-    def search(self, version: str, embedding: np.ndarray, k: int) -> list[Hit]:
-        """The k nearest map images over all shards, ranked by distance."""
+    def backend(self, head: LoadedIndex) -> Backend:
+        """The shards as the backend of the head's searcher of `head` (they answer from its version)."""
         ...
 
-    def inliers(self, version: str, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
-        """Verification inliers of the query with each of `ids`, asked of the shards that own them."""
-        ...
+
+@dataclass(frozen=True)
+class LocalCandidates:
+    """Candidates from an index in this process: arrays, made into hits only where an answer takes
+    them (of the expansion pool of 200, the verified head and what the answer or expansion takes)."""
+
+    ids: np.ndarray
+    distances: np.ndarray
+    scores: np.ndarray  # the encoder's relevance of each distance
+    images: dict[int, ImageRecord]
+
+    def hits(self, start: int, stop: int) -> list[Hit]:
+        ids, dist, scores = self.ids[start:stop], self.distances[start:stop], self.scores[start:stop]
+        # Python numbers first: numpy scalars cost more, hit by hit.
+        out = []
+        for rank, (i, d, s) in enumerate(zip(ids.tolist(), dist.tolist(), scores.tolist(), strict=True), start + 1):
+            rec = self.images[i]
+            out.append(Hit(rank, rec.id, rec.path, s, d, rec.loc))
+        return out
+
+
+NO_CANDIDATES = LocalCandidates(np.zeros(0, np.int64), np.zeros(0), np.zeros(0), {})
+
+
+class LocalBackend:
+    """The index and verification keypoints this process loaded: all of a version, or one shard."""
+
+    def __init__(self, loaded: LoadedIndex) -> None:
+        if loaded.part.head:
+            raise ValueError("the head of a sharded index searches through its shards: give a ShardClient")
+        self.index = loaded.index
+        self.encoder = loaded.encoder
+        self.verifier = loaded.verifier
+        self.images = loaded.images
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    def nearest(self, embedding: np.ndarray, k: int) -> LocalCandidates:
+        d2, ids = self.index.search(embedding, k)
+        found = ids[0] >= 0
+        dist = np.sqrt(np.maximum(d2[0][found], 0.0)).astype(np.float64)  # as the hits' Python floats
+        return LocalCandidates(ids[0][found], dist, self.encoder.score(dist), self.images)
+
+    def inliers(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
+        assert self.verifier is not None
+        return self.verifier.inliers(q, q_words, ids)
+
+    def on_demand_files(self) -> list[Path]:
+        """A pq-fastscan index's float vectors (the exact re-rank) and the verification keypoints."""
+        files = self.index.on_demand_files() if isinstance(self.index, PQIndex) else []
+        return files + (self.verifier.store.on_demand_files() if self.verifier is not None else [])
 
 
 class Searcher:
     def __init__(self, loaded: LoadedIndex, applied: Applied | None = None, shards: ShardClient | None = None) -> None:
-        if loaded.part.head and shards is None:
-            raise ValueError("the head of a sharded index searches through its shards: give a ShardClient")
         self.loaded = loaded
+        # Kept for the searchers made from this one (retrieval/replay.py) and for the service, which
+        # gives a head (waiting on its shards) no search slot.
         self.shards = shards
-        self.conf: dict[str, Any] = loaded.manifest["conf"]
+        self.backend: Backend = LocalBackend(loaded) if shards is None else shards.backend(loaded)
+        self.pipeline: Pipeline = loaded.pipeline
         self.vectorizer = loaded.vectorizer
         self.encoder = loaded.encoder
         self.verifier = loaded.verifier
@@ -87,25 +183,22 @@ class Searcher:
             max_id = max([int(loaded.manifest.get("max_id", -1)), *loaded.images], default=-1)
             applied = Applied(seq=folded, max_id=max_id, seq_floor=folded)
         self.applied = applied
-        self._verify_conf = verify_features_conf(self.conf) if self.verifier is not None else None
+        self._verify_features = self.pipeline.verify_features if self.verifier is not None else None
         # [a, b] of P(best hit shows the place) = sigmoid(a * logit(score) + b), fitted at index time
         # (retrieval/heads.py); None: the best score itself.
         self.location_head: list[float] | None = loaded.manifest.get("location_head")
 
     def on_demand_files(self) -> list[Path]:
-        """The files whose rows a query reads from disk: a pq-fastscan index's float vectors (the exact
-        re-rank) and the verification keypoints."""
-        files = self.index.on_demand_files() if isinstance(self.index, PQIndex) else []
-        return files + (self.verifier.store.on_demand_files() if self.verifier is not None else [])
+        """The files whose rows a query reads from disk (for the read-ahead before a version serves)."""
+        return self.backend.on_demand_files()
 
     @property
     def size(self) -> int:
-        # The head holds no vectors, but the id map of every image (online changes included).
-        return len(self.images) if self.shards is not None else int(self.index.ntotal)
+        return self.backend.size
 
     @property
     def preset(self) -> str:
-        return str(self.conf["preset"])
+        return self.pipeline.name
 
     @property
     def version(self) -> str:
@@ -116,7 +209,7 @@ class Searcher:
         `timings`, if given, receives each stage's seconds (decode, features, encode)."""
         kernels_for_this_thread()  # the service calls this from its request thread pool
         clock = StageClock(timings)
-        qf = query_features(data, self.conf, self._verify_conf, clock)
+        qf = query_features(data, self.pipeline.features, self._verify_features, clock)
         embedding = self.encoder.embed(self.vectorizer(qf.features)[None, :])
         words = None if qf.verify is None else self.vectorizer.words(qf.verify.descriptors)
         clock.lap("encode")
@@ -126,24 +219,7 @@ class Searcher:
         k = min(k, self.size)
         if k <= 0:
             return []
-        if self.shards is not None:
-            return self.shards.search(self.version, emb, k)
-        return self._hits(*self._nearest(emb, k))
-
-    def _nearest(self, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, distances, scores) of the k nearest in this process's index, as arrays."""
-        d2, ids = self.index.search(emb, k)
-        found = ids[0] >= 0
-        dist = np.sqrt(np.maximum(d2[0][found], 0.0)).astype(np.float64)  # as the hits' Python floats
-        return ids[0][found], dist, self.encoder.score(dist)
-
-    def _hits(self, ids: np.ndarray, dist: np.ndarray, scores: np.ndarray, first: int = 1) -> list[Hit]:
-        # Python numbers first: numpy scalars cost more, hit by hit.
-        hits = []
-        for rank, (i, d, s) in enumerate(zip(ids.tolist(), dist.tolist(), scores.tolist(), strict=True), start=first):
-            rec = self.images[i]
-            hits.append(Hit(rank, rec.id, rec.path, s, d, rec.loc))
-        return hits
+        return self.backend.nearest(emb, k).hits(0, k)
 
     def rank(self, query: Query, k: int, timings: dict[str, float] | None = None, expand: bool = True) -> list[Hit]:
         """The top k map images; with verification, the first `verify.n` of the shortlist are
@@ -154,21 +230,14 @@ class Searcher:
             hits = self.search_embedding(query.embedding, k)
             clock.lap("search")
             return hits
-        n = int(self.verifier.conf["n"])
-        spec = self.verifier.conf.get("expand") if expand and self.verifier.expand_prior > 0 else None
-        depth = min(max(k, n, int(spec["pool"]) if spec else 0), self.size)
-        if self.shards is not None:
-            pool = self.shards.search(self.version, query.embedding, depth) if depth > 0 else []
-            ids = np.array([h.id for h in pool], np.int64)
-            dist = np.array([h.distance for h in pool], np.float64)
-        else:
-            # Arrays, not hits: of the expansion pool (200) only the verified head and what the answer
-            # or the expansion takes are made into hits.
-            none = (np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
-            ids, dist, pool_scores = self._nearest(query.embedding, depth) if depth > 0 else none
+        n = self.verifier.conf.n
+        spec = self.verifier.expand if expand and self.verifier.expand_prior > 0 else None
+        depth = min(max(k, n, spec.pool if spec else 0), self.size)
+        pool = self.backend.nearest(query.embedding, depth) if depth > 0 else NO_CANDIDATES
         clock.lap("search")
-        head = ids[:n].tolist()
+        head = pool.ids[:n].tolist()
         inliers = self.inliers(query, head)
+        dist = pool.distances
         scores = self.verifier.score(dist[:n], inliers)
         order = np.argsort(-scores, kind="stable")
         verified = []
@@ -178,12 +247,9 @@ class Searcher:
         # The tail (unverified, in first-stage order): all of it where the place is expanded, else
         # what the answer needs after the verified block.
         expanding = spec is not None and found_place(verified, spec)
-        tail_end = len(ids) if expanding else n + max(0, k - len(verified))
-        if self.shards is not None:
-            tail = pool[n:tail_end]
-        else:
-            tail = self._hits(ids[n:tail_end], dist[n:tail_end], pool_scores[n:tail_end], first=n + 1)
-        if expanding:
+        tail_end = len(pool.ids) if expanding else n + max(0, k - len(verified))
+        tail = pool.hits(n, tail_end)
+        if expanding and spec is not None:  # expanding implies a spec; said again for the type checker
             verified, tail = expand_place(verified, tail, spec, self.verifier.expand_prior)
         clock.lap("verify")  # the expansion with it: it re-ranks by what verification found
         return [
@@ -194,9 +260,7 @@ class Searcher:
     def inliers(self, query: Query, ids: list[int]) -> np.ndarray:
         """Verification inliers of the query with the map images `ids` (here or on their shards)."""
         assert self.verifier is not None and query.verify_features is not None and query.verify_words is not None
-        if self.shards is not None:
-            return self.shards.inliers(self.version, query.verify_features, query.verify_words, ids)
-        return self.verifier.inliers(query.verify_features, query.verify_words, ids)
+        return self.backend.inliers(query.verify_features, query.verify_words, ids)
 
     def score_all(self, query: Query) -> np.ndarray:
         """Embedding-based relevance of the query to every map image, indexed by id."""
@@ -206,9 +270,7 @@ class Searcher:
         return out
 
 
-def expand_place(
-    verified: list[Hit], tail: list[Hit], spec: dict[str, Any], prior: float
-) -> tuple[list[Hit], list[Hit]]:
+def expand_place(verified: list[Hit], tail: list[Hit], spec: ExpandConf, prior: float) -> tuple[list[Hit], list[Hit]]:
     """Verified spatial expansion. When the best verified hit has at least `min_inliers`, its place
     is found: every other hit standing within `radius_m` of it and looking within `heading_deg` of its
     heading scores at least prior x its score (prior: the share of such neighbours that were relevant
@@ -231,13 +293,13 @@ def expand_place(
     return [top, *sorted(block, key=lambda h: -h.score)], rest
 
 
-def found_place(verified: list[Hit], spec: dict[str, Any]) -> bool:
+def found_place(verified: list[Hit], spec: ExpandConf) -> bool:
     """Whether the best verified hit has the inliers that say the place is found."""
-    return bool(verified) and (verified[0].inliers or 0) >= int(spec["min_inliers"])
+    return bool(verified) and (verified[0].inliers or 0) >= spec.min_inliers
 
 
-def at_place(h: Hit, top: Hit, spec: dict[str, Any]) -> bool:
+def at_place(h: Hit, top: Hit, spec: ExpandConf) -> bool:
     """Whether hit h stands within radius_m of the top hit and looks within heading_deg of it."""
     dist = float(np.hypot(h.location.easting - top.location.easting, h.location.northing - top.location.northing))
     turn = float(heading_diff(h.location.heading, top.location.heading))
-    return dist < float(spec["radius_m"]) and turn < float(spec["heading_deg"])
+    return dist < spec.radius_m and turn < spec.heading_deg

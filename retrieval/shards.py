@@ -1,11 +1,12 @@
 """A sharded index: shards that each hold the vectors and verification keypoints of the images they own
 (id % shards), and a head that holds the id map and the models and fans each query out to them.
 
-The head is an ordinary Searcher over a `Part(None, n)` of the version, given a ShardClient; its query
-path is the embedded one (retrieval/searcher.py), so a sharded service ranks exactly as a whole index:
-the shards' top k merged by distance, then the first `verify.n` verified by the shards that own them.
-This module is the engine-free half: ShardServer is what one shard process runs, LocalShards a client
-over shards in this process (tests, tools); cluster/serving.py puts ShardServers behind Ray Serve.
+The head is an ordinary Searcher over a `Part(None, n)` of the version, given a ShardClient (ShardCalls)
+whose ShardedBackend it runs its queries on; the query path around the backend is the embedded one
+(retrieval/searcher.py), so a sharded service ranks exactly as a whole index: the shards' top k merged
+by distance, then the first `verify.n` verified by the shards that own them. This module is the
+engine-free half: ShardServer is what one shard process runs, LocalShards calls shards in this process
+(tests, tools); cluster/serving.py puts ShardServers behind Ray Serve.
 
 Every shard follows the family's versions and change log on its own (retrieval/live.py), so online
 changes reach the owning shard through the durable log, and a request names the head's version: a shard
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from features.orb import OrbFeatures
-from indexer.store import Part, shard_of
+from indexer.store import LoadedIndex, Part, shard_of
 from retrieval.live import LiveIndex, NotReadyError
 from retrieval.searcher import Hit, Searcher, ShardClient
 
@@ -110,8 +112,61 @@ def gather_inliers(ids: list[int], shards: int, ask: Callable[[int, list[int]], 
     return out
 
 
-class LocalShards(ShardClient):
-    """ShardClient over ShardServers in this process (tests and tools; Ray's is cluster/serving.py)."""
+class MergedHits:
+    """The shards' merged hits as a head's candidates (retrieval/searcher.py: Candidates)."""
+
+    def __init__(self, hits: list[Hit]) -> None:
+        self._hits = hits
+        self.ids = np.array([h.id for h in hits], np.int64)
+        self.distances = np.array([h.distance for h in hits], np.float64)
+
+    def hits(self, start: int, stop: int) -> list[Hit]:
+        return self._hits[start:stop]  # ranked by merge_hits
+
+
+class ShardCalls(ABC):
+    """The calls a head makes of its shards, each naming the head's version (a shard answers from that
+    version); how they reach the shards is the subclass's: LocalShards in this process, RayShards
+    (cluster/serving.py) on a Ray cluster. It is the ShardClient a head's searcher is given."""
+
+    @abstractmethod
+    def search(self, version: str, embedding: np.ndarray, k: int) -> list[Hit]:
+        """The k nearest map images over all shards, ranked by distance (merge_hits)."""
+
+    @abstractmethod
+    def inliers(self, version: str, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
+        """Verification inliers of the query with each of `ids`, asked of the shards that own them."""
+
+    def backend(self, head: LoadedIndex) -> ShardedBackend:
+        return ShardedBackend(self, head)
+
+
+class ShardedBackend:
+    """The backend of a head's searcher (retrieval/searcher.py: Backend): its queries asked of the
+    shards, for the head's version."""
+
+    def __init__(self, shards: ShardCalls, head: LoadedIndex) -> None:
+        self.shards = shards
+        self.version = head.version
+        self.images = head.images
+
+    @property
+    def size(self) -> int:
+        # The head holds no vectors, but the id map of every image (online changes included).
+        return len(self.images)
+
+    def nearest(self, embedding: np.ndarray, k: int) -> MergedHits:
+        return MergedHits(self.shards.search(self.version, embedding, k))
+
+    def inliers(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
+        return self.shards.inliers(self.version, q, q_words, ids)
+
+    def on_demand_files(self) -> list[Path]:
+        return []  # the shards read rows of their files; the head reads none
+
+
+class LocalShards(ShardCalls):
+    """ShardCalls to ShardServers in this process (tests and tools; Ray's is cluster/serving.py)."""
 
     def __init__(self, servers: list[ShardServer]) -> None:
         self.servers = servers

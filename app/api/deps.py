@@ -21,7 +21,8 @@ from retrieval.searcher import Searcher
 
 
 async def get_state(request: Request) -> ServiceState:
-    return request.app.state.service
+    service: ServiceState = request.app.state.service  # set at start-up; starlette's State is untyped
+    return service
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]

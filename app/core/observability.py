@@ -114,7 +114,8 @@ class ServiceMetrics:
 
 
 async def get_metrics(request: Request) -> ServiceMetrics:
-    return request.app.state.metrics
+    metrics: ServiceMetrics = request.app.state.metrics  # set at start-up; starlette's State is untyped
+    return metrics
 
 
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]

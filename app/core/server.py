@@ -14,8 +14,8 @@ it, and one worker's file descriptors, forever. `DeadlineProtocol` gives every r
 One timer per connection: a phase change moves the deadline, and the timer is re-armed only when it
 fires early (the body's allowance grows with each chunk, but a chunk only adds to a counter).
 
-uvicorn pickles its config to spawned workers, and with it this class by reference: the settings are
-read from the environment (IMGSEARCH_*) in each worker, once, at its first connection.
+`imgsearch serve` hands the deadlines in (functools.partial): uvicorn pickles its config, protocol
+included, to the workers it spawns.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from app.core.config import Settings
 from app.schemas import ErrorResponse
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class Deadlines:
 
 
 @functools.cache
-def deadlines() -> Deadlines:
-    """This process's deadlines, from the IMGSEARCH_* environment (validated by `imgsearch serve`)."""
+def default_deadlines() -> Deadlines:
+    """The deadlines of a protocol built without any (uvicorn given the class alone)."""
     return Deadlines.from_settings(Settings())
 
 
@@ -76,9 +76,10 @@ class DeadlineProtocol(HttpToolsProtocol):
         server_state: ServerState,
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self.deadlines = deadlines()
+        self.deadlines = deadlines or default_deadlines()
         self._phase = IDLE
         self._since = 0.0  # loop time the phase started
         self._deadline: float | None = None  # loop time; for BODY, before the rate allowance

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import ray
 
-from common.presets import DEFAULT_PRESET
+from common.pipeline import DEFAULT_PRESET
 from dataset.layout import load_dataset
 from indexer import store
 from tests.conftest import ADMIN_KEY, ROOT

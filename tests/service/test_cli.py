@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-SUBCOMMANDS = ["data", "train", "index", "build", "evaluate", "serve"]
+SUBCOMMANDS = ["presets", "data", "train", "index", "build", "evaluate", "serve"]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -63,8 +63,61 @@ def test_bad_jobs_and_workers_flags(tmp_path: Path) -> None:
     assert out.returncode == 2 and "--workers" in out.stderr
     out = run("build", "--workers", "2")
     assert out.returncode == 2 and "unrecognized arguments: --workers" in out.stderr
-    out = run("build", "--preset", "nope")
-    assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_an_unknown_preset_exits_2_naming_the_presets(tmp_path: Path) -> None:
+    from common.pipeline import PRESETS
+
+    out = run("build", "--preset", "nope", "--artifacts", str(tmp_path))
+    assert out.returncode == 2 and "unknown preset 'nope'" in out.stderr, out.stderr
+    assert all(name in out.stderr for name in PRESETS) and "imgsearch presets --all" in out.stderr
+    assert "Traceback" not in out.stderr and not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_presets_lists_the_presets_and_with_all_the_ablations() -> None:
+    def names(out: subprocess.CompletedProcess[str]) -> list[str]:
+        assert out.returncode == 0, out.stderr
+        return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+
+    shown = names(run("presets"))
+    assert {"default", "fast", "paper", "paper-sim"} <= set(shown)
+    assert not {"r5vlad", "bow", "vlad-verify", "dense-rvlad-verify"} & set(shown)  # ablations only with --all
+    every = names(run("presets", "--all"))
+    assert {"default", "fast", "paper", "paper-sim", "r5vlad", "bow", "vlad-verify", "teblid-rvlad-lw"} <= set(every)
+    # Each line names the preset's stage choices.
+    default = next(line.split() for line in run("presets").stdout.splitlines() if line.startswith("default "))
+    assert default[1:] == ["dense-teblid", "vlad-r5", "lw-wb96-axes64", "auto", "angle", "place"]
+
+
+def test_presets_json_is_the_typed_confs() -> None:
+    from common.pipeline import PRESETS, Pipeline, get_pipeline
+
+    out = run("presets", "--json")
+    assert out.returncode == 0, out.stderr
+    confs = json.loads(out.stdout)
+    assert set(confs) == set(PRESETS)
+    for name, conf in confs.items():
+        assert Pipeline.model_validate(conf) == get_pipeline(name), name
+    default, fast = confs["default"], confs["fast"]
+    assert default["features"]["descriptor"] == "teblid" and default["features"]["upsample"] == 2.0
+    assert default["vector"]["regions"] == [[0.0, 0.5], [0.5, 1.0]] and default["vector"]["words"] == 128
+    assert default["encoder"]["kind"] == "pair-whiten" and default["encoder"]["embed_dim"] == 1024
+    assert default["verify"]["max_angle_deg"] == 30.0 and default["expand"]["min_inliers"] == 16
+    assert fast["verify"] is None and fast["expand"] is None and fast["encoder"] == default["encoder"]
+    assert confs["paper"]["encoder"]["kind"] == "siamese-mlp" and confs["paper"]["vector"]["name"] == "concat"
+    every = json.loads(run("presets", "--all", "--json").stdout)
+    assert {"r5vlad", "bow"} <= set(every) and every["bow"]["vector"]["name"] == "bow"
+
+
+def test_other_libraries_log_info_only_with_verbose(tiny_data: Path, tmp_path: Path) -> None:
+    # `index --rollback` with nothing built: imports FAISS (whose loader logs at INFO), then exits 2.
+    args = ["index", "--rollback", "--data", str(tiny_data), "--artifacts", str(tmp_path)]
+    quiet = run(*args)
+    assert quiet.returncode == 2 and "rolling back" in quiet.stderr, quiet.stderr
+    assert "faiss.loader" not in quiet.stderr and "Traceback" not in quiet.stderr
+    loud = run("-v", *args)
+    assert loud.returncode == 2 and "rolling back" in loud.stderr, loud.stderr
+    assert "INFO faiss.loader" in loud.stderr
 
 
 def test_evaluate_compares_presets_in_one_table(tiny_data: Path, tmp_path: Path) -> None:

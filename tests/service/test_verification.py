@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from common.presets import get_conf
+from common.pipeline import get_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +18,11 @@ def verify_server(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory, sta
     from cli.stages import build_all
 
     artifacts = tmp_path_factory.mktemp("verify-artifacts")
-    build_all(tiny_data, artifacts, "orb-dense-vlad-verify", jobs=1)
+    build_all(tiny_data, artifacts, "dense-vlad-verify", jobs=1)
     env = {
         "IMGSEARCH_DATA": str(tiny_data),
         "IMGSEARCH_ARTIFACTS": str(artifacts),
-        "IMGSEARCH_PRESET": "orb-dense-vlad-verify",
+        "IMGSEARCH_PRESET": "dense-vlad-verify",
     }
     return start_server(env, wait_path="/readyz")
 
@@ -36,7 +36,9 @@ def test_search_reports_inliers_of_verified_hits(verify_server, tiny_data: Path)
     r = httpx.post(verify_server.url + "/search", params={"k": 60}, files={"file": ("q.jpg", img)})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
-    n = get_conf("orb-dense-vlad-verify")["verify"]["n"]
+    verify = get_pipeline("dense-vlad-verify").verify
+    assert verify is not None
+    n = verify.n
     verified = [h for h in results if h["inliers"] is not None]
     assert len(verified) == min(n, len(results))
     assert all(h["inliers"] >= 0 for h in verified)

@@ -198,9 +198,13 @@ def test_threads_children_and_inherited_descriptors(strace: str, tmp_path: Path)
     fd = os.open(root / "data", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     fsync_dir(root)
     mark("created")
+    # One write at a time: two appends racing in the kernel may be logged by strace in the other
+    # order, and the replay follows the log.
+    lock = threading.Lock()
     def work(k):
         for j in range(3):
-            os.write(fd, f"thread {k} {j}\\n".encode())
+            with lock:
+                os.write(fd, f"thread {k} {j}\\n".encode())
     threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.presets import get_conf
+from common.pipeline import SiameseMlpConf, get_pipeline
 from model.encoder import NumpyEncoder
 from model.siamese import build_siamese
 
@@ -15,7 +15,8 @@ from model.siamese import build_siamese
 def test_numpy_encoder_matches_keras(tmp_path: Path) -> None:
     import keras
 
-    conf = get_conf("paper")["model"]
+    conf = get_pipeline("paper").encoder
+    assert isinstance(conf, SiameseMlpConf)
     keras.utils.set_random_seed(1)
     model = build_siamese(64, conf)
     rng = np.random.default_rng(0)
@@ -29,7 +30,7 @@ def test_numpy_encoder_matches_keras(tmp_path: Path) -> None:
     assert np.allclose(enc.score(dist), model.predict([a, b], verbose=0).ravel(), atol=1e-5)
     # Save/load keeps every weight.
     loaded = NumpyEncoder.load(enc.save(tmp_path / "enc.npz"))
-    assert loaded.dim == conf["embed_dim"] and loaded.input_dim == 64
+    assert loaded.dim == conf.embed_dim and loaded.input_dim == 64
     assert np.array_equal(loaded.embed(a), enc.embed(a))
 
 

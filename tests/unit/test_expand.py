@@ -7,9 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common.presets import DEFAULT_PRESET, EXPAND
+from common.pipeline import DEFAULT_PRESET, ExpandConf, get_pipeline
 from dataset.layout import Location
 from retrieval.searcher import Hit, expand_place
+
+# The default pipeline's expansion: 16 inliers, 25 m, 40 degrees, a pool of 200.
+EXPAND = ExpandConf(min_inliers=16, radius_m=25.0, heading_deg=40.0, pool=200)
+assert get_pipeline(DEFAULT_PRESET).expand == EXPAND
 
 
 def hit(i: int, score: float, east: float, heading: float, inliers: int | None) -> Hit:
@@ -32,7 +36,7 @@ def test_neighbours_of_a_strong_top_hit_are_lifted_by_the_prior() -> None:
 
 
 def test_a_weak_top_hit_expands_nothing() -> None:
-    top = hit(1, 0.6, 0.0, 90.0, EXPAND["min_inliers"] - 1)
+    top = hit(1, 0.6, 0.0, 90.0, EXPAND.min_inliers - 1)
     verified, tail = [top, hit(2, 0.1, 5.0, 90.0, 3)], [hit(3, 0.05, 1.0, 90.0, None)]
     assert expand_place(verified, tail, EXPAND, 0.9) == (verified, tail)
     assert expand_place([], tail, EXPAND, 0.9) == ([], tail)
@@ -62,16 +66,17 @@ def test_default_index_fits_the_prior_and_lifts_the_found_place(tiny_data: Path,
     assert len(head) == 2 and head[0] >= 0 and searcher.location_head == head
     # Verify a short shortlist: on 60 map images the default's first stage already ranks every view
     # of a place within its verified 50, leaving the expansion nothing to lift from the tail.
-    searcher.verifier.conf = searcher.verifier.conf | {"n": 8}
+    searcher.verifier.conf = searcher.verifier.conf.model_copy(update={"n": 8})
     ds = load_dataset(tiny_data)
-    spec = searcher.conf["verify"]["expand"]
+    spec = searcher.verifier.expand
+    assert spec is not None and spec == searcher.pipeline.expand
     lifted_somewhere = False
     for path in ds.queries.paths[:8]:
         hits = search_image(searcher, ds.image_path(path).read_bytes(), 30).hits
-        verified_n = int(searcher.verifier.conf["n"])
+        verified_n = searcher.verifier.conf.n
         plain = searcher.rank(searcher.analyze(ds.image_path(path).read_bytes()), 30, expand=False)
         assert [h.id for h in plain][:1] == [h.id for h in hits][:1]  # the top hit never moves
-        if hits[0].inliers is None or hits[0].inliers < spec["min_inliers"]:
+        if hits[0].inliers is None or hits[0].inliers < spec.min_inliers:
             assert [h.id for h in hits] == [h.id for h in plain]
             continue
         top = hits[0]
@@ -79,7 +84,7 @@ def test_default_index_fits_the_prior_and_lifts_the_found_place(tiny_data: Path,
         def at_place(h: Hit, top: Hit = top) -> bool:
             dist = np.hypot(h.location.easting - top.location.easting, h.location.northing - top.location.northing)
             turn = abs((h.location.heading - top.location.heading + 180) % 360 - 180)
-            return bool(dist < spec["radius_m"] and turn < spec["heading_deg"])
+            return bool(dist < spec.radius_m and turn < spec.heading_deg)
 
         block = [h for h in hits if h.inliers is not None or at_place(h)]
         assert [h.score for h in block] == sorted((h.score for h in block), reverse=True)

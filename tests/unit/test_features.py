@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from common.presets import get_conf
+from common.pipeline import Pipeline, get_pipeline
 from features.decode import ImageDecodeError, decode_image
 from features.extract import image_to_features
 from features.orb import NoKeypointsError, OrbFeatures, extract_orb
@@ -18,8 +18,8 @@ from model.vectorize import Vectorizer, concat_bits
 from tests.conftest import ROOT
 
 
-def image_to_vector(data: bytes, conf: dict) -> np.ndarray:
-    return Vectorizer(conf["vector"])(image_to_features(data, conf))
+def image_to_vector(data: bytes, conf: Pipeline) -> np.ndarray:
+    return Vectorizer(conf.vector)(image_to_features(data, conf.features))
 
 
 def textured(h: int = 256, w: int = 341, seed: int = 0) -> np.ndarray:
@@ -36,7 +36,7 @@ def jpeg(img: np.ndarray) -> bytes:
 
 
 def test_blank_image_has_no_keypoints() -> None:
-    conf = get_conf("paper")
+    conf = get_pipeline("paper")
     blank = np.full((256, 341, 3), 200, np.uint8)
     with pytest.raises(NoKeypointsError, match="no ORB keypoints"):
         image_to_vector(jpeg(blank), conf)
@@ -54,12 +54,12 @@ def test_large_images_are_shrunk_to_max_side() -> None:
 
 
 def test_paper_vector_is_ten_descriptors_as_bits() -> None:
-    conf = get_conf("paper")
+    conf = get_pipeline("paper")
     img = textured()
     vec = image_to_vector(jpeg(img), conf)
-    assert vec.shape == (Vectorizer(conf["vector"]).dim,) == (2560,)
+    assert vec.shape == (Vectorizer(conf.vector).dim,) == (2560,)
     assert set(np.unique(vec)) <= {0.0, 1.0}
-    feats = extract_orb(decode_image(jpeg(img), 341), conf["features"])
+    feats = extract_orb(decode_image(jpeg(img), conf.features.max_side), conf.features)
     # First descriptor's bits, in detection order.
     assert np.array_equal(vec[:256], np.unpackbits(feats.descriptors[0]).astype(np.float32))
 
@@ -105,11 +105,11 @@ for _ in range(5):
     cv2.GaussianBlur(cv2.resize(img, (3000, 3000)), (31, 31), 0)
 
 from common.parallel import map_files
-from common.presets import get_conf
+from common.pipeline import get_pipeline
 from model.vectors import _vector_of_file
 
 files = sorted(Path(sys.argv[1]).glob("database/images/*.jpg"))[:8]
-out = list(map_files(_vector_of_file, files, get_conf("paper"), jobs=2))
+out = list(map_files(_vector_of_file, files, get_pipeline("paper"), jobs=2))
 print(len(out), sum(v is not None for v in out))
 """
 
@@ -128,14 +128,12 @@ def test_parallel_extraction_after_opencv_threads_ran(tiny_data: Path) -> None:
     assert out.stdout.split() == ["8", "8"]
 
 
-@pytest.mark.parametrize(
-    "preset", ["paper", "orb-dense-rvlad-verify", "orb-dense-teblid-r5vlad-wb96-lw-verify-angle-expand"]
-)
+@pytest.mark.parametrize("preset", ["paper", "dense-rvlad-verify", "r5vlad-wb96-lw-verify-angle-expand"])
 @pytest.mark.parametrize("shape", [(1, 341), (341, 1), (3, 500)])
 def test_thin_images_have_no_keypoints_not_an_opencv_error(preset: str, shape: tuple[int, int]) -> None:
     gray = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     with pytest.raises(NoKeypointsError):
-        extract_orb(gray, get_conf(preset)["features"])
+        extract_orb(gray, get_pipeline(preset).features)
 
 
 # Only the allowed formats' parsers ever run, within a decoding budget.

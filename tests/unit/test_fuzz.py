@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.presets import DEFAULT_PRESET, get_conf, verify_features_conf
+from common.pipeline import DEFAULT_PRESET, get_pipeline
 from features.decode import ImageDecodeError, decode_image, png_chunks_fit, probe_image
 from features.extract import query_features
 from tests.imagegen import animated, encode, variants
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGET = ROOT / "fuzz" / "decode.py"
+TARGET = ROOT / "fuzz" / "fuzz_decode.py"
 CORPUS = ROOT / "fuzz" / "corpus" / "decode"
 FUZZ_SECONDS = 30
 # Findings of the fuzzer, kept in the corpus: PNGs of ~100 bytes with a chunk that declares gigabytes.
@@ -98,8 +98,8 @@ def test_every_corpus_file_replays_without_a_finding() -> None:
 
 
 def test_the_target_flags_an_error_outside_the_domain_errors(tmp_path: Path) -> None:
-    # The target run with a descriptor the service does not know: extract_orb raises a plain ValueError,
-    # the base class of both domain errors, for a picture that decodes. The target must report it.
+    # The target run with a feature extractor that raises a plain ValueError (the base class of both
+    # domain errors) for a picture that decodes. The target must report it.
     atheris_or_fail()
     seeds, findings = tmp_path / "seeds", tmp_path / "findings"
     seeds.mkdir()
@@ -111,14 +111,16 @@ def test_the_target_flags_an_error_outside_the_domain_errors(tmp_path: Path) -> 
         f"spec = importlib.util.spec_from_file_location('fuzz_decode', {str(TARGET)!r})\n"
         "target = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(target)\n"
-        "target.CONF = {**target.CONF, 'features': {**target.CONF['features'], 'descriptor': 'no-such'}}\n"
+        "def outside(*args):\n"
+        "    raise ValueError('outside the domain errors')\n"
+        "target.query_features = outside\n"
         "target.main(sys.argv)\n"
     )
     # Fuzzing (not replaying) from a folder with the one picture, so libFuzzer saves what it ran.
     proc = run_target("-runs=1", f"-artifact_prefix={findings}/", str(seeds), code=code, timeout=300)
     out = output_of(proc)
     assert proc.returncode != 0, out
-    assert "ValueError: unknown descriptor 'no-such'" in out, out
+    assert "ValueError: outside the domain errors" in out, out
     assert [p.name.split("-")[0] for p in findings.iterdir()] == ["crash"], out
 
 
@@ -136,9 +138,9 @@ def test_png_chunk_longer_than_the_file_is_refused_before_decoding(name: str) ->
         probe_image(data)
     with pytest.raises(ImageDecodeError):
         decode_image(data, 341)
-    conf = get_conf(DEFAULT_PRESET)
+    conf = get_pipeline(DEFAULT_PRESET)
     with pytest.raises(ImageDecodeError):
-        query_features(data, conf, verify_features_conf(conf))
+        query_features(data, conf.features, conf.verify_features)
 
 
 def chunk(kind: bytes, data: bytes) -> bytes:

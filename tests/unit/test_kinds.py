@@ -1,5 +1,5 @@
-"""The served index by collection size (indexer/kinds.py): exact below the threshold, fast-scan PQ
-with exact re-rank above it, persisted, sharded, and kept in step with online changes."""
+"""The served index by collection size (indexer/kinds.py): exact below the threshold, two stages of
+PQ codes with exact re-rank above it, persisted, sharded, and kept in step with online changes."""
 
 from __future__ import annotations
 
@@ -11,18 +11,17 @@ import faiss
 import numpy as np
 import pytest
 
+from common.pipeline import IndexConf
 from dataset.layout import Location
 from indexer import store
-from indexer.kinds import EXACT, PQ, PQIndex, build_index, index_kind
+from indexer.kinds import EXACT, PQ, PQIndex, build_index, index_kind, owned_fine_codes
 from retrieval.live import LiveIndex, compact
 from retrieval.searcher import Searcher
 
-PQ_CONF = {"type": "auto", "exact_below": 1000, "m": 8, "rerank": 100, "train_size": 4096}
-# The same codes in 16 cells of a coarse k-means, 8 of them scanned a query.
-IVF_CONF = PQ_CONF | {"nlist": 16, "nprobe": 8}
-# Two stages: coarse codes of 8 sub-quantizers find 300 candidates, finer codes of 16 order them.
-TWO_CONF = PQ_CONF | {"m": 16, "coarse_m": 8, "shortlist": 300}
-BOTH = pytest.mark.parametrize("conf", [PQ_CONF, IVF_CONF, TWO_CONF], ids=["every-code", "cells", "two-stage"])
+# Coarse codes of 8 sub-quantizers find 300 candidates, finer codes of 16 order them, 100 re-ranked.
+PQ_CONF = IndexConf(kind="auto", exact_below=1000, m=16, coarse_m=8, shortlist=300, rerank=100, train_size=4096)
+# The smallest two stages (for vectors of 4 dimensions).
+TINY_PQ = {"m": 2, "coarse_m": 1}
 
 
 def clustered(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
@@ -41,24 +40,21 @@ def brute(xb: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.nd
 
 def test_the_kind_follows_the_collection_size() -> None:
     assert index_kind(PQ_CONF, 999) == EXACT and index_kind(PQ_CONF, 1000) == PQ
-    assert index_kind({"type": "flat-l2"}, 10**7) == EXACT  # versions written before kinds
-    assert index_kind({"type": PQ}, 10) == PQ
-    with pytest.raises(ValueError, match="unknown index type 'hnsw'"):
-        index_kind({"type": "hnsw"}, 10)
+    assert index_kind(IndexConf(kind="exact"), 10**7) == EXACT  # a kind named outright
+    assert index_kind(IndexConf(kind="pq"), 10) == PQ
+    with pytest.raises(ValueError, match="kind"):
+        IndexConf.model_validate({"kind": "hnsw"})
     xb = clustered(1200)
     assert isinstance(build_index(PQ_CONF, xb, np.arange(1200)), PQIndex)
     small = build_index(PQ_CONF, xb[:500], np.arange(500))
     assert isinstance(small, faiss.Index) and small.ntotal == 500
 
 
-@BOTH
-def test_fast_scan_shortlist_reranked_exactly_finds_the_true_neighbours(conf: dict) -> None:
+def test_fast_scan_shortlist_reranked_exactly_finds_the_true_neighbours() -> None:
     both = clustered(5200)  # queries are new photos of the map's places
     xb, q = both[:5000], both[5000:]
     ids = np.arange(5000, dtype=np.int64) * 7 + 3  # ids are not row numbers
-    index = PQIndex.build(xb, ids, conf)
-    cells = isinstance(index.codes, faiss.IndexIVFPQFastScan)
-    assert cells == ("nlist" in conf) and (not cells or (index.codes.nlist, index.codes.nprobe) == (16, 8))
+    index = PQIndex.build(xb, ids, PQ_CONF)
     d2, found = index.search(q, 10)
     _, truth = brute(xb, ids, q, 10)
     recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
@@ -67,19 +63,18 @@ def test_fast_scan_shortlist_reranked_exactly_finds_the_true_neighbours(conf: di
     rows = (found - 3) // 7
     assert np.allclose(d2, ((xb[rows] - q[:, None, :]) ** 2).sum(axis=2), atol=1e-5)
     assert np.all(np.diff(d2, axis=1) >= 0)
-    # Without the re-rank (the codes' top 10 alone) the PQ order is far worse: the re-rank does the work.
-    rough = PQIndex(index.codes, index.slot_ids, index.base, 1)
+    # Without the re-rank (the fine codes' top 10 alone) the PQ order is far worse: the re-rank does the work.
+    rough = PQIndex(index.codes, index.fine, index.slot_ids, index.base, 0, index.shortlist)
     rough_recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(rough.search(q, 10)[1], truth, strict=True)])
     assert rough_recall < recall - 0.1
     # Asking for more than there is pads with -1.
-    d2, found = PQIndex.build(xb[:20], ids[:20], PQ_CONF | {"train_size": 20}).search(q[:1], 30)
+    d2, found = PQIndex.build(xb[:20], ids[:20], PQ_CONF.model_copy(update={"train_size": 20})).search(q[:1], 30)
     assert (found[0, :20] >= 0).all() and (found[0, 20:] == -1).all() and np.isinf(d2[0, 20:]).all()
 
 
-@BOTH
-def test_online_adds_and_deletes_keep_the_codes_in_step_on_a_copy(conf: dict) -> None:
+def test_online_adds_and_deletes_keep_the_codes_in_step_on_a_copy() -> None:
     xb, ids = clustered(3000), np.arange(3000, dtype=np.int64)
-    index = PQIndex.build(xb, ids, conf)
+    index = PQIndex.build(xb, ids, PQ_CONF)
     changed = index.copy()
     new = clustered(3005)[3000:]
     changed.add_with_ids(new, np.array([5000, 5001, 5002, 5003, 5004]))
@@ -91,7 +86,7 @@ def test_online_adds_and_deletes_keep_the_codes_in_step_on_a_copy(conf: dict) ->
     # The served one is untouched: a request searching it meanwhile sees the version as it was.
     assert index.ntotal == 3000 and index.search(xb[10:11], 1)[1][0, 0] == 10
     assert 5000 not in index.search(new[:1], 50)[1]
-    assert index.added == [] and index.added_slot == {} and index.codes.ntotal == 3000
+    assert index.added == [] and index.added_slot == {} and index.codes.ntotal == index.fine.ntotal == 3000
     # A re-added id (an image replaced) serves its new vector, not the stored one.
     changed.remove_ids(np.array([7]))
     changed.add_with_ids(new[:1], np.array([7]))
@@ -106,36 +101,39 @@ def test_online_adds_and_deletes_keep_the_codes_in_step_on_a_copy(conf: dict) ->
     assert other.search(new, 1)[1][:, 0].tolist() == [6000, 6001, 6002, 6003, 6004]
 
 
-def test_codes_in_cells_are_saved_and_loaded_with_their_probe_count(tmp_path: Path) -> None:
-    both = clustered(3100)
-    xb, q = both[:3000], both[3000:]
-    index = PQIndex.build(xb, np.arange(3000), IVF_CONF)
-    index.save(tmp_path / "index.faiss", tmp_path / "vectors.npz")
-    back = PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz")
-    assert isinstance(back.codes, faiss.IndexIVFPQFastScan) and back.codes.nprobe == 8
-    assert np.array_equal(back.search(q, 10)[1], index.search(q, 10)[1])
-    # As many cells as the training vectors can place (39 a cell), and none below two: every code.
-    assert PQIndex.build(xb[:300], np.arange(300), IVF_CONF).codes.nlist == 300 // 39
-    assert isinstance(PQIndex.build(xb[:70], np.arange(70), IVF_CONF).codes, faiss.IndexPQFastScan)
+def test_only_the_two_stage_layout_is_built() -> None:
+    xb, ids = clustered(1200), np.arange(1200)
+    for conf, refused in [
+        (PQ_CONF.model_copy(update={"coarse_m": 0}), "coarse_m=0 must be above 0"),  # one stage of m
+        (PQ_CONF.model_copy(update={"coarse_m": 16}), "below m=16"),
+        (PQ_CONF.model_copy(update={"coarse_m": 5}), "does not split into coarse_m=5"),
+    ]:
+        with pytest.raises(ValueError, match=refused):
+            build_index(conf, xb, ids)
+    # Codes in cells of a coarse k-means are no setting of the index conf.
+    with pytest.raises(ValueError, match="nlist"):
+        IndexConf.model_validate(PQ_CONF.model_dump() | {"nlist": 16})
+    assert isinstance(build_index(PQ_CONF, xb, ids), PQIndex)
 
 
 def test_two_stage_scan_orders_the_coarse_shortlist_by_fine_codes(tmp_path: Path) -> None:
     both = clustered(5200)
     xb, q = both[:5000], both[5000:]
     ids = np.arange(5000, dtype=np.int64) * 7 + 3
-    index = PQIndex.build(xb, ids, TWO_CONF)
-    assert index.fine is not None and (index.codes.pq.M, index.fine.pq.M, index.shortlist) == (8, 16, 300)
+    index = PQIndex.build(xb, ids, PQ_CONF)
+    assert (index.codes.pq.M, index.fine.pq.M, index.shortlist) == (8, 16, 300)
     assert index.codes.bbs == 64  # blocks of 64 codes scan faster than FAISS's default 32
     _, truth = brute(xb, ids, q, 10)
     found = index.search(q, 10)[1]
     recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
     assert recall >= 0.95
-    # The fine stage does the work: the coarse codes' own nearest 100 re-ranked find fewer.
-    coarse = PQIndex(index.codes, index.slot_ids, index.base, 100)
+    # The fine stage does the work: the coarse codes' own nearest 100 re-ranked (a shortlist no deeper
+    # than the re-rank, so the fine order changes nothing) find fewer.
+    coarse = PQIndex(index.codes, index.fine, index.slot_ids, index.base, 100, 100)
     coarse_found = coarse.search(q, 10)[1]
     assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(coarse_found, truth, strict=True)]) < recall
     # Past the exactly re-ranked head (k > rerank): the fine order, the row still sorted, no id twice.
-    deep = PQIndex(index.codes, index.slot_ids, index.base, 20, fine=index.fine, shortlist=300)
+    deep = PQIndex(index.codes, index.fine, index.slot_ids, index.base, 20, 300)
     d2, found = deep.search(q[:5], 60)
     rows = (found - 3) // 7
     exact = ((xb[rows] - q[:5, None, :]) ** 2).sum(axis=2)
@@ -149,7 +147,7 @@ def test_two_stage_scan_orders_the_coarse_shortlist_by_fine_codes(tmp_path: Path
     # Saved with its fine codes and shortlist; after online changes, the codes of the live vectors.
     index.save(tmp_path / "index.faiss", tmp_path / "vectors.npz")
     back = PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz")
-    assert back.fine is not None and back.shortlist == 300 and back.mapped  # shared by the workers
+    assert back.shortlist == 300 and back.mapped  # shared by the workers
     assert np.array_equal(back.search(q, 10)[1], index.search(q, 10)[1])
     # An add to the mapped version itself (FAISS would abort) makes its codes its own first.
     own = PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz")
@@ -166,7 +164,7 @@ def test_two_stage_scan_orders_the_coarse_shortlist_by_fine_codes(tmp_path: Path
     changed.add_with_ids(q[:3], np.array([1, 2, 4]))
     changed.save(tmp_path / "index2.faiss", tmp_path / "vectors2.npz")
     again = PQIndex.load(tmp_path / "index2.faiss", tmp_path / "vectors2.npz")
-    assert again.fine is not None and again.fine.ntotal == again.ntotal == 4903
+    assert again.fine.ntotal == again.ntotal == 4903
     assert again.search(q[:3], 1)[1][:, 0].tolist() == [1, 2, 4]
     # The coarse codes are written again in id order, so the shortlist's ties may fall otherwise.
     same = [
@@ -175,35 +173,52 @@ def test_two_stage_scan_orders_the_coarse_shortlist_by_fine_codes(tmp_path: Path
     assert np.mean(same) >= 0.98
 
 
-def test_a_two_stage_version_of_8e50106_loads_and_bad_fine_codes_are_refused(tmp_path: Path) -> None:
-    both = clustered(5200)
-    xb, q = both[:5000], both[5000:]
-    index = PQIndex.build(xb, np.arange(5000), TWO_CONF)
-    # 8e50106 wrote the coarse codes alone to index.faiss and the fine ones into vectors.npz.
+def test_files_of_earlier_layouts_are_refused_with_a_rebuild(tmp_path: Path) -> None:
+    xb = clustered(2000)
+    index = PQIndex.build(xb, np.arange(2000), PQ_CONF)
+    index.save(tmp_path / "index.faiss", tmp_path / "vectors.npz")
+    plain = {"ids": np.arange(2000), "vectors": xb, "rerank": np.array(100)}
     pq = index.fine.pq
-    centroids = faiss.vector_to_array(pq.centroids).reshape(pq.M, -1)
-    codes = faiss.vector_to_array(index.fine.codes).reshape(index.fine.ntotal, pq.code_size)
-    faiss.write_index(index.codes, str(tmp_path / "index.faiss"))
-    plain = {"ids": np.arange(5000), "vectors": xb, "rerank": np.array(100), "shortlist": np.array(300)}
-    np.savez(tmp_path / "vectors.npz", **plain, fine_centroids=centroids, fine_codes=codes)
-    old = PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz")
-    assert old.fine is not None and not old.mapped and old.shortlist == 300
-    assert np.array_equal(old.search(q, 10)[1], index.search(q, 10)[1])
-    # Codes of another width, codebooks of another dimension, or fewer codes than vectors: refused.
-    bad = [
-        {"fine_centroids": centroids, "fine_codes": codes[:, :4]},
-        {"fine_centroids": centroids[:, :8], "fine_codes": codes},
-        {"fine_centroids": centroids, "fine_codes": codes[:4000]},
-    ]
-    for arrays in bad:
-        np.savez(tmp_path / "vectors.npz", **plain, **arrays)
-        with pytest.raises(ValueError, match="fine code"):
-            PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz")
+    fine_arrays = {
+        "fine_centroids": faiss.vector_to_array(pq.centroids).reshape(pq.M, -1),
+        "fine_codes": faiss.vector_to_array(index.fine.codes).reshape(index.fine.ntotal, pq.code_size),
+    }
+    cells = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(32), 32, 8, 8, 4)
+    cells.train(xb)
+    cells.add(xb)
+    layouts = {
+        # one stage: fast-scan codes alone, no shortlist
+        "one-stage": (index.codes, plain),
+        # 8e50106: the coarse codes alone in index.faiss, the fine ones in vectors.npz
+        "fine-in-vectors": (index.codes, plain | {"shortlist": np.array(300)} | fine_arrays),
+        # codes in cells of a coarse k-means
+        "cells": (cells, plain),
+        # the two stages over codes in cells
+        "cells-two-stage": (faiss.IndexRefine(cells, index.fine), plain | {"shortlist": np.array(300)}),
+        # the two stages, but vectors.npz of one stage (no shortlist)
+        "no-shortlist": (index.refine, plain),
+    }
+    for name, (codes, arrays) in layouts.items():
+        faiss.write_index(codes, str(tmp_path / f"{name}.faiss"))
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(ValueError, match=r"rebuild the index \(`imgsearch build`\)"):
+            PQIndex.load(tmp_path / f"{name}.faiss", tmp_path / f"{name}.npz")
+    # Fewer fine codes than vectors: refused too.
+    coarse, fewer = faiss.clone_index(index.codes), owned_fine_codes(index.fine, with_codes=False)
+    coarse.reset()
+    coarse.add(xb[:1500])
+    fewer.add(xb[:1500])
+    both = faiss.IndexRefine(coarse, fewer)
+    coarse.add(xb[1500:])  # the coarse codes alone: FAISS writes what it is given
+    faiss.write_index(both, str(tmp_path / "fewer.faiss"))
+    with pytest.raises(ValueError, match="1500 fine codes for 2000"):
+        PQIndex.load(tmp_path / "fewer.faiss", tmp_path / "vectors.npz")
+    assert PQIndex.load(tmp_path / "index.faiss", tmp_path / "vectors.npz").ntotal == 2000
 
 
 def publish_pq(tmp_path: Path, shards: int = 1) -> tuple[Path, np.ndarray]:
     from model.vectorize import Vectorizer
-    from tests.unit.test_store import VECTOR_CONF, encoder_file
+    from tests.unit.test_store import VECTOR_CONF, encoder_file, version_pipeline
 
     xb = clustered(1500, d=4)
     ids = np.arange(1500, dtype=np.int64)
@@ -212,9 +227,9 @@ def publish_pq(tmp_path: Path, shards: int = 1) -> tuple[Path, np.ndarray]:
         "encoder.npz": encoder_file(tmp_path, 4),
         "vectorizer.npz": Vectorizer(VECTOR_CONF).save(tmp_path / "vectorizer.npz"),
     }
-    conf = {"vector": VECTOR_CONF, "index": PQ_CONF | {"m": 2, "exact_below": 600}}
-    index = build_index(conf["index"], xb, ids)
-    store.publish(tmp_path / "family", index, images, files, {"preset": "t", "conf": conf}, shards)
+    conf = version_pipeline(PQ_CONF.model_copy(update=TINY_PQ | {"exact_below": 600}))
+    index = build_index(conf.index, xb, ids)
+    store.publish(tmp_path / "family", index, images, files, {"preset": "t", "conf": conf.to_json()}, shards)
     return tmp_path / "family", xb
 
 
@@ -262,12 +277,13 @@ def test_the_living_index_serves_online_changes_of_a_pq_version(
     # The tiny map republished as a fast-scan PQ version (its threshold set below its size).
     loaded = store.load(store.current_version(family))
     ids, xb = store.index_contents(loaded.index)
-    conf = dict(loaded.manifest["conf"], index=PQ_CONF | {"m": 2, "exact_below": 1, "train_size": len(ids)})
+    pq = PQ_CONF.model_copy(update=TINY_PQ | {"exact_below": 1, "train_size": len(ids)})
+    conf = loaded.pipeline.model_copy(update={"index": pq})
     files = {n: loaded.directory / n for n in ("vectorizer.npz", "encoder.npz", "split.json")}
     skip = ("version", "count", "dim", "checksums", "shards", "index_kinds")
-    manifest = {k: v for k, v in loaded.manifest.items() if k not in skip} | {"conf": conf}
+    manifest = {k: v for k, v in loaded.manifest.items() if k not in skip} | {"conf": conf.to_json()}
     images = [loaded.images[i] for i in sorted(loaded.images)]
-    store.publish(family, build_index(conf["index"], xb, ids), images, files, manifest)
+    store.publish(family, build_index(conf.index, xb, ids), images, files, manifest)
     live = LiveIndex(family)
     before = live.load_now()
     assert isinstance(before.index, PQIndex)

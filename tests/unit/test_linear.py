@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from common.presets import get_conf
+from common.pipeline import LinearConf, get_pipeline
 from dataset.layout import Dataset, load_dataset
 from dataset.relevance import pairwise_distance
 from dataset.split import split_queries
@@ -57,11 +58,18 @@ def test_pair_whitening_weights_and_shrinkage() -> None:
         pair_whitening(z, a, b, np.ones(19), 0.1)
 
 
+LW = "teblid-rvlad-lw"
+
+
+def lw(**over: object) -> LinearConf:
+    """The pair-whitening encoder conf of the LW preset with some fields changed (validated)."""
+    return LinearConf.model_validate(get_pipeline(LW).encoder.model_dump() | over)
+
+
 def test_map_anchors_keep_away_from_held_out_queries_and_duplicates(tiny_data: Path) -> None:
     ds = load_dataset(tiny_data)
-    conf = get_conf("orb-dense-teblid-rvlad-lw")
-    split = split_queries(ds.queries.loc, conf["split"])
-    m = conf["model"] | {"holdout_m": 30.0, "min_pair_m": 3.0}
+    split = split_queries(ds.queries.loc, get_pipeline(LW).split)
+    m = lw(holdout_m=30.0, min_pair_m=3.0)
     rows, pos, fov = anchors_and_positives(ds, split, m)
     ndb = len(ds.database)
     held = ds.queries.loc[np.concatenate([split["val"], split["test"]])]
@@ -73,15 +81,15 @@ def test_map_anchors_keep_away_from_held_out_queries_and_duplicates(tiny_data: P
         if r < ndb:  # a map anchor and its positives are far from every held-out query
             assert pairwise_distance(loc[[r, *p]], held).min() >= 30.0
             assert pairwise_distance(loc[[r]], loc[p]).min() >= 3.0
-    without = anchors_and_positives(ds, split, m | {"map_pairs": False})[0]
+    without = anchors_and_positives(ds, split, m.model_copy(update={"map_pairs": False}))[0]
     assert all(r >= ndb for r in without)
 
 
-def lw_inputs(tiny_data: Path, seed: int) -> tuple[Dataset, dict, dict, np.ndarray, np.ndarray]:
+def lw_inputs(tiny_data: Path, seed: int) -> tuple[Dataset, LinearConf, dict, np.ndarray, np.ndarray]:
     """The tiny data set, a small pair-whitening conf (8 outputs), its split and random vectors of 20."""
     ds = load_dataset(tiny_data)
-    conf = get_conf("orb-dense-teblid-rvlad-lw")["model"] | {"embed_dim": 8, "holdout_m": 0.0}
-    split = split_queries(ds.queries.loc, get_conf("orb-dense-teblid-rvlad-lw")["split"])
+    conf = lw(embed_dim=8, holdout_m=0.0)
+    split = split_queries(ds.queries.loc, get_pipeline(LW).split)
     rng = np.random.default_rng(seed)
     return ds, conf, split, rng.normal(size=(len(ds.database), 20)), rng.normal(size=(len(ds.queries), 20))
 
@@ -91,14 +99,17 @@ def test_base_projection_is_pca_then_the_pairs_whitening(tiny_data: Path) -> Non
 
     ds, conf, split, xd, xq = lw_inputs(tiny_data, 0)
     proj, offset = base_projection(conf, ds, xq, xd, split)
-    p0, o0 = pca_projection(xd, 8, conf["whiten_power"])
+    p0, o0 = pca_projection(xd, 8, conf.whiten_power)
     assert proj.shape == (20, 8) and not np.allclose(proj, p0)
     # The learned part is an invertible map of the PCA output: the same subspace, re-weighted.
     w = np.linalg.lstsq(p0, proj, rcond=None)[0]
     assert np.allclose(p0 @ w, proj, atol=1e-4) and np.allclose(o0 @ w, offset, atol=1e-4)
-    assert np.allclose(base_projection(conf | {"whiten": "pca"}, ds, xq, xd, split)[0], p0)
-    with pytest.raises(ValueError, match="unknown whitening"):
-        base_projection(conf | {"whiten": "zca"}, ds, xq, xd, split)
+    pca = conf.model_copy(update={"kind": "pca-whiten"})
+    assert pca.whiten == "pca" and conf.whiten == "pairs"
+    assert np.allclose(base_projection(pca, ds, xq, xd, split)[0], p0)
+    # A whitening the encoder does not know is refused when the conf is made.
+    with pytest.raises(ValidationError, match="kind"):
+        lw(kind="zca")
 
 
 def test_block_encoder_projects_each_block_then_whitens_jointly(tiny_data: Path, tmp_path: Path) -> None:
@@ -106,8 +117,8 @@ def test_block_encoder_projects_each_block_then_whitens_jointly(tiny_data: Path,
     from model.projection import pca_projection
 
     ds = load_dataset(tiny_data)
-    conf = get_conf("orb-dense-teblid-rvlad-lw")["model"] | {"embed_dim": 6, "block_dim": 4, "holdout_m": 0.0}
-    split = split_queries(ds.queries.loc, get_conf("orb-dense-teblid-rvlad-lw")["split"])
+    conf = lw(embed_dim=6, block_dim=4, holdout_m=0.0)
+    split = split_queries(ds.queries.loc, get_pipeline(LW).split)
     rng = np.random.default_rng(0)
     xd, xq = rng.normal(size=(len(ds.database), 30)), rng.normal(size=(len(ds.queries), 30))
     enc = linear_encoder(conf, ds, xq, xd, split, n_blocks=3)
@@ -130,14 +141,14 @@ def test_word_basis_factors_each_block_through_a_shared_descriptor_subspace(tiny
     from model.linear import word_basis
 
     ds = load_dataset(tiny_data)
-    base = get_conf("orb-dense-teblid-rvlad-lw")["model"] | {"embed_dim": 6, "block_dim": 5, "holdout_m": 0.0}
-    split = split_queries(ds.queries.loc, get_conf("orb-dense-teblid-rvlad-lw")["split"])
+    base = lw(embed_dim=6, block_dim=5, holdout_m=0.0)
+    split = split_queries(ds.queries.loc, get_pipeline(LW).split)
     rng = np.random.default_rng(1)
     # 3 blocks of 4 words x 8 descriptor values.
     xd, xq = rng.normal(size=(len(ds.database), 96)), rng.normal(size=(len(ds.queries), 96))
     plain = linear_encoder(base, ds, xq, xd, split, n_blocks=3, n_words=4)
-    full = linear_encoder(base | {"word_basis": 8}, ds, xq, xd, split, n_blocks=3, n_words=4)
-    low = linear_encoder(base | {"word_basis": 2}, ds, xq, xd, split, n_blocks=3, n_words=4)
+    full = linear_encoder(base.model_copy(update={"word_basis": 8}), ds, xq, xd, split, n_blocks=3, n_words=4)
+    low = linear_encoder(base.model_copy(update={"word_basis": 2}), ds, xq, xd, split, n_blocks=3, n_words=4)
     assert [w.shape for w in low.weights[:2]] == [(3, 8, 2), (3, 4 * 2, 5)]
     assert low.input_dim == 96 and low.dim == 6 and low.tiles == 4
     # A basis of full rank changes nothing; a smaller one is the block projection seen through the
@@ -195,7 +206,7 @@ def test_balanced_axes_decorrelate_and_share_the_variance_evenly() -> None:
 def test_code_bins_rotate_the_encoder_output_without_changing_distances(tiny_data: Path) -> None:
     ds, conf, split, xd, xq = lw_inputs(tiny_data, 3)
     plain = linear_encoder(conf, ds, xq, xd, split)
-    turned = linear_encoder(conf | {"code_bins": 4}, ds, xq, xd, split)
+    turned = linear_encoder(conf.model_copy(update={"code_bins": 4}), ds, xq, xd, split)
     a, b = plain.embed(xq), turned.embed(xq)
     assert not np.allclose(a, b, atol=1e-2)
     assert np.allclose(((a[:, None] - a[None]) ** 2).sum(-1), ((b[:, None] - b[None]) ** 2).sum(-1), atol=1e-5)
@@ -205,5 +216,5 @@ def test_code_bins_rotate_the_encoder_output_without_changing_distances(tiny_dat
     assert np.allclose(cov, np.diag(np.diag(cov)), atol=1e-5)
     assert np.allclose(turned.embed(xd), plain.embed(xd) @ balanced_axes(plain.embed(xd), 4), atol=1e-5)
     # Groups need not divide the output (a small collection's PCA has fewer dimensions than asked).
-    three = linear_encoder(conf | {"code_bins": 3}, ds, xq, xd, split).embed(xq)
+    three = linear_encoder(conf.model_copy(update={"code_bins": 3}), ds, xq, xd, split).embed(xq)
     assert np.allclose(((three[:, None] - three[None]) ** 2).sum(-1), ((a[:, None] - a[None]) ** 2).sum(-1), atol=1e-5)

@@ -12,6 +12,7 @@ import pytest
 
 from common.clock import utc_timestamp
 from common.files import StorageError, StorageFullError
+from common.pipeline import VerifyConf
 from dataset.layout import Location
 from features.orb import OrbFeatures
 from indexer.changes import ChangeLog, condense
@@ -29,8 +30,8 @@ def test_verifier_treats_added_images_like_stored_ones() -> None:
 
     stored = [image(), image()]
     base = MapFeatures.build([0, 1], [f for f, _ in stored], [w for _, w in stored])
-    conf = {"max_hamming": 64, "ratio": 0.9, "ransac_px": 8.0, "ransac_iters": 200}
-    verifier = Verifier(conf, base, 8, [-2.0, 1.0, 0.0]).with_extra({2: stored[1], 3: image()})
+    conf = VerifyConf(max_hamming=64, ratio=0.9, ransac_px=8.0, ransac_iters=200)
+    verifier = Verifier(conf, None, base, 8, [-2.0, 1.0, 0.0]).with_extra({2: stored[1], 3: image()})
     f1, w1 = stored[1]
     query = OrbFeatures(f1.xy + np.float32([5, 3]), f1.descriptors)  # image 1, shifted
     inl = verifier.inliers(query, w1, [0, 1, 2, 3])

@@ -16,10 +16,10 @@ from indexer.store import Part
 from model.verify import MapFeatures
 from retrieval.live import LiveIndex, NotReadyError
 from retrieval.query import search_image
-from retrieval.searcher import Searcher
-from retrieval.shards import LocalShards, ShardServer, by_owner, head_index, merge_hits
+from retrieval.searcher import LocalBackend, Searcher
+from retrieval.shards import LocalShards, ShardedBackend, ShardServer, by_owner, head_index, merge_hits
 
-PRESET = "orb-dense-rvlad-verify"  # verifies, and needs no Keras training: quick on the tiny data
+PRESET = "dense-rvlad-verify"  # verifies, and needs no Keras training: quick on the tiny data
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,9 @@ def test_the_head_over_its_shards_ranks_as_the_whole_index(family: Path, tiny_da
     whole = Searcher(store.load(store.current_version(family)))
     head = head_index(family, 3, LocalShards(_servers(family))).load_now()
     assert head.size == whole.size and head.version == whole.version
+    # The head's queries run on its shards; the whole index's on what this process loaded.
+    assert isinstance(head.backend, ShardedBackend) and isinstance(whole.backend, LocalBackend)
+    assert head.on_demand_files() == []  # the shards read rows of their files, the head none
     ds = load_dataset(tiny_data)
     for path in ds.queries.paths[:6]:
         data = ds.image_path(path).read_bytes()

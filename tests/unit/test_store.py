@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.pipeline import FeaturesConf, IdentityConf, IndexConf, Pipeline, VectorConf
 from dataset.layout import Location
 from indexer import store
 from model.encoder import NumpyEncoder
@@ -21,7 +22,18 @@ def encoder_file(tmp_path: Path, dim: int = 4) -> Path:
     return enc.save(tmp_path / "encoder.npz")
 
 
-VECTOR_CONF = {"name": "concat", "n_descriptors": 1}  # 256 values, the test encoder's input
+VECTOR_CONF = VectorConf(name="concat", n_descriptors=1)  # 256 values, the test encoder's input
+
+
+def version_pipeline(index: IndexConf | None = None) -> Pipeline:
+    """The pipeline a test version's manifest names: VECTOR_CONF's vectors, exact search unless `index`."""
+    return Pipeline(
+        name="t",
+        features=FeaturesConf(),
+        vector=VECTOR_CONF,
+        encoder=IdentityConf(),
+        index=index or IndexConf(kind="exact"),
+    )
 
 
 def publish_some(tmp_path: Path, ids: list[int], dim: int = 4) -> Path:
@@ -34,7 +46,9 @@ def publish_some(tmp_path: Path, ids: list[int], dim: int = 4) -> Path:
         "encoder.npz": encoder_file(tmp_path, dim),
         "vectorizer.npz": Vectorizer(VECTOR_CONF).save(tmp_path / "vectorizer.npz"),
     }
-    return store.publish(tmp_path / "family", index, images, files, {"preset": "t", "conf": {"vector": VECTOR_CONF}})
+    return store.publish(
+        tmp_path / "family", index, images, files, {"preset": "t", "conf": version_pipeline().to_json()}
+    )
 
 
 def test_save_load_keeps_ids(tmp_path: Path) -> None:
@@ -144,6 +158,39 @@ def test_files_are_hashed_once_per_machine_until_they_change(tmp_path: Path, mon
     (version / "encoder.npz").write_bytes(bytes(data))
     with pytest.raises(store.IndexLoadError, match="checksum mismatch"):
         store.load(version)
+
+
+def test_versions_of_earlier_layouts_are_refused_with_a_rebuild(tmp_path: Path) -> None:
+    import shutil
+
+    family = tmp_path / "family"
+    v1 = publish_some(tmp_path, [1, 2])
+    manifest = json.loads((v1 / "manifest.json").read_text())
+    # A manifest without a key that publish writes (earlier builds wrote neither seq nor previous).
+    for key in ("seq", "previous", "index_kinds", "shards", "checksums"):
+        (v1 / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != key}))
+        with pytest.raises(store.IndexLoadError, match=rf"has no {key}: .*rebuild the index \(`imgsearch build`\)"):
+            store.load(v1)
+    (v1 / "manifest.json").write_text(json.dumps(manifest))
+    assert store.load(v1).version == v1.name
+    # A version named as earlier builds named them (v<time>, no sequence number) is no version: not
+    # listed, not a fallback, and CURRENT naming it asks for a rebuild.
+    old = family / "v20240101-120000"
+    shutil.copytree(v1, old)
+    assert store.versions(family) == [v1] and store.fallbacks(family, old.name) == [v1]
+    with pytest.raises(ValueError, match="not the name of an index version"):
+        store.version_seq(old.name)
+    (family / "CURRENT").write_text(old.name)
+    with pytest.raises(store.IndexLoadError, match=r"earlier build: .*\(`imgsearch build`\)"):
+        store.current_version(family)
+    # A rollback from a version that does not load (its manifest of an earlier layout) goes to the
+    # newest version that does.
+    (family / "CURRENT").write_text(v1.name)
+    v2 = publish_some(tmp_path, [1, 2, 3])
+    assert store.current_version(family) == v2 and old.exists()  # not a version: never pruned either
+    m2 = json.loads((v2 / "manifest.json").read_text())
+    (v2 / "manifest.json").write_text(json.dumps({k: v for k, v in m2.items() if k != "previous"}))
+    assert store.rollback(family) == (v2.name, v1)
 
 
 # The version lifecycle ----------------------------------------------------------------------------

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from common.presets import DEFAULT_PRESET, get_conf, verify_features_conf
+from common.pipeline import DEFAULT_PRESET, FeaturesConf, get_pipeline
 from features.orb import extract_orb
 from model.verify import MapFeatures, match_by_word, ransac_inliers
 from tests.unit.test_verify import scene
 
 
 def test_teblid_describes_the_same_dense_grid_with_other_bits() -> None:
-    conf = get_conf("orb-dense-rvlad")["features"]
+    conf = get_pipeline("dense-rvlad").features
+    assert conf.descriptor == "orb"
     img = scene(3)
     orb = extract_orb(img, conf)
-    teblid = extract_orb(img, conf | {"descriptor": "teblid"})
+    teblid = extract_orb(img, conf.model_copy(update={"descriptor": "teblid"}))
     assert teblid.descriptors.dtype == np.uint8 and teblid.descriptors.shape[1] == 32
     # The grid is the keypoints of both; TEBLID keeps every one of them on an image this size.
     assert np.array_equal(orb.xy, teblid.xy)
@@ -24,14 +26,16 @@ def test_teblid_describes_the_same_dense_grid_with_other_bits() -> None:
 
 
 def test_unknown_descriptor_is_refused() -> None:
-    conf = get_conf("orb-dense-rvlad")["features"] | {"descriptor": "sift"}
-    with pytest.raises(ValueError, match="unknown descriptor 'sift'"):
-        extract_orb(scene(1), conf)
+    # Refused when the conf is made, so no extraction can meet it.
+    with pytest.raises(ValidationError, match="descriptor"):
+        FeaturesConf(descriptor="sift")
+    with pytest.raises(ValidationError, match="descriptor"):
+        FeaturesConf.model_validate(get_pipeline("dense-rvlad").features.model_dump() | {"descriptor": "sift"})
 
 
 def test_default_preset_verifies_with_teblid_on_fast_corners() -> None:
-    conf = verify_features_conf(get_conf(DEFAULT_PRESET))["features"]
-    assert conf["descriptor"] == "teblid" and conf["detector"] == "fast"
+    conf = get_pipeline(DEFAULT_PRESET).verify_features
+    assert conf.descriptor == "teblid" and conf.detector == "fast"
     base = scene(1)
     shifted = np.roll(base, (6, 9), axis=(0, 1))
     feats = [extract_orb(base, conf), extract_orb(scene(2), conf)]

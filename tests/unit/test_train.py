@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.pipeline import SplitConf
 from dataset.split import split_queries
 from model.train import TrainingError, sample_pairs
 
-CONF = {"train": 0.8, "val": 0.1, "test": 0.1, "cell_m": 100.0, "seed": 3}
+CONF = SplitConf(train=0.8, val=0.1, test=0.1, cell_m=100.0, seed=3)
 
 
 def grid_locations(n: int, seed: int = 0) -> np.ndarray:
@@ -25,12 +26,12 @@ def test_split_by_area_is_disjoint_seeded_and_keeps_cells_whole() -> None:
     # No cell of the map has queries in two splits: test areas are unseen in training.
     assert not cells["train"] & cells["test"] and not cells["val"] & cells["test"] and not cells["train"] & cells["val"]
     assert 60 <= len(a["test"]) <= 140 and 60 <= len(a["val"]) <= 140  # ~10% each, whole cells
-    assert not np.array_equal(a["test"], split_queries(loc, CONF | {"seed": 4})["test"])
+    assert not np.array_equal(a["test"], split_queries(loc, CONF.model_copy(update={"seed": 4}))["test"])
 
 
 def test_split_rejects_bad_fractions() -> None:
     with pytest.raises(ValueError):
-        split_queries(grid_locations(10), CONF | {"train": 0.9, "val": 0.2})
+        split_queries(grid_locations(10), CONF.model_copy(update={"train": 0.9, "val": 0.2}))
 
 
 def test_pairs_are_balanced_and_labelled_from_target() -> None:
@@ -53,7 +54,7 @@ def test_no_relevant_pairs_is_an_error() -> None:
 def test_small_map_still_gets_every_split() -> None:
     # 30 queries along 150 m: one 250 m cell would put them all in train.
     loc = np.column_stack([np.linspace(0, 150, 30), np.zeros(30), np.zeros(30)])
-    split = split_queries(loc, CONF | {"cell_m": 250.0})
+    split = split_queries(loc, CONF.model_copy(update={"cell_m": 250.0}))
     assert all(len(v) > 0 for v in split.values())
 
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from app.core.body_limit import BodySizeLimitMiddleware
-from common.presets import DEFAULT_PRESET, get_conf
+from common.pipeline import DEFAULT_PRESET, get_pipeline
 from features.decode import apply_orientation, decode_image
 from features.extract import image_to_features
 from features.orb import NoKeypointsError, extract_orb
@@ -86,7 +86,7 @@ def test_indexer_and_service_extract_the_same_features(tiny_data: Path, tiny_art
     img = upright(tiny_data)
     samples = variants(img) | {f"exif{o}.jpg": with_orientation(img, o, "JPEG") for o in range(1, 9)}
     for name, data in samples.items():
-        indexed = image_to_features(data, searcher.conf)
+        indexed = image_to_features(data, searcher.pipeline.features)
         served = searcher.analyze(data).features
         assert np.array_equal(indexed.descriptors, served.descriptors), name
         assert np.array_equal(indexed.xy, served.xy), name
@@ -116,7 +116,7 @@ def test_indexer_features_do_not_depend_on_orientation(tiny_data: Path) -> None:
     # The indexer's path (features.extract.image_to_features) decodes with the same function.
     img = upright(tiny_data)
     for preset in ("paper", DEFAULT_PRESET):
-        conf = get_conf(preset)
+        conf = get_pipeline(preset).features
         ref = image_to_features(encode(img, "PNG"), conf)
         for o in range(2, 9):
             f = image_to_features(with_orientation(img, o, "PNG"), conf)
@@ -136,7 +136,8 @@ def test_apply_orientation_matches_pil(o: int) -> None:
 def test_single_colour_has_no_keypoints_with_dense_features_too() -> None:
     # Dense ORB describes a grid whatever the content: a flat image would give all-zero descriptors
     # that match anything. The default preset must refuse it like the FAST-based ones.
-    conf = get_conf(DEFAULT_PRESET)
+    conf = get_pipeline(DEFAULT_PRESET).features
+    assert conf.detector == "dense"
     for data in tiny_and_blank().values():
         with pytest.raises(NoKeypointsError):
-            extract_orb(decode_image(data, conf["image"]["max_side"]), conf["features"])
+            extract_orb(decode_image(data, conf.max_side), conf)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
+from common.pipeline import VectorConf
 from features.orb import OrbFeatures
 from model.encoder import NumpyEncoder
 from model.score_head import fit_sigmoid
@@ -40,7 +42,7 @@ def test_unpack_makes_l2_equal_hamming() -> None:
 @pytest.mark.parametrize("name", ["bow", "vlad"])
 def test_aggregate_is_order_free_normalised_and_discriminative(name: str) -> None:
     sets = random_sets(30, 200)
-    v = Vectorizer({"name": name, "words": 16, "power": 0.5}).fit(sets, seed=0)
+    v = Vectorizer(VectorConf(name=name, words=16, power=0.5)).fit(sets, seed=0)
     x = v(feats(sets[0]))
     assert x.shape == (v.dim,) and abs(np.linalg.norm(x) - 1) < 1e-5
     # The published flaw was order dependence: an aggregate must not care about keypoint order.
@@ -53,26 +55,27 @@ def test_aggregate_is_order_free_normalised_and_discriminative(name: str) -> Non
 
 def test_bow_idf_downweights_words_seen_everywhere() -> None:
     sets = random_sets(30, 200)
-    v = Vectorizer({"name": "bow", "words": 16}).fit(sets, seed=0)
+    v = Vectorizer(VectorConf(name="bow", words=16)).fit(sets, seed=0)
     common = np.bincount(np.concatenate([np.unique(v.words(s)) for s in sets]), minlength=16)
     assert v.idf[np.argmax(common)] <= v.idf[np.argmin(common)]
 
 
 def test_vectorizer_save_load_roundtrip(tmp_path: Path) -> None:
     sets = random_sets(20, 100)
-    conf = {"name": "vlad", "words": 8, "power": 0.5}
+    conf = VectorConf(name="vlad", words=8, power=0.5)
     v = Vectorizer(conf).fit(sets, seed=0)
     loaded = Vectorizer.load(v.save(tmp_path / "v.npz"), conf)
     assert np.array_equal(loaded(feats(sets[3])), v(feats(sets[3])))
     with pytest.raises(ValueError, match="holds a vlad vectorizer"):
-        Vectorizer.load(tmp_path / "v.npz", {"name": "bow", "words": 8})
+        Vectorizer.load(tmp_path / "v.npz", VectorConf(name="bow", words=8))
 
 
 def test_unfitted_or_unknown() -> None:
-    with pytest.raises(ValueError, match="unknown vector representation"):
-        Vectorizer({"name": "nope"})
+    # An unknown representation is refused when the conf is made, before any Vectorizer.
+    with pytest.raises(ValidationError, match="name"):
+        VectorConf(name="nope")
     with pytest.raises(RuntimeError, match="not fitted"):
-        Vectorizer({"name": "bow", "words": 8})(feats(random_sets(1, 10)[0]))
+        Vectorizer(VectorConf(name="bow", words=8))(feats(random_sets(1, 10)[0]))
 
 
 def test_fit_sigmoid_recovers_parameters() -> None:
@@ -94,27 +97,27 @@ def test_identity_encoder_passes_vectors_through(tmp_path: Path) -> None:
 
 def test_vlad_regions_describe_each_band() -> None:
     sets = random_sets(20, 200)
-    conf = {"name": "vlad", "words": 8, "power": 0.5, "regions": [[0.0, 0.5], [0.5, 1.0]]}
+    conf = VectorConf(name="vlad", words=8, power=0.5, regions=((0.0, 0.5), (0.5, 1.0)))
     v = Vectorizer(conf).fit(sets, seed=0)
-    assert v.dim == 3 * 8 * 256
+    assert v.dim == 3 * 8 * 256 and conf.n_blocks == 3
     top_only = OrbFeatures(np.column_stack([np.zeros(200), np.full(200, 10.0)]).astype(np.float32), sets[0], height=100)
     x = v(top_only).reshape(3, -1)
     # All keypoints lie in the top band: its block equals the whole-image block, the bottom one is empty.
     assert np.allclose(x[0], x[1]) and not x[2].any()
-    plain = Vectorizer({"name": "vlad", "words": 8, "power": 0.5}, v.centroids)
+    plain = Vectorizer(VectorConf(name="vlad", words=8, power=0.5), v.centroids)
     assert np.allclose(plain(top_only), x[0] * np.sqrt(2), atol=1e-5)
 
 
 def test_vlad_columns_describe_the_left_and_right_halves() -> None:
     sets = random_sets(20, 200)
-    conf = {"name": "vlad", "words": 8, "power": 0.5, "regions": [[0.0, 0.5], [0.5, 1.0]]}
-    conf["columns"] = [[0.0, 0.5], [0.5, 1.0]]
+    halves = ((0.0, 0.5), (0.5, 1.0))
+    conf = VectorConf(name="vlad", words=8, power=0.5, regions=halves, columns=halves)
     v = Vectorizer(conf).fit(sets, seed=0)
     assert v.n_blocks == 5 and v.dim == 5 * 8 * 256
     # The first 50 keypoints stand at the top left, the others at the bottom right.
     xy = np.where(np.arange(200)[:, None] < 50, [[10.0, 10.0]], [[300.0, 90.0]]).astype(np.float32)
     x = v(OrbFeatures(xy, sets[0], height=100, width=341)).reshape(5, -1)
-    left = Vectorizer({"name": "vlad", "words": 8, "power": 0.5}, v.centroids)(OrbFeatures(xy[:50], sets[0][:50]))
+    left = Vectorizer(VectorConf(name="vlad", words=8, power=0.5), v.centroids)(OrbFeatures(xy[:50], sets[0][:50]))
     # The top band and the left column hold the same keypoints: equal blocks, both the left-only VLAD.
     assert np.allclose(x[1], x[3]) and np.allclose(x[3] / np.linalg.norm(x[3]), left, atol=1e-5)
     assert np.allclose(x[2], x[4]) and not np.allclose(x[3], x[4])
@@ -127,15 +130,16 @@ def test_overlapping_blocks_equal_each_block_aggregated_alone() -> None:
     # for overlapping and empty bands alike.
     sets = random_sets(20, 300)
     rng = np.random.default_rng(3)
-    conf = {"name": "vlad", "words": 8, "power": 0.5, "regions": [[0.0, 0.3], [0.2, 0.7], [0.9, 1.0]]}
-    conf["columns"] = [[0.0, 0.6], [0.4, 1.0]]
+    conf = VectorConf(
+        name="vlad", words=8, power=0.5, regions=((0.0, 0.3), (0.2, 0.7), (0.9, 1.0)), columns=((0.0, 0.6), (0.4, 1.0))
+    )
     v = Vectorizer(conf).fit(sets, seed=0)
     xy = np.column_stack([rng.uniform(0, 341, 300), rng.uniform(0, 85, 300)]).astype(np.float32)
     got = v(OrbFeatures(xy, sets[1], height=100, width=341)).reshape(v.n_blocks, -1)
-    plain = Vectorizer({"name": "vlad", "words": 8, "power": 0.5}, v.centroids)
+    plain = Vectorizer(VectorConf(name="vlad", words=8, power=0.5), v.centroids)
     y, x = xy[:, 1] / 100, xy[:, 0] / 341
-    masks = [np.ones(300, bool)] + [(y >= a) & (y < b) for a, b in conf["regions"]]
-    masks += [(x >= a) & (x < b) for a, b in conf["columns"]]
+    masks = [np.ones(300, bool)] + [(y >= a) & (y < b) for a, b in conf.regions]
+    masks += [(x >= a) & (x < b) for a, b in conf.columns]
     for block, m in zip(got, masks, strict=True):
         if not m.any():  # the band 0.9-1.0 holds no keypoint (all y < 0.85)
             assert not block.any()
@@ -172,7 +176,7 @@ def test_residual_sums_equal_the_residuals_summed_one_by_one(n: int) -> None:
 
 def test_words_are_the_nearest_centroids_in_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     sets = random_sets(10, 100)
-    v = Vectorizer({"name": "vlad", "words": 16}).fit(sets, seed=0)
+    v = Vectorizer(VectorConf(name="vlad", words=16)).fit(sets, seed=0)
     desc = np.concatenate(sets[:3])
     d2 = ((unpack(desc).astype(np.float64)[:, None, :] - v.centroids[None].astype(np.float64)) ** 2).sum(-1)
     want = d2.argmin(1)

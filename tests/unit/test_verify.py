@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from common.presets import get_conf, verify_features_conf
+from common.pipeline import get_pipeline
 from features.orb import OrbFeatures, extract_orb
 from model.verify import MapFeatures, match_by_word, ransac_inliers
 
@@ -37,7 +37,7 @@ def test_ransac_counts_inliers_of_a_similarity() -> None:
 
 
 def test_matching_finds_the_same_scene_and_not_another() -> None:
-    conf = verify_features_conf(get_conf("orb-vlad-verify"))["features"]
+    conf = get_pipeline("vlad-verify").verify_features
     base = scene(1)
     shifted = np.roll(base, (6, 9), axis=(0, 1))  # the same scene, moved
     feats = [extract_orb(base, conf), extract_orb(scene(2), conf)]
@@ -109,7 +109,7 @@ def test_map_features_roundtrip_and_sorted_by_word(tmp_path: Path) -> None:
 def test_orientations_are_extracted_stored_and_compared(tmp_path: Path) -> None:
     from model.verify import same_turn
 
-    conf = verify_features_conf(get_conf("orb-vlad-verify"))["features"]
+    conf = get_pipeline("vlad-verify").verify_features
     f = extract_orb(scene(1), conf)
     assert f.angles is not None and len(f.angles) == len(f.xy)
     assert np.all((f.angles >= 0) & (f.angles < 360)) and np.unique(f.angles).size > 10  # FAST corners turn
@@ -125,8 +125,9 @@ def test_orientations_are_extracted_stored_and_compared(tmp_path: Path) -> None:
 
 
 def test_the_orientation_filter_keeps_true_matches_and_drops_chance_ones() -> None:
-    conf = verify_features_conf(get_conf("orb-dense-teblid-rvlad-lw-verify-angle-expand"))
-    fconf, vconf = conf["features"], conf["verify"]
+    conf = get_pipeline("teblid-rvlad-lw-verify-angle-expand")
+    fconf, vconf = conf.verify_features, conf.verify
+    assert vconf is not None and vconf.max_angle_deg is not None
     base = scene(1)
     shifted = np.roll(base, (6, 9), axis=(0, 1))
     from model.verify import Verifier
@@ -135,13 +136,14 @@ def test_the_orientation_filter_keeps_true_matches_and_drops_chance_ones() -> No
     store = MapFeatures.build([10, 20], feats, [np.zeros(len(f.xy), np.int64) for f in feats])
     q = extract_orb(shifted, fconf)
     qw = np.zeros(len(q.xy), np.int64)
-    on = Verifier(vconf, store, 1, [0.0, 1.0, 0.0]).inliers(q, qw, [10, 20])
-    off = Verifier(vconf | {"max_angle_deg": None}, store, 1, [0.0, 1.0, 0.0]).inliers(q, qw, [10, 20])
+    on = Verifier(vconf, None, store, 1, [0.0, 1.0, 0.0]).inliers(q, qw, [10, 20])
+    no_angle = vconf.model_copy(update={"max_angle_deg": None})
+    off = Verifier(no_angle, None, store, 1, [0.0, 1.0, 0.0]).inliers(q, qw, [10, 20])
     assert on[0] >= 0.9 * off[0] and on[0] > 30  # the same scene keeps (nearly) all its inliers
     assert on[1] <= off[1]  # another scene can only lose chance inliers
     # Turn the query keypoints' orientations by 90 degrees: no match of the same scene survives.
     turned = OrbFeatures(q.xy, q.descriptors, q.height, (q.angles + 90.0) % 360.0)
-    assert Verifier(vconf, store, 1, [0.0, 1.0, 0.0]).inliers(turned, qw, [10])[0] == 0
+    assert Verifier(vconf, None, store, 1, [0.0, 1.0, 0.0]).inliers(turned, qw, [10])[0] == 0
 
 
 def test_the_verification_head_never_ranks_nearer_and_better_verified_lower() -> None:

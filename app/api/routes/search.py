@@ -73,5 +73,5 @@ async def search(
         took_ms=round((time.perf_counter() - t0) * 1000, 2),
     )
     # Serialised here: a returned model would be validated again against response_model (which stays
-    # for the schema), ~0.15 ms a request for a model built just above.
+    # for the schema), a cost per request for a model built just above.
     return Response(body.model_dump_json(), media_type="application/json")

@@ -1,4 +1,5 @@
-"""Service and pipeline settings from IMGSEARCH_* environment variables, validated at start-up."""
+"""Every setting of the service and the command line, from IMGSEARCH_* environment variables, validated
+once at start-up; command-line flags are passed in as arguments, over the environment."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from common.presets import DEFAULT_PRESET, confs
+from common.pipeline import ALL_PRESETS, DEFAULT_PRESET, PRESETS
 
 MIN_ADMIN_KEY_LEN = 16
 
@@ -79,8 +80,10 @@ class Settings(BaseSettings):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, v: str) -> str:
-        if v not in confs:
-            raise ValueError(f"unknown preset {v!r}; choose one of: {', '.join(sorted(confs))}")
+        if v not in ALL_PRESETS:
+            raise ValueError(
+                f"unknown preset {v!r}; choose one of: {', '.join(PRESETS)} (all: imgsearch presets --all)"
+            )
         return v
 
     @field_validator("allowed_hosts", mode="before")
