@@ -45,9 +45,9 @@ import faiss
 # bench/ is sys.path[0] for these scripts
 import harness
 import httpx
+import live_server as server
 import numpy as np
 import report
-import server
 from ann import recall_at_k
 from london import add_arguments, analysed_queries, collection, open_london, recall_at
 

@@ -28,9 +28,9 @@ from typing import Any
 # bench/ is sys.path[0] for these scripts
 import harness
 import httpx
+import live_server as server
 import numpy as np
 import report
-import server
 
 from common.parallel import map_files
 from common.pipeline import ALL_PRESETS, Pipeline, get_pipeline

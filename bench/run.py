@@ -38,10 +38,10 @@ from typing import Any
 # bench/ is sys.path[0] for these scripts
 import harness
 import httpx
+import live_server as server
 import london
 import numpy as np
 import report
-import server
 
 from common.pipeline import ALL_PRESETS
 from common.settings import Settings

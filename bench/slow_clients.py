@@ -45,11 +45,11 @@ from typing import IO, Any
 # bench/ is sys.path[0] for these scripts
 import harness
 import httpx
+import live_server as server
 import numpy as np
 import report
-import server
 from harness import ratio, summarise
-from server import process_tree, tree_rss_mb
+from live_server import process_tree, tree_rss_mb
 
 from common.settings import Settings
 

@@ -33,9 +33,9 @@ from typing import Any
 # bench/ is sys.path[0] for these scripts
 import harness
 import httpx
+import live_server as server
 import report
-import server
-from server import process_tree, rss_mb, tree_rss_mb
+from live_server import process_tree, rss_mb, tree_rss_mb
 
 from common.settings import Settings
 

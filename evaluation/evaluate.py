@@ -4,7 +4,7 @@ Every figure of retrieval quality is a key of `summary` (common/retrieval_metric
 that it means the same wherever it is printed:
 - at index time, in process: cli/stages.py stores it in the manifest, GET /metrics/precision serves it;
 - `imgsearch evaluate`: presets compared in process (evaluation/compare.py), or with --url a running
-  service's answers to POST /search, scored here (scripts/evaluate.py is that, with its defaults);
+  service's answers to POST /search, scored here (scripts/client_evaluate.py is that, with its defaults);
 - the benchmarks' London figures (bench/million.py), from rankings of their own.
 """
 

@@ -1,6 +1,6 @@
 """End to end on a subset of the real London data: CLI build, HTTP service, client evaluation.
 
-The client (scripts/evaluate.py, scoring from london_gt.h5) and GET /metrics/precision (computed at
+The client (scripts/client_evaluate.py, scoring from london_gt.h5) and GET /metrics/precision (computed at
 index time) must agree on the same held-out queries.
 """
 
@@ -44,7 +44,7 @@ def test_cli_build_serve_and_client_agree(london_subset: Path, tmp_path: Path, s
     assert served["split"] == "test" and served["queries_total"] == len(test_queries) > 0
 
     client = subprocess.run(
-        [sys.executable, "scripts/evaluate.py", "--split", "test", "--json", "--url", srv.url],
+        [sys.executable, "scripts/client_evaluate.py", "--split", "test", "--json", "--url", srv.url],
         cwd=ROOT,
         env=os.environ | env,
         capture_output=True,

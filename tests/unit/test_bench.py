@@ -53,7 +53,7 @@ def report() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def server() -> ModuleType:
-    return _module("server")
+    return _module("live_server")
 
 
 def _real(n: int = 300, d: int = 16) -> np.ndarray:

@@ -1,5 +1,5 @@
 """The one evaluation (evaluation/evaluate.py): answers from any ranker, in process or over HTTP,
-scored into one summary shape; and `imgsearch evaluate --url`, which scripts/evaluate.py runs."""
+scored into one summary shape; and `imgsearch evaluate --url`, which scripts/client_evaluate.py runs."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 the client side against london_gt.h5: `imgsearch evaluate --url`, with this script's defaults (the
 service at IMGSEARCH_HOST:IMGSEARCH_PORT, every query of the folder unless --split).
 
-    python scripts/evaluate.py --data ../shared/datasets/london --split test [--json]
-    python scripts/evaluate.py --data DIR                      # every query of the folder
+    python scripts/client_evaluate.py --data ../shared/datasets/london --split test [--json]
+    python scripts/client_evaluate.py --data DIR                      # every query of the folder
 
 --split uses the train/val/test split saved with the served index (found under --artifacts for the
 preset, or --split-file), so the figures are those of GET /metrics/precision, key for key.
