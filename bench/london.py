@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """--data, --artifacts, --preset: which built London index a script measures."""
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "london")
-    p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
+    p.add_argument("--artifacts", type=Path, default=Settings().artifacts, help="default: IMGSEARCH_ARTIFACTS")
     p.add_argument("--preset", choices=sorted(ALL_PRESETS), default=Settings().preset)
 
 

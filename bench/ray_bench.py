@@ -216,7 +216,7 @@ def markdown(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "london")
-    p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts", help="where the embedded index was built")
+    p.add_argument("--artifacts", type=Path, default=Settings().artifacts, help="where the embedded index was built")
     p.add_argument("--out-artifacts", type=Path, default=ROOT / "artifacts" / "bench-ray", help="the sharded copy")
     p.add_argument("--preset", choices=sorted(ALL_PRESETS), default=Settings().preset)
     p.add_argument("--shards", type=int, default=2)

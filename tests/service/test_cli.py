@@ -7,8 +7,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import ROOT
@@ -243,3 +245,23 @@ def test_the_health_check_restarts_a_service_not_ready_for_too_long(
         assert bad.returncode == 2 and "--restart-after" in bad.stderr
     finally:
         victim.kill()
+
+
+def test_serve_flags_reach_every_worker(tiny_data: Path, tiny_artifacts: Path) -> None:
+    # The environment names another preset and data folder; the flags win in every worker.
+    from tests.conftest import Server
+
+    env = {"IMGSEARCH_PRESET": "default", "IMGSEARCH_DATA": str(tiny_data / "nowhere")}
+    args = ("--preset", "paper", "--data", str(tiny_data), "--artifacts", str(tiny_artifacts), "--workers", "2")
+    srv = Server(env, args)
+    try:
+        srv.wait("/readyz", timeout=120)
+        deadline = time.monotonic() + 120  # the second worker starts once the first serves
+        while srv.output().count("serving index") < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert srv.output().count("serving index") == 2, srv.output()[-3000:]
+        ready = [httpx.get(srv.url + "/readyz", timeout=10) for _ in range(12)]
+        assert {r.status_code for r in ready} == {200}, [r.text for r in ready]
+        assert {r.json()["preset"] for r in ready} == {"paper"}
+    finally:
+        srv.stop()

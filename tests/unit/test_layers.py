@@ -116,3 +116,26 @@ def test_import_graph_prints_the_layers_and_refuses_a_bad_root(tmp_path: Path) -
     assert "package cycles: 0" in out.stdout
     bad = subprocess.run([sys.executable, script, "--root", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no pyproject.toml there" in bad.stderr
+
+
+MYPY = Path(sys.executable).with_name("mypy")
+
+
+def test_the_type_check_is_strict_and_catches_a_wrong_type(tmp_path: Path) -> None:
+    # The contract's packages with the real config; common alone (the bottom layer) keeps it quick.
+    shutil.copytree(ROOT / "common", tmp_path / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+
+    def mypy() -> subprocess.CompletedProcess[str]:
+        cmd = [str(MYPY), "--no-incremental", "--config-file", str(tmp_path / "pyproject.toml"), "common"]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    ok = mypy()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    # A typo in a typed stage conf is caught before anything runs, and so is a function left unannotated.
+    append(tmp_path / "common" / "pipeline.py", "def _typo(p: Pipeline) -> int:\n    return p.features.nfeature")
+    append(tmp_path / "common" / "clock.py", "def _untyped(x):\n    return x")
+    broken = mypy()
+    assert broken.returncode != 0
+    assert '"FeaturesConf" has no attribute "nfeature"' in broken.stdout
+    assert "Function is missing a type annotation" in broken.stdout
