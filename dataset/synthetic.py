@@ -17,46 +17,56 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dataset.relevance import fov_matrix, sim_matrix
 
 GENERATOR_VERSION = "1"
 MANIFEST = "manifest.json"
 
-DEFAULT_CONF: dict[str, Any] = {
-    "seed": 0,
-    "n_db": 400,  # map images, split over the two street sides
-    "n_query": 120,
-    "db_spacing_m": 5.0,  # along the street, per side
-    "query_offmap_frac": 0.05,  # queries beyond the mapped stretch: no relevant map image
-    "offmap_dist_m": [45.0, 65.0],  # how far beyond the ends they stand (> 25 m: the relevance radius)
-    "street_width_m": 34.0,  # facade to facade
-    "lane_halfwidth_m": 4.0,  # cameras stand within +-this of the street axis
-    "street_bearing_deg": 63.0,  # compass bearing of the street axis
-    "origin_utm": [700000.0, 5710000.0],  # easting, northing of the first map position
-    "image_size": [341, 256],  # width, height, like the London images
-    "hfov_deg": 90.0,  # same width as the relevance rule's viewing sector
-    "cam_height_m": 2.5,
-    "pitch_deg": 8.0,  # tilted up a little so facades fill more of the frame than the road
-    "db_yaw_jitter_deg": 8.0,
-    "db_pos_jitter_m": 0.5,
-    "query_yaw_jitter_deg": 20.0,
-    "query_pitch_jitter_deg": 3.0,
-    "query_roll_jitter_deg": 2.0,
-    "query_height_jitter_m": 0.3,
-    "texture_ppm": 16.0,  # facade texture pixels per metre (views see ~8-14 px/m)
-    "jpeg_quality": 90,
-}
 
-confs: dict[str, dict[str, Any]] = {
-    "demo": {"n_db": 400, "n_query": 120},
-    "tiny": {"n_db": 60, "n_query": 20},
-}
+class SyntheticConf(BaseModel):
+    """What the generated street looks like; any change gives other data (the manifest records it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = 0
+    n_db: int = Field(400, ge=2)  # map images, split over the two street sides
+    n_query: int = Field(120, ge=1)
+    db_spacing_m: float = 5.0  # along the street, per side
+    query_offmap_frac: float = 0.05  # queries beyond the mapped stretch: no relevant map image
+    offmap_dist_m: tuple[float, float] = (45.0, 65.0)  # how far beyond the ends (> 25 m: the relevance radius)
+    street_width_m: float = 34.0  # facade to facade
+    lane_halfwidth_m: float = 4.0  # cameras stand within +-this of the street axis
+    street_bearing_deg: float = 63.0  # compass bearing of the street axis
+    origin_utm: tuple[float, float] = (700000.0, 5710000.0)  # easting, northing of the first map position
+    image_size: tuple[int, int] = (341, 256)  # width, height, like the London images
+    hfov_deg: float = 90.0  # same width as the relevance rule's viewing sector
+    cam_height_m: float = 2.5
+    pitch_deg: float = 8.0  # tilted up a little so facades fill more of the frame than the road
+    db_yaw_jitter_deg: float = 8.0
+    db_pos_jitter_m: float = 0.5
+    query_yaw_jitter_deg: float = 20.0
+    query_pitch_jitter_deg: float = 3.0
+    query_roll_jitter_deg: float = 2.0
+    query_height_jitter_m: float = 0.3
+    texture_ppm: float = 16.0  # facade texture pixels per metre (views see ~8-14 px/m)
+    jpeg_quality: int = 90
+
+    @model_validator(mode="after")
+    def _views_stay_on_the_facades(self) -> SyntheticConf:
+        if max(self.db_yaw_jitter_deg, self.query_yaw_jitter_deg) + self.hfov_deg / 2 + 10 >= 85:
+            raise ValueError("yaw jitter + hfov/2 too large: views would look past the end of the facade plane")
+        if self.lane_halfwidth_m + 4 > self.street_width_m / 2 - _SIDEWALK_M:
+            raise ValueError("lane_halfwidth_m too large for street_width_m")
+        return self
+
 
 _FACADE_HEIGHT_M = 30.0
 _GROUND_PPM = 10.0
@@ -77,21 +87,20 @@ _PALETTE = [
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789&"
 
 
-def _merge_conf(conf: dict[str, Any] | None) -> dict[str, Any]:
-    conf = dict(conf or {})
-    unknown = sorted(set(conf) - set(DEFAULT_CONF))
-    if unknown:  # a typo would otherwise silently give the default
-        raise ValueError(f"unknown synthetic conf keys: {unknown}")
-    merged: dict[str, Any] = {**DEFAULT_CONF, **conf}
-    # Round-trip through JSON so the conf compares equal to the one read back from a manifest.
-    merged = json.loads(json.dumps(merged))
-    if int(merged["n_db"]) < 2 or int(merged["n_query"]) < 1:
-        raise ValueError("need n_db >= 2 and n_query >= 1")
-    if max(merged["db_yaw_jitter_deg"], merged["query_yaw_jitter_deg"]) + merged["hfov_deg"] / 2 + 10 >= 85:
-        raise ValueError("yaw jitter + hfov/2 too large: views would look past the end of the facade plane")
-    if merged["lane_halfwidth_m"] + 4 > merged["street_width_m"] / 2 - _SIDEWALK_M:
-        raise ValueError("lane_halfwidth_m too large for street_width_m")
-    return merged
+confs: dict[str, SyntheticConf] = {
+    "demo": SyntheticConf(n_db=400, n_query=120),
+    "tiny": SyntheticConf(n_db=60, n_query=20),
+}
+
+
+def as_conf(conf: SyntheticConf | Mapping[str, Any] | None) -> SyntheticConf:
+    """A conf, or settings over the defaults; raises ValueError for an unknown key or a bad value."""
+    if isinstance(conf, SyntheticConf):
+        return conf
+    try:
+        return SyntheticConf.model_validate(dict(conf or {}))
+    except ValidationError as e:
+        raise ValueError(f"invalid synthetic conf: {e}") from e
 
 
 # ----------------------------------------------------------------------------- textures
@@ -368,18 +377,18 @@ def _rotation(phi_deg: float, pitch_deg: float, roll_deg: float) -> np.ndarray:
 class _Renderer:
     """Renders a view of the street for a camera pose, from the two facade strips and the ground strip."""
 
-    def __init__(self, conf: dict[str, Any], s_min: float, s_max: float, seed: np.random.SeedSequence) -> None:
-        self.w, self.h = (int(v) for v in conf["image_size"])
-        f = self.w / 2 / np.tan(np.deg2rad(conf["hfov_deg"]) / 2)
+    def __init__(self, conf: SyntheticConf, s_min: float, s_max: float, seed: np.random.SeedSequence) -> None:
+        self.w, self.h = (int(v) for v in conf.image_size)
+        f = self.w / 2 / np.tan(np.deg2rad(conf.hfov_deg) / 2)
         self.K = np.array([[f, 0, self.w / 2], [0, f, self.h / 2], [0, 0, 1.0]])
-        self.ppm = float(conf["texture_ppm"])
-        self.half = conf["street_width_m"] / 2
+        self.ppm = float(conf.texture_ppm)
+        self.half = conf.street_width_m / 2
         self.s_min, self.s_max = s_min, s_max
         length = s_max - s_min
         # Separate generators per strip: changing one strip's drawing does not reshuffle the others.
         r_left, r_right, r_ground = (np.random.default_rng(s) for s in seed.spawn(3))
         self.facade = {+1: _facade_texture(r_left, length, self.ppm), -1: _facade_texture(r_right, length, self.ppm)}
-        self.ground = _ground_texture(r_ground, length, conf["street_width_m"])
+        self.ground = _ground_texture(r_ground, length, conf.street_width_m)
         # Pixel coordinates as a column and a row: rays are linear in them, so broadcasting is enough.
         self.xs = np.arange(self.w, dtype=np.float32)[None, :]
         self.ys = np.arange(self.h, dtype=np.float32)[:, None]
@@ -462,35 +471,35 @@ def _photometric(img: np.ndarray, rng: np.random.Generator, strong: bool) -> np.
 # ----------------------------------------------------------------------------- data set
 
 
-def _poses(conf: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+def _poses(conf: SyntheticConf, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
     """Map and query poses (n, 7): s, u, z, phi, pitch, roll, side (+1 looks at the left facade)."""
-    n_db, n_q = int(conf["n_db"]), int(conf["n_query"])
+    n_db, n_q = int(conf.n_db), int(conf.n_query)
     n_left = (n_db + 1) // 2
-    spacing = float(conf["db_spacing_m"])
+    spacing = float(conf.db_spacing_m)
     length = (n_left - 1) * spacing
-    lane = conf["lane_halfwidth_m"]
+    lane = conf.lane_halfwidth_m
     rows = []
     for side, n in ((+1, n_left), (-1, n_db - n_left)):  # one pass per side, like two drives
-        s = np.arange(n) * spacing + rng.uniform(-1, 1, n) * conf["db_pos_jitter_m"]
+        s = np.arange(n) * spacing + rng.uniform(-1, 1, n) * conf.db_pos_jitter_m
         u = rng.uniform(-lane, lane, n)
-        phi = side * 90.0 + rng.uniform(-1, 1, n) * conf["db_yaw_jitter_deg"]
-        pitch = conf["pitch_deg"] + rng.uniform(-1, 1, n)
-        rows.append(np.stack([s, u, np.full(n, conf["cam_height_m"]), phi, pitch, np.zeros(n), np.full(n, side)], 1))
+        phi = side * 90.0 + rng.uniform(-1, 1, n) * conf.db_yaw_jitter_deg
+        pitch = conf.pitch_deg + rng.uniform(-1, 1, n)
+        rows.append(np.stack([s, u, np.full(n, conf.cam_height_m), phi, pitch, np.zeros(n), np.full(n, side)], 1))
     db = np.concatenate(rows)
-    n_off = round(conf["query_offmap_frac"] * n_q)
+    n_off = round(conf.query_offmap_frac * n_q)
     q_side = rng.choice([-1.0, 1.0], n_q)
     s = rng.uniform(0, length, n_q)
-    lo, hi = conf["offmap_dist_m"]
+    lo, hi = conf.offmap_dist_m
     off = rng.choice(n_q, n_off, replace=False)
     s[off] = np.where(rng.random(n_off) < 0.5, -rng.uniform(lo, hi, n_off), length + rng.uniform(lo, hi, n_off))
     q = np.stack(
         [
             s,
             rng.uniform(-lane, lane, n_q),
-            conf["cam_height_m"] + rng.uniform(-1, 1, n_q) * conf["query_height_jitter_m"],
-            q_side * 90.0 + rng.uniform(-1, 1, n_q) * conf["query_yaw_jitter_deg"],
-            conf["pitch_deg"] + rng.uniform(-1, 1, n_q) * conf["query_pitch_jitter_deg"],
-            rng.uniform(-1, 1, n_q) * conf["query_roll_jitter_deg"],
+            conf.cam_height_m + rng.uniform(-1, 1, n_q) * conf.query_height_jitter_m,
+            q_side * 90.0 + rng.uniform(-1, 1, n_q) * conf.query_yaw_jitter_deg,
+            conf.pitch_deg + rng.uniform(-1, 1, n_q) * conf.query_pitch_jitter_deg,
+            rng.uniform(-1, 1, n_q) * conf.query_roll_jitter_deg,
             q_side,
         ],
         1,
@@ -498,46 +507,46 @@ def _poses(conf: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, 
     return db, q, length
 
 
-def _to_utm(conf: dict[str, Any], poses: np.ndarray) -> np.ndarray:
+def _to_utm(conf: SyntheticConf, poses: np.ndarray) -> np.ndarray:
     """Street frame -> [easting, northing, compass heading], rounded as written to JSON."""
-    b = np.deg2rad(conf["street_bearing_deg"])
-    e0, n0 = conf["origin_utm"]
+    b = np.deg2rad(conf.street_bearing_deg)
+    e0, n0 = conf.origin_utm
     s, u, phi = poses[:, 0], poses[:, 1], poses[:, 3]
     # Along the street: bearing b = (sin b, cos b); its left: bearing b - 90 = (-cos b, sin b).
     east = e0 + s * np.sin(b) - u * np.cos(b)
     north = n0 + s * np.cos(b) + u * np.sin(b)
-    heading = (conf["street_bearing_deg"] - phi) % 360.0  # yaw phi turns left, compass turns right
+    heading = (conf.street_bearing_deg - phi) % 360.0  # yaw phi turns left, compass turns right
     return np.stack([np.round(east, 3), np.round(north, 3), np.round(heading, 2) % 360.0], 1)
 
 
-def _readme(conf: dict[str, Any], counts: dict[str, int]) -> str:
+def _readme(conf: SyntheticConf, counts: dict[str, int]) -> str:
     return (
         "# Synthetic street (demo data)\n\n"
         "Not real photographs: generated by `dataset/synthetic.py` (generator version "
-        f"{GENERATOR_VERSION}) with seed {conf['seed']}. Procedural facades on both sides of a straight "
+        f"{GENERATOR_VERSION}) with seed {conf.seed}. Procedural facades on both sides of a straight "
         "street, rendered into pinhole cameras; queries are a second capture with other poses and "
         "photometric changes. Same layout as the London data (database/, query/, london_gt.h5), and the "
         "ground truth follows the same rule from the locations (dataset/relevance.py).\n\n"
         f"{counts['database']} map images, {counts['query']} queries, {counts['relevant_pairs']} relevant "
         f"pairs; {counts['queries_with_relevant']} queries have at least one relevant map image.\n\n"
         "Regenerate with `dataset.synthetic.main(out_dir, conf)`; the conf used is in manifest.json:\n\n"
-        f"```json\n{json.dumps(conf, indent=1, sort_keys=True)}\n```\n"
+        f"```json\n{json.dumps(conf.model_dump(mode='json'), indent=1, sort_keys=True)}\n```\n"
     )
 
 
-def _generate(out: Path, conf: dict[str, Any]) -> dict[str, int]:
+def _generate(out: Path, conf: SyntheticConf) -> dict[str, int]:
     import h5py
 
-    seed_seq = np.random.SeedSequence(int(conf["seed"]))
+    seed_seq = np.random.SeedSequence(int(conf.seed))
     pose_seed, tex_seed, photo_seed = seed_seq.spawn(3)
     db, q, length = _poses(conf, np.random.default_rng(pose_seed))
-    hi = conf["offmap_dist_m"][1]
-    reach = (conf["street_width_m"] / 2 + conf["lane_halfwidth_m"]) * np.tan(
-        np.deg2rad(max(conf["db_yaw_jitter_deg"], conf["query_yaw_jitter_deg"]) + conf["hfov_deg"] / 2 + 10)
+    hi = conf.offmap_dist_m[1]
+    reach = (conf.street_width_m / 2 + conf.lane_halfwidth_m) * np.tan(
+        np.deg2rad(max(conf.db_yaw_jitter_deg, conf.query_yaw_jitter_deg) + conf.hfov_deg / 2 + 10)
     )
     margin = float(np.ceil(hi + reach + 10))  # strips extend past every camera's view
     renderer = _Renderer(conf, -margin, length + margin, tex_seed)
-    q_enc = [int(cv2.IMWRITE_JPEG_QUALITY), int(conf["jpeg_quality"])]
+    q_enc = [int(cv2.IMWRITE_JPEG_QUALITY), int(conf.jpeg_quality)]
     photo_db, photo_q = photo_seed.spawn(2)
     listing = {}
     for name, poses, prefix, pseeds in (("database", db, "db", photo_db), ("query", q, "q", photo_q)):
@@ -568,27 +577,34 @@ def _generate(out: Path, conf: dict[str, Any]) -> dict[str, int]:
         "relevant_pairs": int(sim.sum()),
         "queries_with_relevant": int(sim.any(axis=1).sum()),
     }
-    manifest = {"generator": "dataset.synthetic", "version": GENERATOR_VERSION, "conf": conf, "counts": counts}
+    manifest = {
+        "generator": "dataset.synthetic",
+        "version": GENERATOR_VERSION,
+        "conf": conf.model_dump(mode="json"),
+        "counts": counts,
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
     (out / "README.md").write_text(_readme(conf, counts), encoding="utf-8")
     return counts
 
 
-def _matches(out_dir: Path, conf: dict[str, Any]) -> bool:
+def _matches(out_dir: Path, conf: SyntheticConf) -> bool:
     try:
         m = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(m, dict) and m.get("version") == GENERATOR_VERSION and m.get("conf") == conf
+    return (
+        isinstance(m, dict) and m.get("version") == GENERATOR_VERSION and m.get("conf") == conf.model_dump(mode="json")
+    )
 
 
-def main(out_dir: Path, conf: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Generate the synthetic data set into out_dir (conf merged over DEFAULT_CONF); return out_dir.
+def main(out_dir: Path, conf: SyntheticConf | Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Generate the synthetic data set into out_dir (a conf, or settings over the defaults); return out_dir.
 
     An existing folder made with the same conf is returned as is unless overwrite. The data are built
     in a temporary sibling folder and renamed into place, so out_dir is never half-written.
     """
-    conf = _merge_conf(conf)
+    conf = as_conf(conf)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         if _matches(out_dir, conf):

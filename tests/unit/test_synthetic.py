@@ -43,9 +43,9 @@ def _orb_score(orb: cv2.ORB, a: np.ndarray, b: np.ndarray) -> int:
 
 def test_layout_loads(tiny: Path) -> None:
     ds = load_dataset(tiny)
-    conf = {**synthetic.DEFAULT_CONF, **synthetic.confs["tiny"]}
-    assert len(ds.database) == conf["n_db"]
-    assert len(ds.queries) == conf["n_query"]
+    conf = synthetic.confs["tiny"]
+    assert len(ds.database) == conf.n_db
+    assert len(ds.queries) == conf.n_query
     assert ds.database.paths[0] == "database/images/db_0001.jpg"
     assert ds.queries.paths[0] == "query/images/q_0001.jpg"
     img = cv2.imread(str(ds.image_path(ds.queries.paths[0])))
@@ -55,7 +55,7 @@ def test_layout_loads(tiny: Path) -> None:
     assert np.all(np.abs(loc[:, 0] - 700000) < 5000) and np.all(np.abs(loc[:, 1] - 5710000) < 5000)
     assert np.all((loc[:, 2] >= 0) & (loc[:, 2] < 360))
     manifest = json.loads((tiny / "manifest.json").read_text())
-    assert manifest["conf"] == conf and manifest["counts"]["database"] == conf["n_db"]
+    assert manifest["conf"] == conf.model_dump(mode="json") and manifest["counts"]["database"] == conf.n_db
     assert "synthetic" in (tiny / "README.md").read_text().lower()
 
 
@@ -69,15 +69,16 @@ def test_ground_truth_follows_locations(tiny: Path) -> None:
     assert has_rel.mean() >= 0.8  # most queries have a relevant map image
     assert ds.sim.sum() >= 3 * has_rel.sum()  # and usually several
     # Cameras look across the street: headings are about +-90 degrees from the street bearing.
-    bearing = synthetic.DEFAULT_CONF["street_bearing_deg"]
+    defaults = synthetic.SyntheticConf()
+    bearing = defaults.street_bearing_deg
     off = heading_diff(np.concatenate([ds.database.loc, ds.queries.loc])[:, 2], bearing)
-    assert np.all(np.abs(off - 90) <= synthetic.DEFAULT_CONF["query_yaw_jitter_deg"] + 0.01)
+    assert np.all(np.abs(off - 90) <= defaults.query_yaw_jitter_deg + 0.01)
 
 
 def test_deterministic(tiny: Path, tmp_path: Path) -> None:
     again = synthetic.main(tmp_path / "again", synthetic.confs["tiny"])
     assert _hashes(again) == _hashes(tiny)
-    other = synthetic.main(tmp_path / "other", {**synthetic.confs["tiny"], "seed": 1})
+    other = synthetic.main(tmp_path / "other", synthetic.confs["tiny"].model_copy(update={"seed": 1}))
     assert _hashes(other)["database/images/db_0001.jpg"] != _hashes(tiny)["database/images/db_0001.jpg"]
 
 
@@ -122,7 +123,7 @@ def test_relevant_pairs_share_content(tiny: Path) -> None:
 
 def test_reuse_overwrite_and_atomic_publish(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "data"
-    conf = {**synthetic.confs["tiny"], "n_db": 10, "n_query": 4}
+    conf = {**synthetic.confs["tiny"].model_dump(), "n_db": 10, "n_query": 4}
     assert synthetic.main(out, conf) == out
     stamp = (out / "manifest.json").stat().st_mtime_ns
     marker = out / "marker"
@@ -139,6 +140,7 @@ def test_reuse_overwrite_and_atomic_publish(tiny: Path, tmp_path: Path) -> None:
     assert json.loads((out / "manifest.json").read_text())["conf"]["seed"] == 3
     # Only the published folder is left: no temporary or old siblings.
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
-    with pytest.raises(ValueError, match="unknown"):
-        synthetic.main(tmp_path / "bad", {"n_dbb": 3})
+    for bad in ({"n_dbb": 3}, {"n_db": 1}, {"street_width_m": 10.0}):  # a typo, too few, no room to stand
+        with pytest.raises(ValueError, match="invalid synthetic conf"):
+            synthetic.main(tmp_path / "bad", bad)
     assert not (tmp_path / "bad").exists()
