@@ -170,16 +170,25 @@ def test_changes_survive_restart_and_kill9_right_after_the_answer(serve, tiny_da
 
 def test_kill9_during_a_stream_of_adds_loses_no_acknowledged_change(serve, tiny_data: Path, family: Path) -> None:
     acked: list[int] = []
-    for _ in range(2):
+    for round_ in range(2):
         srv = serve()
         stop = threading.Event()
         first_ack = threading.Event()
 
-        def writer(srv: Server = srv, stop: threading.Event = stop, first_ack: threading.Event = first_ack) -> None:
+        def writer(
+            k: int,
+            srv: Server = srv,
+            stop: threading.Event = stop,
+            first_ack: threading.Event = first_ack,
+            round_: int = round_,
+        ) -> None:
             i = 0
             while not stop.is_set():
+                # Bytes of their own after the JPEG's end (decoders ignore them): adds are idempotent by
+                # content, and a repeated picture would be answered 200 with the first add.
+                img = query_bytes(tiny_data, i % 10) + f"{round_} {k} {i}".encode()
                 try:
-                    r = add(srv, query_bytes(tiny_data, i % 10))
+                    r = add(srv, img)
                 except httpx.TransportError:
                     return  # the server was killed mid-request: that change was never acknowledged
                 if r.status_code == 201:
@@ -187,7 +196,7 @@ def test_kill9_during_a_stream_of_adds_loses_no_acknowledged_change(serve, tiny_
                     first_ack.set()
                 i += 1
 
-        threads = [threading.Thread(target=writer) for _ in range(3)]
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
         for t in threads:
             t.start()
         assert first_ack.wait(30)
