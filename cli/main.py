@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from app.core.logs import OWN_LOGGERS
 from common.pipeline import ABLATIONS, ALL_PRESETS, PRESETS, UnknownPresetError, get_pipeline
 from common.settings import Settings
 
 if TYPE_CHECKING:
     from dataset.layout import Dataset
 
-# The project's own loggers: INFO by default; other libraries' (faiss's loader, Ray, TensorFlow) only with -v.
-OWN_LOGGERS = ("app", "cli", "cluster", "common", "dataset", "evaluation", "features", "indexer", "model", "retrieval")
 
 # What the optional extras of pyproject.toml install: `train` (Keras models, the evaluation's figures)
 # and `ray` (the cluster engine).
@@ -223,7 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.core.server import Deadlines
 
     s = _settings(args)
-    logging.config.dictConfig(log_config(s.log_format))
+    logging.config.dictConfig(log_config(s.log_format, verbose=args.verbose))
     if s.log_format == "json":
         route_stderr_to_log()
     # Inherited by the workers: each may hold max_connections sockets.
@@ -239,7 +238,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     prom_dir = tempfile.mkdtemp(prefix="imgsearch-prometheus-") if s.workers > 1 else None
     if prom_dir is not None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
-        logging.getLogger(__name__).info("%d workers; prometheus multiprocess folder %s", s.workers, prom_dir)
+        # By name: run as `python -m cli.main`, this module is __main__, which is no logger of the project.
+        logging.getLogger("cli.main").info("%d workers; prometheus multiprocess folder %s", s.workers, prom_dir)
     try:
         # The settings travel to the workers inside the app factory and the protocol (uvicorn pickles its
         # config to the processes it spawns), so every worker serves what this process validated.
@@ -249,7 +249,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host=s.host,
             port=s.port,
             workers=s.workers,
-            log_config=log_config(s.log_format),
+            log_config=log_config(s.log_format, verbose=args.verbose),
             log_level="info",
             access_log=False,  # replaced by the request log line of app.core.observability
             timeout_worker_healthcheck=WORKER_PING_TIMEOUT_S,

@@ -61,9 +61,28 @@ def _formatter(fmt: LogFormat) -> dict[str, Any]:
     }
 
 
-def log_config(fmt: LogFormat = "json", level: str = "INFO") -> dict[str, Any]:
+# The project's own packages: their INFO lines are the service's log; other libraries' INFO lines (faiss's
+# loader probing its SIMD builds, Ray, TensorFlow) are start-up chatter, logged only when verbose.
+OWN_LOGGERS = (
+    "imgsearch",
+    "app",
+    "cli",
+    "cluster",
+    "common",
+    "dataset",
+    "evaluation",
+    "features",
+    "indexer",
+    "model",
+    "retrieval",
+)
+
+
+def log_config(fmt: LogFormat = "json", level: str = "INFO", verbose: bool = False) -> dict[str, Any]:
     """A logging.config.dictConfig for the service, also handed to uvicorn (its access log is replaced
-    by the request log line of app.core.observability)."""
+    by the request log line of app.core.observability). `level` is that of the project's and uvicorn's
+    loggers; other libraries log at WARNING and above unless `verbose`."""
+    own = {name: {"level": level} for name in OWN_LOGGERS}
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -82,8 +101,9 @@ def log_config(fmt: LogFormat = "json", level: str = "INFO") -> dict[str, Any]:
             "uvicorn": {"handlers": [], "level": level, "propagate": True},
             "uvicorn.error": {"handlers": [], "level": level, "propagate": True},
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+            **own,
         },
-        "root": {"handlers": ["stdout"], "level": level},
+        "root": {"handlers": ["stdout"], "level": level if verbose else "WARNING"},
     }
 
 
