@@ -1,4 +1,4 @@
-"""Property tests over real HTTP on loopback (issue 5, "Proof"):
+"""Property tests over real HTTP on loopback:
 
 - hypothesis: any bytes, and valid JPEG/PNG/WebP bytes mutated or cut, posted to /search give 2xx or
   4xx, a 4xx body is JSON with a `code`, and the server process is still alive afterwards;

@@ -1,4 +1,4 @@
-"""Upload hardening without a server (issue 5): the body-size middleware alone, image variants
+"""Upload hardening without a server: the body-size middleware alone, image variants
 decoded to the same pixels by the indexer and the service, EXIF orientation, blank images with dense
 features. tests/service/test_hardening.py sends the same inputs over real HTTP."""
 
