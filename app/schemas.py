@@ -116,32 +116,66 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="Human-readable message")
 
 
+class HeldOutFigures(BaseModel):
+    """The test split's figures: areas held out from every fit of the same procedure."""
+
+    n_queries: int
+    precision: dict[str, float]
+    recall: dict[str, float]
+    mAP: float | None = None
+    localised_within_25m: float | None = None
+
+
 class PrecisionResponse(BaseModel):
     model_config = _examples(
         {
-            "split": "test",
-            "n_queries": 199,
-            "queries_total": 199,
+            "split": "cv",
+            "n_queries": 1797,
+            "queries_total": 1820,
             "queries_rejected": 0,
-            "precision": {"1": 0.251, "5": 0.112, "10": 0.071, "20": 0.045, "50": 0.024},
-            "recall": {"1": 0.251, "5": 0.327, "10": 0.362, "20": 0.397, "50": 0.462},
-            "mAP": 0.106,
-            "accuracy_within_margin": {"0.1": 0.925, "0.05": 0.786, "0.01": 0.191},
+            "precision": {"1": 0.512, "5": 0.301, "10": 0.228, "20": 0.151, "50": 0.071},
+            "recall": {"1": 0.512, "5": 0.655, "10": 0.702, "20": 0.741, "50": 0.795},
+            "mAP": 0.301,
+            "intervals": {"recall@1": [0.47, 0.55], "recall@10": [0.66, 0.74]},
+            "folds": 5,
+            "localised_within_25m": 0.41,
+            "localisation_right": 0.9,
+            "test": {
+                "n_queries": 199,
+                "precision": {"1": 0.52, "5": 0.31, "10": 0.231, "20": 0.152, "50": 0.07},
+                "recall": {"1": 0.52, "5": 0.66, "10": 0.71, "20": 0.75, "50": 0.8},
+                "mAP": 0.3,
+                "localised_within_25m": 0.42,
+            },
+            "accuracy_within_margin": {},
             "computed_at": "2026-11-27T19:09:59Z",
             "index_version": _VERSION,
             "preset": "default",
         }
     )
 
-    split: str = Field(description="Which ground-truth queries were used (held out from training)")
+    split: str = Field(
+        description="Which answers: `cv` = the out-of-fold answers of an area-fold cross-validation (the "
+        "served model learned from every labelled query; these figures are what the same fitting got on "
+        "areas it did not learn from)"
+    )
     n_queries: int = Field(description="Queries with at least one relevant map image, evaluated")
     queries_total: int
     queries_rejected: int = Field(description="Queries the pipeline could not search (e.g. no keypoints)")
-    precision: dict[str, float] = Field(description="precision@k for k = 5, 10, 20, 50")
+    precision: dict[str, float] = Field(description="precision@k for k = 1, 5, 10, 20, 50")
     recall: dict[str, float] = Field(description="recall@k: share of queries with a relevant hit in the top k")
     mAP: float | None = None
+    intervals: dict[str, list[float] | None] = Field(
+        default_factory=dict, description="cv: 95% interval of each figure, by a bootstrap over map cells"
+    )
+    folds: int | None = Field(default=None, description="cv: how many area folds")
+    localised_within_25m: float | None = Field(default=None, description="Share of queries located within 25 m")
+    localisation_right: float | None = Field(default=None, description="Share of location estimates within 25 m")
+    test: HeldOutFigures | None = Field(
+        default=None, description="cv: the test split's one look (fitted on all but the test split)"
+    )
     accuracy_within_margin: dict[str, float] = Field(
-        description="Share of (query, map image) pairs with |score - fov| <= margin"
+        description="Share of (query, map image) pairs with |score - fov| <= margin (not measured by cv)"
     )
     computed_at: str
     index_version: str

@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the London index they measure, its held-out queries analysed
+"""What the benchmark scripts share: the London index they measure, its test-split queries analysed
 by it and their figures (evaluation/evaluate.py's, as every evaluation prints them), and the
 generated collection of a million map entries around its embeddings."""
 
@@ -16,7 +16,7 @@ from ann import Generator
 from common.pipeline import ALL_PRESETS
 from common.settings import Settings
 from dataset.layout import Dataset, DatasetError, load_dataset
-from dataset.split import load_split
+from dataset.split import split_queries
 from evaluation.evaluate import IN_PROCESS, summary
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
@@ -49,10 +49,10 @@ def open_london(args: argparse.Namespace, prog: str) -> tuple[Dataset, store.Loa
 def analysed_queries(
     searcher: Searcher, ds: Dataset, split: str, limit: int | None = None
 ) -> tuple[list[int], list[Path], list[Query]]:
-    """The held-out queries of `split` (the first `limit`) that the searcher can analyse: their rows
-    in the ground truth, their files and their features and embeddings."""
+    """The queries of `split` (dataset/split.py; the first `limit`) that the searcher can analyse:
+    their rows in the ground truth, their files and their features and embeddings."""
     rows, files, queries = [], [], []
-    for q in load_split(searcher.loaded.directory / "split.json", ds.queries.paths)[split][:limit]:
+    for q in split_queries(ds.queries.loc, searcher.pipeline.split)[split][:limit]:
         f = ds.image_path(ds.queries.paths[q])
         try:
             queries.append(searcher.analyze(f.read_bytes()))

@@ -13,7 +13,7 @@ Builds a collection of --size map entries and serves it through `imgsearch serve
 - indexed by the indexer's own rule (indexer/kinds.py: above `exact_below`, fast-scan PQ codes with
   exact re-rank from the float vectors on disk), published as an index version with the London
   version's encoder, vectorizer and heads, in a data folder of its own under --work;
-- then `imgsearch serve` (--workers uvicorn workers) answers the London held-out test queries through
+- then `imgsearch serve` (--workers uvicorn workers) answers the London test-split queries through
   POST /search, one client, while this script reads each request's stage timings from the server's
   JSON log lines.
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=1_000_000, help="map entries in the collection (default 1,000,000)")
     p.add_argument("--keypoints", type=int, default=64, help="keypoints of each generated entry (default 64)")
     p.add_argument("--workers", type=int, default=Settings().workers, help="uvicorn workers (default: the setting)")
-    p.add_argument("--queries", type=int, default=100, help="held-out test queries sent (default 100)")
+    p.add_argument("--queries", type=int, default=100, help="test-split queries sent (default 100)")
     p.add_argument("--generated-queries", type=int, default=1000, help="generated queries for recall (default 1000)")
     p.add_argument("--per-place", type=int, default=20, help="generated entries per generated place (default 20)")
     p.add_argument("--spread", type=float, default=1.0, help="photo noise relative to the place spread")

@@ -36,7 +36,7 @@ from common.parallel import map_files
 from common.pipeline import ALL_PRESETS, Pipeline, get_pipeline
 from common.settings import Settings
 from dataset.layout import DatasetError, ImageSet, load_dataset
-from dataset.split import load_split
+from dataset.split import split_queries
 from indexer import store
 from indexer.build import image_keypoints, image_vector
 from model.encoder import NumpyEncoder
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     family = store.index_family(args.out_artifacts, args.data, args.preset)
     sharded = publish_sharded(version, family, args.shards)
-    rows = load_split(version / "split.json", ds.queries.paths)["test"][: args.queries]
+    rows = split_queries(ds.queries.loc, store.load(version).pipeline.split)["test"][: args.queries]
     files = [ds.image_path(ds.queries.paths[q]) for q in rows]
     r: dict[str, Any] = {
         "preset": args.preset,

@@ -4,7 +4,7 @@ index build speed-up with cores, and the index at 100k / 1M vectors.
 
     python bench/run.py --data ../shared/datasets/london [--server-workers 1 2 3] [--skip-ann]
 
-Measures, on the held-out test queries of the served index:
+Measures, on the queries of the test split (dataset/split.py):
 - inproc_floor_ms: median time of the query pipeline (decode, features, encode, search, verify) in
   this process, with each stage's median (stages_ms); with --floor-baseline, against another preset's
   floor, the two timed query by query in turns (floor_vs_baseline);
@@ -47,7 +47,7 @@ from common.pipeline import ALL_PRESETS
 from common.settings import Settings
 from common.threads import single_threaded_kernels
 from dataset.layout import DatasetError, load_dataset
-from dataset.split import load_split
+from dataset.split import split_queries
 from features.decode import ImageDecodeError
 from features.orb import NoKeypointsError
 from indexer import store
@@ -273,7 +273,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = ["| measure | value |", "|---|---|"]
     rows: list[tuple[str, Any]] = [
         ("preset", f"`{r['preset']}`"),
-        ("queries (held-out test areas)", r["queries"]),
+        ("queries (the test split's areas)", r["queries"]),
         ("inproc_floor_ms (median)", r["inproc_floor_ms"]),
         ("in-process CPU ms per query (median)", r.get("inproc_floor_cpu_ms", "–")),
         *((f"stages_ms.{s} (median)", v) for s, v in r["stages_ms"].items()),
@@ -409,7 +409,7 @@ def report_only(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     london.add_arguments(p)
-    p.add_argument("--queries", type=int, default=200, help="held-out test queries to send (default 200)")
+    p.add_argument("--queries", type=int, default=200, help="test-split queries to send (default 200)")
     p.add_argument("--duration", type=int, default=20, help="seconds of each wrk run (default 20)")
     p.add_argument(
         "--server-workers", type=int, nargs="+", default=None, help="uvicorn workers to compare (default: the setting)"
@@ -442,11 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(data=args.data, artifacts=args.artifacts, preset=args.preset)
     try:
         ds = load_dataset(args.data, check_files=False)
-        searcher_dir = load_searcher(settings).loaded.directory
+        loaded = load_searcher(settings).loaded
     except (DatasetError, OSError, ValueError) as e:
         print(f"bench: {e} (build the index first: imgsearch build)", file=sys.stderr)
         return 2
-    rows = load_split(searcher_dir / "split.json", ds.queries.paths)["test"][: args.queries]
+    searcher_dir = loaded.directory
+    # The test split's queries: the same photos for every preset and run.
+    rows = split_queries(ds.queries.loc, loaded.pipeline.split)["test"][: args.queries]
     files = [ds.image_path(ds.queries.paths[q]) for q in rows]
     images = [f.read_bytes() for f in files]
     result = {"preset": args.preset, "queries": len(files), "index_version": searcher_dir.name}

@@ -185,6 +185,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if split_file is None and args.split != "all":  # the split saved with the served index
             split_file = store.current_version(store.index_family(s.artifacts, s.data_root, s.preset)) / "split.json"
         rows = held_out_rows(dataset, args.split, split_file)
+        if len(rows) == 0:
+            print(
+                f"imgsearch: error: no {args.split} queries in {split_file}: the served model learned from every "
+                "labelled query; its held-out figures are the cross-validated ones (GET /metrics/precision, "
+                "imgsearch evaluate without --url)",
+                file=sys.stderr,
+            )
+            return 2
         try:
             summary = evaluate_service(args.url, dataset, rows, args.split, args.concurrency).summary
         except httpx.HTTPError as e:
@@ -192,12 +200,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return 3
         print(json.dumps(summary, indent=1) if args.json else compare.markdown_table({args.url: summary}, "–"))
         return 0
-    from cli.stages import run_index
+    from cli.stages import run_cv
+    from evaluation.cv import CrossValidation
 
     out = args.out or store.data_dir(s.artifacts, dataset.root) / "evaluation"
-    # run_index builds whatever is missing
-    versions = {p: run_index(p, dataset, s.artifacts, args.jobs) for p in args.presets or [s.preset]}
-    md = compare.main(versions, dataset, out, baseline=args.baseline, split_name=args.split)
+    # run_cv cross-validates what has not been yet (the served indexes are not needed)
+    results = {p: CrossValidation.load(run_cv(p, dataset, s.artifacts, args.jobs)) for p in args.presets or [s.preset]}
+    md = compare.main(results, dataset, out, baseline=args.baseline)
     print((out / "results.json" if args.json else md).read_text(encoding="utf-8"))
     print(f"written to {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
@@ -342,13 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "evaluate",
-        help="evaluate on held-out queries: presets compared in process (built if needed), or a running service",
+        help="compare presets by area-fold cross-validation (in process), or score a running service's answers",
     )
     common(sp)
     jobs(sp)
     sp.add_argument("--presets", nargs="+", metavar="NAME", help="presets to compare (default: --preset)")
-    sp.add_argument("--baseline", default="bow", help="preset for the per-query sign test (default bow)")
-    sp.add_argument("--split", choices=["train", "val", "test", "all"], default="test", help="all: every query")
+    sp.add_argument("--baseline", default="bow", help="preset for the paired R@1 difference (default bow)")
+    sp.add_argument(
+        "--split",
+        choices=["train", "val", "test", "all"],
+        default="all",
+        help="--url: which queries of the served index's split.json (default all: every query)",
+    )
     sp.add_argument("--out", type=Path, help="output folder (default: <artifacts>/<data>/evaluation)")
     sp.add_argument("--url", help="score the answers of the service running there (POST /search) instead")
     sp.add_argument("--split-file", type=Path, help="--url: split.json to use (default: the served index's)")

@@ -2,8 +2,9 @@
 
 Each stage is skipped when its artifact (named by the settings that produced it) already exists.
 The index stage is composed here because it spans layers: the indexer stages the index, the search
-layer fits the verification head through the query path, the evaluation measures it on the held-out
-test queries, and only then does the indexer publish it.
+layer fits the heads through the query path, the evaluation cross-validates the same fitting over
+areas (evaluation/cv.py) for the figures the index is published with, and only then does the indexer
+publish it.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from common.threads import single_threaded
 from dataset import synthetic
 from dataset.layout import Dataset, load_dataset
 from dataset.split import load_split
-from evaluation.evaluate import evaluate_searcher
+from evaluation import cv
 from indexer import build as index_build
 from indexer import store
 from model import train, vectors
-from retrieval.heads import analyse_queries, fit_expand_prior, fit_location_head, fit_verify_head
+from retrieval.heads import analyse_queries, fit_heads
 from retrieval.searcher import Searcher
 
 
@@ -38,8 +39,17 @@ def _vectors_and_model(conf: Pipeline, dataset: Dataset, out_root: Path, jobs: i
 
 
 def run_train(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None = None) -> Path:
-    """The preset's model folder, with the vectors it needs, made when missing."""
+    """The preset's served model folder (fitted on every labelled query), with the vectors it needs,
+    made when missing."""
     return _vectors_and_model(get_pipeline(preset), dataset, store.data_dir(artifacts, dataset.root), jobs)[1]
+
+
+def run_cv(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None = None) -> Path:
+    """The preset's area-fold cross-validation and test-split look (evaluation/cv.py), made when
+    missing; returns its json file."""
+    conf = get_pipeline(preset)
+    out_root = store.data_dir(artifacts, dataset.root)
+    return cv.main(conf, dataset, vectors.main(conf, dataset, out_root, jobs), out_root, jobs)
 
 
 def _current_matches(family: Path, model_dir: Path, conf: Pipeline, shards: int | None) -> Path | None:
@@ -81,14 +91,10 @@ def run_index(
         split = load_split(model_dir / "split.json", dataset.queries.paths)
         # One query at a time, as the service runs them: single-threaded kernels are faster per query.
         with single_threaded():
-            val = analyse_queries(Searcher(staged.loaded), dataset, split["val"])
-            if staged.loaded.verifier is not None:
-                staged.set_verify_head(fit_verify_head(Searcher(staged.loaded), dataset, val))
-                if conf.expand is not None:
-                    staged.set_expand_prior(fit_expand_prior(Searcher(staged.loaded), dataset, val))
-            staged.set_location_head(fit_location_head(Searcher(staged.loaded), dataset, val))
-            # Retrieval quality of this index on held-out queries, computed once here, served by the API.
-            metrics = evaluate_searcher(Searcher(staged.loaded), dataset, split["test"], "test").summary
+            fit_heads(staged, dataset, analyse_queries(Searcher(staged.loaded), dataset, split["val"]))
+        # What the served index will get on areas it never saw: the same fitting, cross-validated.
+        figures = cv.CrossValidation.load(cv.main(conf, dataset, vectors_path, out_root, jobs))
+        metrics = dict(figures.cv, test=figures.test)
     return index_build.publish(staged, metrics)
 
 

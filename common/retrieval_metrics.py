@@ -26,6 +26,7 @@ import numpy.typing as npt
 __all__ = [
     "accuracy_within_margin",
     "average_precision",
+    "cluster_bootstrap",
     "fraction_recalled_at_k",
     "hits",
     "ndcg_at_k",
@@ -299,3 +300,32 @@ def sign_test(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
             tail += c
         p = min(1.0, 2 * tail / 2**n)
     return {"wins": wins, "losses": losses, "ties": ties, "p_value": float(p)}
+
+
+def cluster_bootstrap(
+    values: np.ndarray, clusters: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile interval of the mean of per-query ``values`` when whole ``clusters`` (e.g. the map
+    cells the queries fall in) are resampled with replacement: queries of one area succeed or fail
+    together, so resampling them one by one would make the interval too narrow. NaN values (queries
+    the metric does not cover) are left out. Each replicate is the mean over the queries of the drawn
+    clusters, counted as often as their cluster was drawn. None when no value is left."""
+    values, clusters = np.asarray(values, np.float64), np.asarray(clusters)
+    if values.shape != clusters.shape or values.ndim != 1:
+        raise ValueError(f"values {values.shape} and clusters {clusters.shape} must be 1-D of one length")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError("level must be in (0, 1) and n_boot positive")
+    keep = ~np.isnan(values)
+    if not keep.any():
+        return None
+    _, c = np.unique(clusters[keep], return_inverse=True)
+    c = c.ravel()
+    n_c = int(c.max()) + 1
+    sums = np.bincount(c, weights=values[keep], minlength=n_c)
+    counts = np.bincount(c, minlength=n_c).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, n_c, size=(n_boot, n_c))
+    times = np.zeros((n_boot, n_c))
+    np.add.at(times, (np.repeat(np.arange(n_boot), n_c), draws.ravel()), 1.0)
+    stats = (times @ sums) / np.maximum(times @ counts, 1e-12)
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

@@ -2,9 +2,10 @@
 
 Every figure of retrieval quality is a key of `summary` (common/retrieval_metrics.py underneath), so
 that it means the same wherever it is printed:
-- at index time, in process: cli/stages.py stores it in the manifest, GET /metrics/precision serves it;
-- `imgsearch evaluate`: presets compared in process (evaluation/compare.py), or with --url a running
-  service's answers to POST /search, scored here (scripts/client_evaluate.py is that, with its defaults);
+- in process, each fold of the area cross-validation (evaluation/cv.py), pooled into the figures an
+  index is published with (GET /metrics/precision serves them) and that `imgsearch evaluate` compares;
+- with `imgsearch evaluate --url`, a running service's answers to POST /search, scored here
+  (scripts/client_evaluate.py is that, with its defaults);
 - the benchmarks' London figures (bench/million.py), from rankings of their own.
 """
 
@@ -25,10 +26,6 @@ from common.clock import utc_timestamp
 from common.retrieval_metrics import accuracy_within_margin, average_precision, summarize
 from dataset.layout import Dataset
 from dataset.split import load_split
-from features.decode import ImageDecodeError
-from features.orb import NoKeypointsError
-from retrieval.query import search_image
-from retrieval.searcher import Searcher
 
 KS = (1, 5, 10, 20, 50)
 MARGINS = (0.1, 0.05, 0.01)
@@ -55,6 +52,8 @@ class Evaluation:
     ranked: np.ndarray  # (nq, k_max) map rows, -1 where nothing was returned
     ap: np.ndarray  # (nq,) average precision per query, NaN without a relevant map image
     latency_ms: np.ndarray  # (nq,) time of each query's answer
+    loc_error: np.ndarray  # (nq,) metres from the estimated location to the truth, NaN where unknown
+    scores: np.ndarray | None = None  # (nq, n_map) every map image's score, when `scored`
 
 
 LOCALISATION = ("localisation_answered", "localisation_median_m", "localised_within_25m")
@@ -157,7 +156,7 @@ def evaluate(
         ranked, dataset, query_rows, split_name, ranked_by=ranked_by, rejected=rejected, scores=scores,
         loc_error=loc_error, latency_ms=latency,
     )  # fmt: skip
-    return Evaluation(out, ranked, average_precision(ranked, dataset.sim[query_rows]), latency)
+    return Evaluation(out, ranked, average_precision(ranked, dataset.sim[query_rows]), latency, loc_error, scores)
 
 
 def _map_rows(rows: list[int], n_map: int) -> list[int]:
@@ -168,25 +167,6 @@ def _map_rows(rows: list[int], n_map: int) -> list[int]:
         out.append(r if 0 <= r < n_map and r not in seen else -1)
         seen.add(r)
     return out
-
-
-def searcher_ranker(searcher: Searcher, dataset: Dataset, k_max: int) -> Ranker:
-    """What POST /search runs (`search_image`), in this process; a photo without keypoints is refused."""
-
-    def rank(q: int) -> Answer | None:
-        try:
-            # Location errors are in UTM metres, whatever the zone: the default zone will do.
-            result = search_image(searcher, dataset.image_path(dataset.queries.paths[q]).read_bytes(), k_max)
-        except (ImageDecodeError, NoKeypointsError):
-            return None
-        est = result.location
-        where = None
-        if est.status == "estimated":
-            assert est.easting is not None and est.northing is not None  # an estimate has a position
-            where = (est.easting, est.northing)
-        return Answer([h.id for h in result.hits], where, lambda: searcher.score_all(result.query))
-
-    return rank
 
 
 def service_ranker(client: httpx.Client, url: str, dataset: Dataset, k_max: int) -> Ranker:
@@ -206,15 +186,6 @@ def service_ranker(client: httpx.Client, url: str, dataset: Dataset, k_max: int)
         return Answer([row_of.get(h["path"], -1) for h in body["results"]], where)
 
     return rank
-
-
-def evaluate_searcher(
-    searcher: Searcher, dataset: Dataset, query_rows: np.ndarray, split_name: str, k_max: int = max(KS)
-) -> Evaluation:
-    """The queries ranked in process by `search_image` (what POST /search runs), with every map image
-    scored for the accuracy within margin. Queries the pipeline rejects count as returning nothing."""
-    rank = searcher_ranker(searcher, dataset, k_max)
-    return evaluate(rank, dataset, query_rows, split_name, ranked_by=IN_PROCESS, k_max=k_max, scored=True)
 
 
 def evaluate_service(

@@ -6,7 +6,7 @@ whitening learned from matching pairs, then optionally a rotation onto balanced 
 product-quantisation codes), then L2 normalisation.
 
 Matching pairs come from locations alone. Anchors are the train queries and the map images at least
-`holdout_m` from every validation and test query (map-map relevance follows from locations, so they
+`holdout_m` from every query the encoder does not learn from (map-map relevance follows from locations, so they
 add thousands of anchors for free; those near the held-out areas are left out so the held-out figures
 stay honest). An anchor's positives are its relevant map images (sim; map images under `min_pair_m`
 apart are the same frame, not a pair), each with its graded relevance fov.
@@ -39,7 +39,8 @@ def anchors_and_positives(
             fov.append(dataset.fov[q, p].astype(np.float32))
     if conf.map_pairs:
         loc = dataset.database.loc
-        held = dataset.queries.loc[np.concatenate([split["val"], split["test"]])]
+        # Queries the encoder does not learn from (val may be a sample of train: then it is not held).
+        held = dataset.queries.loc[np.setdiff1d(np.concatenate([split["val"], split["test"]]), split["train"])]
         usable = pairwise_distance(loc, held).min(axis=1, initial=np.inf) >= conf.holdout_m
         msim = sim_matrix(loc, loc) & (pairwise_distance(loc, loc) >= conf.min_pair_m)
         msim &= usable[None, :]

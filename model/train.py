@@ -18,7 +18,7 @@ from common.clock import utc_timestamp
 from common.files import sha256_file
 from common.pipeline import IdentityConf, LinearConf, Pipeline, SiameseMlpConf
 from dataset.layout import Dataset
-from dataset.split import save_split, split_queries
+from dataset.split import fit_split, save_split, split_queries
 from model.encoder import NumpyEncoder
 from model.score_head import fit_sigmoid, pair_distances
 from model.vectors import load_vectors
@@ -28,12 +28,6 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     pass
-
-
-def model_name(conf: Pipeline) -> str:
-    """Named by what made it: the features, vector, encoder and split confs (not the pipeline's name,
-    so pipelines that differ only after the encoder share one model)."""
-    return f"model-{conf.encoder.kind}-{conf.digest('features', 'vector', 'encoder', 'split')}"
 
 
 def sample_pairs(
@@ -166,18 +160,42 @@ Trainer = Callable[[Pipeline, Dataset, np.ndarray, np.ndarray, dict[str, np.ndar
 TRAINERS: dict[type, Trainer] = {SiameseMlpConf: _train_siamese, IdentityConf: _identity, LinearConf: _linear}
 
 
-def main(conf: Pipeline, dataset: Dataset, vectors_path: Path, out_root: Path) -> Path:
-    """Train the pipeline's encoder; returns the model folder (reused when it already exists)."""
-    out = out_root / model_name(conf)
-    if (out / "manifest.json").exists():
-        return out
+def model_name(conf: Pipeline, served: bool = True) -> str:
+    """Named by what made it: the features, vector, encoder and split confs (not the pipeline's name,
+    so pipelines that differ only after the encoder share one model); a model that learned from the
+    train and val queries only (the test split held out) is named `-heldout`."""
+    return f"model-{conf.encoder.kind}-{conf.digest('features', 'vector', 'encoder', 'split')}" + (
+        "" if served else "-heldout"
+    )
+
+
+def served_split(dataset: Dataset, conf: Pipeline, served: bool = True) -> dict[str, np.ndarray]:
+    """What the model learns from: every labelled query (`served`), or all but the test split's; the
+    heads' queries among them as dataset/split.py fit_split deals them; "test" holds what it never saw."""
+    loc = dataset.queries.loc
+    if served:
+        rows, test = np.arange(len(loc)), np.zeros(0, np.int64)
+    else:
+        outer = split_queries(loc, conf.split)
+        rows, test = np.sort(np.concatenate([outer["train"], outer["val"]])), outer["test"]
+    relevant = None if dataset.sim is None else np.asarray(dataset.sim.any(axis=1))
+    return fit_split(loc, rows, conf.split, relevant) | {"test": test}
+
+
+def fit(
+    conf: Pipeline,
+    dataset: Dataset,
+    xq: np.ndarray,
+    xd: np.ndarray,
+    split: dict[str, np.ndarray],
+    out: Path,
+) -> Path:
+    """Train the pipeline's encoder on the split's train queries (val: its calibration, and the
+    Siamese network's early stopping) into the model folder `out`, atomically; returns it."""
     if dataset.sim is None or dataset.fov is None:
         raise TrainingError(f"{dataset.root}: training needs ground truth (london_gt.h5)")
     trainer = TRAINERS[type(conf.encoder)]
-    split = split_queries(dataset.queries.loc, conf.split)
-    xq, _ = load_vectors(vectors_path, dataset.queries.paths)
-    xd, _ = load_vectors(vectors_path, dataset.database.paths)
-    tmp = out_root / f".{out.name}.tmp-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.time()
@@ -199,3 +217,16 @@ def main(conf: Pipeline, dataset: Dataset, vectors_path: Path, out_root: Path) -
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def main(conf: Pipeline, dataset: Dataset, vectors_path: Path, out_root: Path, served: bool = True) -> Path:
+    """Train the pipeline's encoder on every labelled query (`served`; else all but the test split's);
+    returns the model folder (reused when it already exists)."""
+    out = out_root / model_name(conf, served)
+    if (out / "manifest.json").exists():
+        return out
+    if dataset.sim is None or dataset.fov is None:
+        raise TrainingError(f"{dataset.root}: training needs ground truth (london_gt.h5)")
+    xq, _ = load_vectors(vectors_path, dataset.queries.paths)
+    xd, _ = load_vectors(vectors_path, dataset.database.paths)
+    return fit(conf, dataset, xq, xd, served_split(dataset, conf, served), out)

@@ -130,11 +130,21 @@ def test_precision_needs_admin_key(server: Server) -> None:
     assert wrong.status_code == 403 and wrong.json()["code"] == "forbidden"
 
 
-def test_precision_reports_held_out_figures(server: Server) -> None:
+def test_precision_reports_cross_validated_figures(server: Server) -> None:
     r = httpx.get(server.url + "/metrics/precision", headers={"X-API-Key": ADMIN_KEY})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["split"] == "test" and body["n_queries"] > 0
+    # Out-of-fold over areas, every query outside the test split once; the test split looked at once.
+    assert body["split"] == "cv" and body["folds"] == 5 and body["n_queries"] > 0
+    assert body["test"]["n_queries"] > 0 and body["queries_total"] + body["test"]["n_queries"] <= 20
+    assert body["intervals"]["recall@1"] is not None
+    for key, iv in body["intervals"].items():
+        if iv is None:  # nothing to resample (e.g. no location estimated)
+            continue
+        lo, hi = iv
+        name, k = key.split("@") if "@" in key else (key, None)
+        point = body[name][k] if k else body[name]
+        assert 0.0 <= lo <= point <= hi <= 1.0, key
     assert set(body["precision"]) == set(body["recall"]) == {"1", "5", "10", "20", "50"}
     assert set(body["accuracy_within_margin"]) == {"0.1", "0.05", "0.01"}
     for v in [*body["precision"].values(), *body["recall"].values(), *body["accuracy_within_margin"].values()]:

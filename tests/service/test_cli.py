@@ -18,14 +18,14 @@ from tests.conftest import ROOT
 SUBCOMMANDS = ["presets", "data", "train", "index", "build", "evaluate", "serve"]
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cli.main", *args],
         cwd=ROOT,
         env=os.environ | (env or {}),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
 
 
@@ -122,17 +122,23 @@ def test_other_libraries_log_info_only_with_verbose(tiny_data: Path, tmp_path: P
     assert "INFO faiss.loader" in loud.stderr
 
 
-def test_evaluate_compares_presets_in_one_table(tiny_data: Path, tmp_path: Path) -> None:
+def test_evaluate_compares_presets_by_cross_validation(tiny_data: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "report"
     args = ["--data", str(tiny_data), "--artifacts", str(tmp_path / "a"), "--out", str(out_dir)]
-    out = run("evaluate", *args, "--presets", "paper", "paper-sim", "--baseline", "paper")
+    out = run("evaluate", *args, "--presets", "bow", "vlad", "--baseline", "bow", timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     table = (out_dir / "results.md").read_text()
-    assert "| `paper` |" in table and "| `paper-sim` |" in table and "p=" in table
+    assert "| `bow` |" in table and "| `vlad` |" in table and "cross-validation" in table
     results = json.loads((out_dir / "results.json").read_text())["presets"]
-    assert set(results) == {"paper", "paper-sim"} and "sign_test" in results["paper-sim"]
-    for png in ("recall_at_k.png", "contact_sheet-paper.png", "contact_sheet-paper-sim.png"):
+    assert set(results) == {"bow", "vlad"} and "paired_recall@1" in results["vlad"]
+    assert results["bow"]["split"] == "cv" and results["bow"]["test"]["split"] == "test"
+    # Both over the same out-of-fold queries: every query outside the test split, once.
+    assert results["bow"]["queries_total"] == results["vlad"]["queries_total"] > 0
+    lo, hi = results["vlad"]["paired_recall@1"]["interval"]
+    assert lo <= results["vlad"]["paired_recall@1"]["mean"] <= hi
+    for png in ("recall_at_k.png", "contact_sheet-bow.png", "failures-vlad.png"):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| **total** |" in (out_dir / "failures-bow.md").read_text()
 
 
 @pytest.mark.parametrize("key", ["secret", "aaaaaaaaaaaaaaaaaaaaaaaa"])

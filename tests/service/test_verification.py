@@ -18,11 +18,11 @@ def verify_server(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory, sta
     from cli.stages import build_all
 
     artifacts = tmp_path_factory.mktemp("verify-artifacts")
-    build_all(tiny_data, artifacts, "dense-vlad-verify", jobs=1)
+    build_all(tiny_data, artifacts, "vlad-verify", jobs=1)
     env = {
         "IMGSEARCH_DATA": str(tiny_data),
         "IMGSEARCH_ARTIFACTS": str(artifacts),
-        "IMGSEARCH_PRESET": "dense-vlad-verify",
+        "IMGSEARCH_PRESET": "vlad-verify",
     }
     return start_server(env, wait_path="/readyz")
 
@@ -36,7 +36,7 @@ def test_search_reports_inliers_of_verified_hits(verify_server, tiny_data: Path)
     r = httpx.post(verify_server.url + "/search", params={"k": 60}, files={"file": ("q.jpg", img)})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
-    verify = get_pipeline("dense-vlad-verify").verify
+    verify = get_pipeline("vlad-verify").verify
     assert verify is not None
     n = verify.n
     verified = [h for h in results if h["inliers"] is not None]

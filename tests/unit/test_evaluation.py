@@ -121,36 +121,3 @@ def test_imgsearch_evaluate_url_prints_the_service_summary(
     assert seen == {"url": "http://service:1", "rows": [0, 1, 2], "split": "all", "concurrency": 3}
     assert json.loads(capsys.readouterr().out)["n_queries"] == 2
     assert cli.main([*args[:-2], "--concurrency", "0", "--data", str(tmp_path)]) == 2
-
-
-def test_in_process_evaluation_ranks_through_search_image_and_times_only_the_search(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import time
-    from types import SimpleNamespace
-
-    from features.orb import NoKeypointsError
-
-    ds = _dataset(tmp_path)
-
-    def search_image(searcher: object, data: bytes, k: int) -> SimpleNamespace:
-        assert data == b"jpeg" and k == 50
-        searcher.calls += 1
-        if searcher.calls == 3:
-            raise NoKeypointsError("none")  # a refused photo: counted, ranked as nothing
-        where = SimpleNamespace(status="estimated", easting=100.0, northing=205.0)
-        return SimpleNamespace(hits=[SimpleNamespace(id=1), SimpleNamespace(id=2)], location=where, query="q")
-
-    def score_all(query: str) -> np.ndarray:
-        time.sleep(0.05)  # scoring every map image is the evaluation's work, not the query's
-        return np.full(len(MAP), 0.8, np.float32)
-
-    monkeypatch.setattr(ev, "search_image", search_image)
-    searcher = SimpleNamespace(calls=0, score_all=score_all)
-    out = ev.evaluate_searcher(searcher, ds, np.arange(3), "test")
-    assert out.ranked[:, :2].tolist() == [[1, 2], [1, 2], [-1, -1]]
-    s = out.summary
-    assert s["ranked_by"] == ev.IN_PROCESS and s["queries_rejected"] == 1 and s["recall@1"] == 0.5
-    assert s["accuracy_within_0.01"] is not None
-    assert s["localisation_answered"] == pytest.approx(2 / 3) and s["localised_within_25m"] == pytest.approx(1 / 3)
-    assert out.latency_ms.max() < 50  # the 50 ms of scoring are not in any query's time

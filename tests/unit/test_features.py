@@ -128,7 +128,7 @@ def test_parallel_extraction_after_opencv_threads_ran(tiny_data: Path) -> None:
     assert out.stdout.split() == ["8", "8"]
 
 
-@pytest.mark.parametrize("preset", ["paper", "dense-rvlad-verify", "r5vlad-wb96-lw-verify-angle-expand"])
+@pytest.mark.parametrize("preset", ["paper", "dense-rvlad-verify", "default"])
 @pytest.mark.parametrize("shape", [(1, 341), (341, 1), (3, 500)])
 def test_thin_images_have_no_keypoints_not_an_opencv_error(preset: str, shape: tuple[int, int]) -> None:
     gray = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)

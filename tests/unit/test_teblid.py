@@ -13,7 +13,7 @@ from tests.unit.test_verify import scene
 
 
 def test_teblid_describes_the_same_dense_grid_with_other_bits() -> None:
-    conf = get_pipeline("dense-rvlad").features
+    conf = get_pipeline("dense-rvlad-verify").features
     assert conf.descriptor == "orb"
     img = scene(3)
     orb = extract_orb(img, conf)
@@ -30,7 +30,7 @@ def test_unknown_descriptor_is_refused() -> None:
     with pytest.raises(ValidationError, match="descriptor"):
         FeaturesConf(descriptor="sift")
     with pytest.raises(ValidationError, match="descriptor"):
-        FeaturesConf.model_validate(get_pipeline("dense-rvlad").features.model_dump() | {"descriptor": "sift"})
+        FeaturesConf.model_validate(get_pipeline("dense-rvlad-verify").features.model_dump() | {"descriptor": "sift"})
 
 
 def test_default_preset_verifies_with_teblid_on_fast_corners() -> None:

@@ -125,7 +125,7 @@ def test_orientations_are_extracted_stored_and_compared(tmp_path: Path) -> None:
 
 
 def test_the_orientation_filter_keeps_true_matches_and_drops_chance_ones() -> None:
-    conf = get_pipeline("teblid-rvlad-lw-verify-angle-expand")
+    conf = get_pipeline("default")
     fconf, vconf = conf.verify_features, conf.verify
     assert vconf is not None and vconf.max_angle_deg is not None
     base = scene(1)
@@ -160,3 +160,42 @@ def test_the_verification_head_never_ranks_nearer_and_better_verified_lower() ->
     y2 = ((np.log1p(inl) - 4.0 * dist + rng.normal(0, 0.3, 400)) > -2.0).astype(float)
     w2 = monotone_head(np.column_stack([dist, np.log1p(inl)]), y2)
     assert w2[0] < 0 < w2[1]
+
+
+def test_the_listwise_head_ranks_what_logistic_regression_gets_wrong() -> None:
+    from retrieval.heads import listwise_head, monotone_head
+
+    # Each query's shortlist of 20 holds one relevant candidate: clearly the nearest within its query,
+    # no better verified than the rest. Across queries the distances shift (some queries are far from
+    # everything), so a candidate-by-candidate regression finds distance a weak sign and leans on the
+    # inliers; ranking within each query, distance is what tells.
+    rng = np.random.default_rng(1)
+    feats, labels = [], []
+    for _ in range(80):
+        dist = rng.uniform(0.0, 1.5) + rng.uniform(0.9, 1.3, 20)
+        inl = rng.integers(0, 20, 20).astype(float)
+        y = np.zeros(20)
+        j = int(np.argmin(dist))
+        dist[j] -= 0.15
+        inl[j], y[j] = rng.integers(5, 25), 1.0
+        feats.append(np.column_stack([dist, np.log1p(inl)]))
+        labels.append(y)
+
+    def first_right(w: list[float]) -> float:
+        return float(
+            np.mean([y[np.argmax(w[0] * f[:, 0] + w[1] * f[:, 1])] for f, y in zip(feats, labels, strict=True)])
+        )
+
+    w = listwise_head(feats, labels)
+    assert w[0] <= 0 < w[1]  # nearer and better verified never ranks lower
+    assert first_right(w) == 1.0
+    assert first_right(monotone_head(np.concatenate(feats), np.concatenate(labels))) < 0.8
+    # Calibrated: the relevant candidates score higher on average than the others.
+    z = np.concatenate([w[0] * f[:, 0] + w[1] * f[:, 1] + w[2] for f in feats])
+    y = np.concatenate(labels)
+    assert z[y == 1].mean() > z[y == 0].mean()
+    # Shortlists that are all relevant or all not teach no ranking: the logistic head then.
+    same = [np.column_stack([np.linspace(1, 2, 5), np.zeros(5)])] * 3
+    assert listwise_head(same, [np.ones(5), np.zeros(5), np.zeros(5)]) == monotone_head(
+        np.concatenate(same), np.concatenate([np.ones(5), np.zeros(5), np.zeros(5)])
+    )

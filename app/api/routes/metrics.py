@@ -1,7 +1,9 @@
 """Both metrics endpoints: `/metrics` (Prometheus, how the service runs) and `/metrics/precision`
-(admin, how well it retrieves, measured on held-out queries when the index was built)."""
+(admin, how well it retrieves: cross-validated over areas when the index was built)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -10,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app.api.deps import AdminDep, SearcherDep
 from app.core.observability import MetricsDep
 from app.errors import ADMIN_ERRORS, ApiError, documented
-from app.schemas import PrecisionResponse
+from app.schemas import HeldOutFigures, PrecisionResponse
 
 router = APIRouter(tags=["metrics"])
 
@@ -52,23 +54,43 @@ def prometheus_metrics(request: Request, metrics: MetricsDep) -> Response:
     responses=documented(*ADMIN_ERRORS, "no_metrics", "not_ready"),
 )
 def precision(searcher: SearcherDep) -> PrecisionResponse:
-    """Retrieval quality of the served index on the held-out test queries, computed at index time
-    through the same query path as /search."""
+    """Retrieval quality of the served index's fitting, computed at index time through the same query
+    path as /search: out-of-fold over areas (`cv`), with the test split's look."""
     m = searcher.loaded.manifest.get("metrics")
     if not m:
         raise ApiError("no_metrics", "this index was built from data without ground truth")
+    test = m.get("test")
     return PrecisionResponse(
         split=m["split"],
         n_queries=m["n_queries"],
         queries_total=m["queries_total"],
         queries_rejected=m["queries_rejected"],
-        precision={k.split("@")[1]: v for k, v in m.items() if k.startswith("precision@")},
-        recall={k.split("@")[1]: v for k, v in m.items() if k.startswith("recall@")},
+        precision=_at_k(m, "precision"),
+        recall=_at_k(m, "recall"),
         mAP=m.get("mAP"),
+        intervals=m.get("intervals") or {},
+        folds=m.get("folds"),
+        localised_within_25m=m.get("localised_within_25m"),
+        localisation_right=m.get("localisation_right"),
+        test=None
+        if not test
+        else HeldOutFigures(
+            n_queries=test["n_queries"],
+            precision=_at_k(test, "precision"),
+            recall=_at_k(test, "recall"),
+            mAP=test.get("mAP"),
+            localised_within_25m=test.get("localised_within_25m"),
+        ),
         accuracy_within_margin={
-            k.removeprefix("accuracy_within_"): v for k, v in m.items() if k.startswith("accuracy_within_")
+            k.removeprefix("accuracy_within_"): v
+            for k, v in m.items()
+            if k.startswith("accuracy_within_") and v is not None
         },
         computed_at=m["computed_at"],
         index_version=searcher.version,
         preset=searcher.preset,
     )
+
+
+def _at_k(m: dict[str, Any], name: str) -> dict[str, float]:
+    return {k.split("@")[1]: v for k, v in m.items() if k.startswith(f"{name}@") and v is not None}
