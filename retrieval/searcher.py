@@ -207,19 +207,13 @@ class Searcher:
     def analyze(self, data: bytes, timings: dict[str, float] | None = None) -> Query:
         """Features and embedding of image bytes; raises ImageDecodeError / NoKeypointsError.
         `timings`, if given, receives each stage's seconds (decode, features, encode)."""
-        return self.analyze_vector(data, timings)[0]
-
-    def analyze_vector(self, data: bytes, timings: dict[str, float] | None = None) -> tuple[Query, np.ndarray]:
-        """`analyze`, and the aggregate vector the embedding was made of (cross-validation embeds it
-        again with each fold's encoder: nothing before the encoder is fitted on labels)."""
         kernels_for_this_thread()  # the service calls this from its request thread pool
         clock = StageClock(timings)
         qf = query_features(data, self.pipeline.features, self._verify_features, clock)
-        vector = self.vectorizer(qf.features)
-        embedding = self.encoder.embed(vector[None, :])
+        embedding = self.encoder.embed(self.vectorizer(qf.features)[None, :])
         words = None if qf.verify is None else self.vectorizer.words(qf.verify.descriptors)
         clock.lap("encode")
-        return Query(qf.features, embedding, qf.verify, words), vector
+        return Query(qf.features, embedding, qf.verify, words)
 
     def search_embedding(self, emb: np.ndarray, k: int) -> list[Hit]:
         k = min(k, self.size)

@@ -121,3 +121,18 @@ def test_imgsearch_evaluate_url_prints_the_service_summary(
     assert seen == {"url": "http://service:1", "rows": [0, 1, 2], "split": "all", "concurrency": 3}
     assert json.loads(capsys.readouterr().out)["n_queries"] == 2
     assert cli.main([*args[:-2], "--concurrency", "0", "--data", str(tmp_path)]) == 2
+
+
+def test_imgsearch_evaluate_url_refuses_an_empty_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli import main as cli
+
+    ds = _dataset(tmp_path)
+    split = tmp_path / "split.json"  # a served model that learned from every labelled query
+    split.write_text(json.dumps({"train": ds.queries.paths, "val": [], "test": []}))
+    monkeypatch.setattr(cli, "_dataset", lambda s: ds)
+    args = ["evaluate", "--url", "http://service:1", "--split", "test", "--split-file", str(split)]
+    assert cli.main([*args, "--data", str(tmp_path), "--artifacts", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "no test queries" in err and "cross-validated" in err and "Traceback" not in err
