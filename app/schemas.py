@@ -38,8 +38,9 @@ _ESTIMATED = {
     "latitude": 51.512107,
     "longitude": -0.157615,
     "support": 2,
+    "heading_confidence": 0.91,
 }
-_UNKNOWN = dict.fromkeys(("easting", "northing", "heading", "latitude", "longitude")) | {
+_UNKNOWN = dict.fromkeys(("easting", "northing", "heading", "latitude", "longitude", "heading_confidence")) | {
     "status": "unknown",
     "confidence": 0.31,
     "support": 0,
@@ -58,6 +59,13 @@ class Location(BaseModel):
     heading: float = Field(description="Compass heading of the camera in degrees")
 
 
+class Match(BaseModel):
+    model_config = _examples({"query": [412.5, 233.0], "map": [301.2, 180.4]})
+
+    query: list[float] = Field(description="[x, y] in the uploaded photo's pixels (upright, as EXIF orients it)")
+    map: list[float] = Field(description="[x, y] in the map image's pixels (`image_size`)")
+
+
 class SearchResult(BaseModel):
     model_config = _examples(_HITS[0])
 
@@ -70,6 +78,15 @@ class SearchResult(BaseModel):
         default=None, description="Geometric verification: RANSAC inliers of ORB matches (null: not verified)"
     )
     location: Location
+    matches: list[Match] | None = Field(
+        default=None, description="explain=true, verified hits: the inlier correspondences (at most 200)"
+    )
+    transform: list[list[float]] | None = Field(
+        default=None, description="explain=true: the fitted 2x3 similarity transform, photo pixels -> map pixels"
+    )
+    image_size: list[int] | None = Field(
+        default=None, description="explain=true: [width, height] of the map image its `matches` refer to"
+    )
 
 
 class QueryLocation(BaseModel):
@@ -83,6 +100,21 @@ class QueryLocation(BaseModel):
     latitude: float | None = Field(default=None, description="WGS84")
     longitude: float | None = Field(default=None, description="WGS84")
     support: int = Field(default=0, description="Hits within 25 m of the best one that voted")
+    heading_confidence: float | None = Field(
+        default=None, ge=0, le=1, description="Probability that the heading is within 30 degrees of the camera's"
+    )
+
+
+class PriorEcho(BaseModel):
+    model_config = _examples(
+        {"latitude": 51.5121, "longitude": -0.1576, "radius_m": 100.0, "accuracy_m": 33.3, "candidates": 21}
+    )
+
+    latitude: float
+    longitude: float
+    radius_m: float
+    accuracy_m: float = Field(description="1-sigma of the position used (radius_m / 3 unless given)")
+    candidates: int = Field(description="Map images within the radius, every one scored")
 
 
 class SearchResponse(BaseModel):
@@ -103,6 +135,10 @@ class SearchResponse(BaseModel):
     preset: str
     index_version: str
     took_ms: float
+    prior: PriorEcho | None = Field(default=None, description="The position prior, when one was given")
+    query_size: list[int] | None = Field(
+        default=None, description="explain=true: [width, height] of the photo as its matches refer to it"
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -241,3 +277,25 @@ class RollbackResponse(BaseModel):
 
     index_version: str = Field(description="The version CURRENT now names; every process switches to it")
     previous: str | None = Field(description="The version CURRENT named before (null: none was named)")
+
+
+class MapPoints(BaseModel):
+    """Where the map images are, for the browser page's map: parallel lists, one entry per image."""
+
+    model_config = _examples(
+        {
+            "total": 3,
+            "shown": 3,
+            "ids": [249, 250, 251],
+            "latitude": [51.512131, 51.512118, 51.512067],
+            "longitude": [-0.157651, -0.157632, -0.157604],
+            "heading": [151.2, 158.8, 166.4],
+        }
+    )
+
+    total: int = Field(ge=0, description="Map images in the served index")
+    shown: int = Field(ge=0, description="Images listed here: all, or every ceil(total/limit)-th by id")
+    ids: list[int] = Field(description="Their ids, ascending")
+    latitude: list[float] = Field(description="WGS84 degrees, 6 decimals")
+    longitude: list[float] = Field(description="WGS84 degrees, 6 decimals")
+    heading: list[float] = Field(description="Compass heading of the camera in degrees")

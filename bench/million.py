@@ -15,9 +15,13 @@ Builds a collection of --size map entries and serves it through `imgsearch serve
   version's encoder, vectorizer and heads, in a data folder of its own under --work;
 - then `imgsearch serve` (--workers uvicorn workers) answers the London test-split queries through
   POST /search, one client, while this script reads each request's stage timings from the server's
-  JSON log lines.
+  JSON log lines; then the same queries again with a position prior (a simulated phone fix: the
+  query's true place plus Gaussian noise of --prior-sigma per axis, seeded; radius --prior-radius),
+  whose candidates come from the spatial index, not from the vector index.
 
-Reports: search_p50_ms (the search stage of POST /search), exact_p50_ms (exact flat search of the same
+Reports: search_p50_ms (the search stage of POST /search), prior_search_p50_ms and
+prior_over_plain (the search stage of the prior searches, and its ratio to the plain one's, both
+from this run), prior_candidates_p50 (map entries within each radius), exact_p50_ms (exact flat search of the same
 vectors for the same London queries, one query and one thread, in this process, each timed just after
 the server answered it, while the server is idle: a host's speed drifts within a run, so the two are
 taken in the same minutes), recall_at_10 of the served index's search against that exact search (the
@@ -175,8 +179,39 @@ def exact_ms(flat: faiss.IndexFlatL2, x: np.ndarray) -> float:
         return 1000 * harness.clock(lambda q: flat.search(q[None, :], K), x)[0]
 
 
+def log_stages(log_path: Path, start: int) -> dict[str, list[float]]:
+    """Each stage's timings (ms) from the server's JSON log lines after the first `start`."""
+    stages: dict[str, list[float]] = {}
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines()[start:]:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        for stage, ms in (rec.get("timings_ms") or {}).items():
+            stages.setdefault(stage, []).append(float(ms))
+    return stages
+
+
+def prior_params(args: argparse.Namespace, ds: Dataset, rows: list[int]) -> list[dict[str, float]]:
+    """A simulated phone fix per query: its true place plus Gaussian noise of --prior-sigma per axis."""
+    from retrieval.locate import to_latlon
+
+    rng = np.random.default_rng([args.seed, 34])
+    out = []
+    for q in rows:
+        e, n = ds.queries.loc[q, :2] + rng.normal(0.0, args.prior_sigma, 2)
+        lat, lon = to_latlon(float(e), float(n), Settings().utm_epsg)
+        out.append({"lat": lat, "lon": lon, "radius_m": args.prior_radius})
+    return out
+
+
 def serve_queries(
-    args: argparse.Namespace, data: Path, preset: str, files: list[Path], exact: Callable[[int], float]
+    args: argparse.Namespace,
+    data: Path,
+    preset: str,
+    files: list[Path],
+    exact: Callable[[int], float],
+    priors: list[dict[str, float]],
 ) -> dict[str, Any]:
     """`imgsearch serve` on the collection; the queries through POST /search, one client. After each
     answer, while the server is idle, `exact(i)` times exact search of query i in this process: the
@@ -208,22 +243,33 @@ def serve_queries(
                     raise RuntimeError(f"POST /search answered {r.status_code}: {r.text[:200]}")
                 answers.append([h["id"] for h in r.json()["results"]])
                 exact_took.append(exact(i))
+            first_prior = sum(1 for _ in log_path.open(encoding="utf-8", errors="replace"))
+            candidates = []
+            for f, params in zip(files, priors, strict=True):
+                r = c.post(f"{srv.url}/search", params={"k": K, **params}, files={"file": ("q.jpg", f.read_bytes())})
+                if r.status_code != 200:
+                    raise RuntimeError(f"POST /search with a prior answered {r.status_code}: {r.text[:200]}")
+                candidates.append(r.json()["prior"]["candidates"])
         pids = server.process_tree(srv.proc.pid)
         rss = [server.rss_mb(p) for p in pids]
         pss = [server.pss_mb(p) for p in pids]
-    stages: dict[str, list[float]] = {}
-    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines()[first_timed:]:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        for stage, ms in (rec.get("timings_ms") or {}).items():
-            stages.setdefault(stage, []).append(float(ms))
-    if len(stages.get("search", [])) < len(files):
-        raise RuntimeError(f"the server logged {len(stages.get('search', []))} search timings for {len(files)} queries")
+    stages = log_stages(log_path, first_timed)
+    # The plain searches' lines come first, then the prior ones'.
+    prior_stages = log_stages(log_path, first_prior)
+    stages = {s: v[: len(v) - len(prior_stages.get(s, []))] for s, v in stages.items()}
+    for name, got in (("", stages), ("prior ", prior_stages)):
+        if len(got.get("search", [])) < len(files):
+            raise RuntimeError(f"the server logged {len(got.get('search', []))} {name}search timings for {len(files)}")
+    search_ms, prior_ms = float(np.median(stages["search"])), float(np.median(prior_stages["search"]))
     return {
         "workers": args.workers,
-        "search_p50_ms": round(float(np.median(stages["search"])), 3),
+        "search_p50_ms": round(search_ms, 3),
+        "prior_search_p50_ms": round(prior_ms, 3),
+        "prior_over_plain": round(prior_ms / search_ms, 4),
+        "prior_sigma_m": args.prior_sigma,
+        "prior_radius_m": args.prior_radius,
+        "prior_candidates_p50": float(np.median(candidates)),
+        "prior_stages_p50_ms": {s: round(float(np.median(v)), 2) for s, v in prior_stages.items()},
         "exact_p50_ms": round(float(np.median(exact_took)), 2),
         "stages_p50_ms": {s: round(float(np.median(v)), 2) for s, v in stages.items()},
         "http_p50_ms": round(float(np.median(took)), 2),
@@ -247,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-place", type=int, default=20, help="generated entries per generated place (default 20)")
     p.add_argument("--spread", type=float, default=1.0, help="photo noise relative to the place spread")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prior-sigma", type=float, default=30.0, help="simulated fix noise per axis, m (default 30)")
+    p.add_argument("--prior-radius", type=float, default=100.0, help="prior search radius, m (default 100)")
     p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench-1m", help="where the collection is built")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards")
     p.add_argument("--out", type=Path, default=report.RESULTS)
@@ -256,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--size >= 10000; --keypoints, --workers, --per-place >= 1; --queries, --generated-queries >= 5")
     if args.spread <= 0:
         p.error("--spread must be > 0")
+    if args.prior_sigma <= 0 or not 0 < args.prior_radius <= 5000:
+        p.error("--prior-sigma must be > 0 and --prior-radius in (0, 5000]")
     started = report.started("bench/million.py", argv)
     opened = open_london(args, "million")
     if opened is None:
@@ -278,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         out |= exact_and_served(version, flat, xq, xg, ds, kept)
         print(f"exact and served search: {json.dumps(out)}", flush=True)
         london_x = [q.embedding[0] for q in xq]
-        served = serve_queries(args, data, args.preset, sent, lambda i: exact_ms(flat, london_x[i]))
+        priors = prior_params(args, ds, kept)
+        served = serve_queries(args, data, args.preset, sent, lambda i: exact_ms(flat, london_x[i]), priors)
         # Through POST /search (verified, expanded), among all entries.
         out |= {k: v for k, v in served.items() if k != "answers"}
         answers = np.array([a + [-1] * (K - len(a)) for a in served["answers"]])

@@ -256,6 +256,18 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         )
         ok = ratio <= 0.01 and served["recall_at_10"] >= 0.95
         out.append((f"{served['n']:,} served: search <= 1/100 exact at recall@10 >= 0.95", text, ok))
+        if "prior_over_plain" in served:
+            text = (
+                f"{served['prior_search_p50_ms']} ms with a {served['prior_radius_m']:g} m prior, "
+                f"{served['search_p50_ms']} ms without: {served['prior_over_plain']} x"
+            )
+            out.append(
+                (
+                    f"{served['n']:,} served: prior search stage <= the unfiltered one",
+                    text,
+                    served["prior_over_plain"] <= 1.0,
+                )
+            )
         text = f"{served['rss_mb']:.0f} MB ({served['workers']} workers), ready in {served['ready_s']} s"
         out.append((f"{served['n']:,} served: RSS <= 6 GB", text, served["rss_mb"] <= 6144))
     return out
@@ -368,6 +380,11 @@ def markdown(r: dict[str, Any]) -> str:
             f"{big['london_r10_exact_index']} / {big['london_r10_served_index']} |",
             f"| London R@10 through POST /search | {big['london_r10_through_search']} |",
             f"| stages p50 ms (server log) | {big['stages_p50_ms']} |",
+            f"| with a position prior (fix sigma {big.get('prior_sigma_m', '–')} m, radius "
+            f"{big.get('prior_radius_m', '–')} m): search stage p50 ms, ÷ without | "
+            f"{big.get('prior_search_p50_ms', '–')}, {big.get('prior_over_plain', '–')} |",
+            f"| with a position prior: map entries within the radius, p50 | {big.get('prior_candidates_p50', '–')} |",
+            f"| with a position prior: stages p50 ms | {big.get('prior_stages_p50_ms', '–')} |",
             f"| HTTP p50 ms (one client) | {big['http_p50_ms']} |",
             f"| rss_mb / pss_mb (serving tree) | {big['rss_mb']} / {big['pss_mb']} |",
             f"| ready_s (first worker / every worker) | {big['ready_s']} / {big.get('all_workers_ready_s', '–')} |",

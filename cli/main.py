@@ -200,6 +200,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             return 3
         print(json.dumps(summary, indent=1) if args.json else compare.markdown_table({args.url: summary}, "–"))
         return 0
+    if args.prior:
+        return _evaluate_priors(args, s, dataset)
     from cli.stages import run_cv
     from evaluation.cv import CrossValidation
 
@@ -209,6 +211,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     md = compare.main(results, dataset, out, baseline=args.baseline)
     print((out / "results.json" if args.json else md).read_text(encoding="utf-8"))
     print(f"written to {out}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _prior_scenario(text: str) -> tuple[float, float]:
+    """SIGMA:RADIUS in metres, for argparse."""
+    try:
+        sigma, radius = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIGMA:RADIUS in metres (e.g. 30:100), got {text!r}") from None
+    if not (0 < sigma < float("inf") and 0 < radius <= 5000):
+        raise argparse.ArgumentTypeError(f"{text!r}: SIGMA must be > 0 and RADIUS in (0, 5000]")
+    return sigma, radius
+
+
+def _evaluate_priors(args: argparse.Namespace, s: Settings, dataset: Dataset) -> int:
+    """Cross-validated searches with simulated position priors, against the fix alone."""
+    from cli.stages import run_prior_cv
+    from evaluation.prior_cv import Scenario, markdown
+
+    scenarios = [Scenario(sigma, radius) for sigma, radius in args.prior]
+    for preset in args.presets or [s.preset]:
+        path = run_prior_cv(preset, dataset, s.artifacts, scenarios, args.prior_seed, args.jobs)
+        print(path.read_text(encoding="utf-8") if args.json else markdown(json.loads(path.read_text("utf-8"))))
     return 0
 
 
@@ -368,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split-file", type=Path, help="--url: split.json to use (default: the served index's)")
     sp.add_argument("--concurrency", type=int, default=2, help="--url: requests in flight (default 2)")
     sp.add_argument("--json", action="store_true", help="print the figures as JSON")
+    sp.add_argument(
+        "--prior",
+        nargs="+",
+        type=_prior_scenario,
+        metavar="SIGMA:RADIUS",
+        help="instead: cross-validate searches with a simulated phone fix (noise SIGMA m per axis, radius "
+        "RADIUS m) against the fix alone, e.g. --prior 30:100 50:150",
+    )
+    sp.add_argument("--prior-seed", type=int, default=0, help="--prior: seed of the simulated fixes (default 0)")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("serve", help="serve the HTTP API")

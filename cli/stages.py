@@ -18,7 +18,7 @@ from common.threads import single_threaded
 from dataset import synthetic
 from dataset.layout import Dataset, load_dataset
 from dataset.split import load_split
-from evaluation import cv
+from evaluation import cv, prior_cv
 from indexer import build as index_build
 from indexer import store
 from model import train, vectors
@@ -50,6 +50,20 @@ def run_cv(preset: str, dataset: Dataset, artifacts: Path, jobs: int | None = No
     conf = get_pipeline(preset)
     out_root = store.data_dir(artifacts, dataset.root)
     return cv.main(conf, dataset, vectors.main(conf, dataset, out_root, jobs), out_root, jobs)
+
+
+def run_prior_cv(
+    preset: str,
+    dataset: Dataset,
+    artifacts: Path,
+    scenarios: list[prior_cv.Scenario],
+    seed: int,
+    jobs: int | None = None,
+) -> Path:
+    """The preset's cross-validated searches with simulated position priors (evaluation/prior_cv.py)."""
+    conf = get_pipeline(preset)
+    out_root = store.data_dir(artifacts, dataset.root)
+    return prior_cv.main(conf, dataset, vectors.main(conf, dataset, out_root, jobs), out_root, scenarios, seed, jobs)
 
 
 def _current_matches(family: Path, model_dir: Path, conf: Pipeline, shards: int | None) -> Path | None:

@@ -33,9 +33,10 @@ from common.settings import Settings
 from common.threads import single_threaded_kernels
 from features.orb import OrbFeatures
 from indexer import store
+from model.verify import Evidence
 from retrieval.live import LiveIndex, NotReadyError
 from retrieval.searcher import Hit
-from retrieval.shards import Answer, ShardCalls, ShardServer, gather_inliers, head_index, merge_hits
+from retrieval.shards import Answer, ShardCalls, ShardServer, head_index, merge_hits
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,17 @@ class RayShards(ShardCalls):
         except (RayError, RayServeException, TimeoutError) as e:
             raise NotReadyError(f"index shard {shard} is unavailable ({type(e).__name__}); retry shortly") from None
 
+    @property
+    def count(self) -> int:
+        return len(self.handles)
+
     def search(self, version: str, embedding: np.ndarray, k: int) -> list[Hit]:
         pending = [h.search.remote(version, embedding, k) for h in self.handles]
         return merge_hits([self._wait(s, r) for s, r in enumerate(pending)], k)
 
-    def inliers(self, version: str, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
-        def ask(shard: int, part: list[int]) -> Answer:
-            response = self.handles[shard].inliers.remote(version, q, q_words, part)
-            return lambda: self._wait(shard, response)
-
-        return gather_inliers(ids, len(self.handles), ask)
+    def call(self, shard: int, method: str, *args: Any) -> Answer:
+        response = getattr(self.handles[shard], method).remote(*args)
+        return lambda: self._wait(shard, response)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
@@ -88,6 +90,12 @@ class Shard:
 
     def inliers(self, version: str, q: OrbFeatures, words: np.ndarray, ids: list[int]) -> np.ndarray:
         return self.server.inliers(version, q, words, ids)
+
+    def evidence(self, version: str, q: OrbFeatures, words: np.ndarray, ids: list[int]) -> list[Evidence]:
+        return self.server.evidence(version, q, words, ids)
+
+    def distances(self, version: str, embedding: np.ndarray, ids: list[int]) -> np.ndarray:
+        return self.server.distances(version, embedding, ids)
 
     def status(self) -> dict[str, object]:
         return self.server.status()

@@ -40,6 +40,7 @@ from model import train
 from model.encoder import NumpyEncoder
 from model.vectorize import Vectorizer
 from model.vectors import load_vectors, vectorizer_path
+from model.verify import Evidence
 from retrieval.heads import Analysed, fit_heads
 from retrieval.locate import DEFAULT_UTM_EPSG, estimate_location
 from retrieval.searcher import Backend, Candidates, Query, Searcher
@@ -82,6 +83,12 @@ class MemoInliers:
         if missing:
             known.update(zip(missing, self.inner.inliers(q, q_words, missing).tolist(), strict=True))
         return np.array([known[i] for i in ids], np.int64)
+
+    def distances(self, embedding: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return self.inner.distances(embedding, ids)
+
+    def evidence(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> list[Evidence]:
+        return self.inner.evidence(q, q_words, ids)
 
     def on_demand_files(self) -> list[Path]:
         return self.inner.on_demand_files()

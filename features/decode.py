@@ -136,6 +136,21 @@ def probe_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[str, int, in
     return fmt, w, h
 
 
+def oriented_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of the picture as decode_image turns it upright (before any shrinking);
+    raises the errors of probe_image."""
+    _, w, h, orientation = _probe(data, MAX_PIXELS)
+    return (h, w) if orientation >= 5 else (w, h)
+
+
+def decoded_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """The (width, height) decode_image shrinks an upright picture of this size to."""
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def _exif_orientation(img: Image.Image) -> int:
     """EXIF orientation 1-8 (1: upright) without decoding pixels."""
     if img.format == "PNG" and "exif" not in img.info:
@@ -220,8 +235,7 @@ def decode_image(data: bytes, max_side: int | None) -> np.ndarray:
     if img is None or img.size == 0:
         raise ImageDecodeError("not a decodable image (truncated or corrupt)")
     img = apply_orientation(img, orientation)
-    if max_side and max(img.shape) > max_side:
-        scale = max_side / max(img.shape)
-        size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
+    size = decoded_size(img.shape[1], img.shape[0], max_side)
+    if size != (img.shape[1], img.shape[0]):
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
     return img

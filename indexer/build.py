@@ -70,6 +70,12 @@ class StagedIndex:
     def set_location_head(self, head: list[float]) -> None:
         self.loaded.manifest["location_head"] = [float(v) for v in head]
 
+    def set_prior_heads(self, heads: dict[str, list[float]]) -> None:
+        self.loaded.manifest["prior_heads"] = {k: [float(v) for v in h] for k, h in heads.items()}
+
+    def set_heading_head(self, head: list[float]) -> None:
+        self.loaded.manifest["heading_head"] = [float(v) for v in head]
+
     def set_expand_prior(self, prior: float) -> None:
         assert self.loaded.verifier is not None
         self.loaded.verifier.expand_prior = float(prior)

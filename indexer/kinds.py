@@ -396,3 +396,19 @@ def copy_for_change(index: AnyIndex) -> AnyIndex:
     if len(ids):
         out.add_with_ids(xb, ids)
     return out
+
+
+def vectors_of(index: AnyIndex, ids: np.ndarray) -> np.ndarray:
+    """The float vectors of these served ids, (len(ids), d); KeyError for an id that is not served."""
+    ids = np.asarray(ids, np.int64)
+    if isinstance(index, PQIndex):
+        return index.vectors_of(ids)
+    if len(ids) == 0:
+        return np.zeros((0, index.d), np.float32)
+    idmap = cast(faiss.IndexIDMap2, faiss.downcast_index(index))
+    try:
+        out: np.ndarray = idmap.reconstruct_batch(ids)
+    except RuntimeError as e:  # FAISS names no id; say which
+        served = set(index_ids(index).tolist())
+        raise KeyError(f"ids not in the index: {[i for i in ids.tolist() if i not in served][:5]}") from e
+    return out

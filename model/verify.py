@@ -223,15 +223,40 @@ def same_turn(q_angles: np.ndarray | None, m_angles: np.ndarray, max_deg: float)
     return ~(np.minimum(d, 360.0 - d) > max_deg)  # NaN compares False: kept
 
 
-def ransac_inliers(p_query: np.ndarray, p_map: np.ndarray, px: float, iters: int, min_matches: int = 6) -> int:
-    """Inliers of a similarity transform (rotation, scale, shift) fitted by RANSAC: street views of one
-    facade from nearby poses are related by it closely enough, and 2-point samples keep RANSAC cheap."""
+def ransac_fit(
+    p_query: np.ndarray, p_map: np.ndarray, px: float, iters: int, min_matches: int = 6
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """A similarity transform (rotation, scale, shift; 2x3, query -> map pixels) fitted by RANSAC, and
+    which matches are its inliers: street views of one facade from nearby poses are related by it
+    closely enough, and 2-point samples keep RANSAC cheap. OpenCV seeds its RANSAC the same way every
+    call, so a pair gives the same inliers whenever it is verified."""
+    none = np.zeros(len(p_query), bool)
     if len(p_query) < min_matches:
-        return 0
-    _, mask = cv2.estimateAffinePartial2D(
+        return None, none
+    m, mask = cv2.estimateAffinePartial2D(
         p_query, p_map, method=cv2.RANSAC, ransacReprojThreshold=px, maxIters=iters, confidence=0.99, refineIters=0
     )
-    return 0 if mask is None else int(mask.sum())
+    if mask is None or m is None:
+        return None, none
+    return m, mask.ravel().astype(bool)
+
+
+def ransac_inliers(p_query: np.ndarray, p_map: np.ndarray, px: float, iters: int, min_matches: int = 6) -> int:
+    """How many matches the RANSAC similarity transform of ransac_fit keeps."""
+    return int(ransac_fit(p_query, p_map, px, iters, min_matches)[1].sum())
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Why a map image was verified: its inlier matches with the query (keypoint positions in each
+    decoded image's pixels) and the transform RANSAC fitted (query -> map), None where none was."""
+
+    query_xy: np.ndarray  # (m, 2)
+    map_xy: np.ndarray  # (m, 2)
+    transform: np.ndarray | None  # (2, 3)
+
+
+NO_EVIDENCE = Evidence(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), None)
 
 
 class Verifier:
@@ -281,19 +306,46 @@ class Verifier:
 
     def inliers(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
         out = np.zeros(len(ids), np.int64)
+        for pos, store, rows in self._stores(ids):
+            out[pos] = self._inliers(q, q_words, store, rows)
+        return out
+
+    def evidence(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> list[Evidence]:
+        """The inlier matches and transform behind inliers() of each map image `ids`."""
+        out: list[Evidence] = [NO_EVIDENCE] * len(ids)
+        for pos, store, rows in self._stores(ids):
+            found: list[Evidence] = []
+            self._inliers(q, q_words, store, rows, found)
+            for p, e in zip(pos.tolist(), found, strict=True):
+                out[p] = e
+        return out
+
+    def _stores(self, ids: list[int]) -> list[tuple[np.ndarray, MapFeatures, np.ndarray]]:
+        """(positions in ids, store, rows in it): the stored keypoints, then those added online."""
         in_extra = np.array([i in self.extra for i in ids], bool)
+        out = []
         for mask, store, row_of in (
             (~in_extra, self.store, self.row_of),
             (in_extra, self.extra_store, self.extra_row_of),
         ):
             pos = np.flatnonzero(mask)
             if len(pos):
-                out[pos] = self._inliers(q, q_words, store, np.array([row_of[ids[p]] for p in pos], np.int64))
+                out.append((pos, store, np.array([row_of[ids[p]] for p in pos], np.int64)))
         return out
 
-    def _inliers(self, q: OrbFeatures, q_words: np.ndarray, store: MapFeatures, rows: np.ndarray) -> np.ndarray:
+    def _inliers(
+        self,
+        q: OrbFeatures,
+        q_words: np.ndarray,
+        store: MapFeatures,
+        rows: np.ndarray,
+        evidence: list[Evidence] | None = None,
+    ) -> np.ndarray:
+        """Inliers of each of the store's `rows`; with `evidence`, also what they are, appended in order."""
         out = np.zeros(len(rows), np.int64)
         if len(rows) == 0 or len(q.descriptors) == 0:
+            if evidence is not None:
+                evidence.extend(NO_EVIDENCE for _ in rows)
             return out
         c = self.conf
         store = store.take(rows)  # the candidates' keypoints alone, from disk
@@ -307,7 +359,13 @@ class Verifier:
         bounds = np.searchsorted(cpos, np.arange(len(rows) + 1))
         for p in range(len(rows)):
             a, b = bounds[p], bounds[p + 1]
-            out[p] = ransac_inliers(q.xy[qi[a:b]], store.xy[mi[a:b]], c.ransac_px, c.ransac_iters)
+            pq, pm = q.xy[qi[a:b]], store.xy[mi[a:b]]
+            if evidence is None:
+                out[p] = ransac_inliers(pq, pm, c.ransac_px, c.ransac_iters)
+                continue
+            m, mask = ransac_fit(pq, pm, c.ransac_px, c.ransac_iters)
+            out[p] = int(mask.sum())
+            evidence.append(Evidence(pq[mask], pm[mask], m))
         return out
 
     def score(self, distance: np.ndarray, inliers: np.ndarray) -> np.ndarray:

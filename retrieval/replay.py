@@ -150,11 +150,14 @@ def apply_changes(searcher: Searcher, tail: Tail, changelog: ChangeLog) -> Searc
             if added.pop(i, None) is None and not part.head:
                 removed.add(i)
     applied = _applied(searcher, tail, fresh)
+    # The spatial index, if a prior search built it, with these images' places changed at once.
+    built = searcher.places_if_built()
+    places = None if built is None else built.changed(images, {int(r["id"]) for r in fresh})
     if part.head:
         loaded = dataclasses.replace(searcher.loaded, images=images, uploads=uploads, keys=keys)
-        return Searcher(loaded, applied, searcher.shards)
+        return Searcher(loaded, applied, searcher.shards, places)
     if not added and not removed:
-        return Searcher(searcher.loaded, applied, searcher.shards)
+        return Searcher(searcher.loaded, applied, searcher.shards, places)
     # Indexes are not safe to change while another thread searches them: change a copy.
     index = copy_for_change(searcher.index)
     if removed:
@@ -169,7 +172,7 @@ def apply_changes(searcher: Searcher, tail: Tail, changelog: ChangeLog) -> Searc
     loaded = dataclasses.replace(
         searcher.loaded, index=index, images=images, verifier=verifier, uploads=uploads, keys=keys
     )
-    return Searcher(loaded, applied, searcher.shards)
+    return Searcher(loaded, applied, searcher.shards, places)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ around them is the same code for both, so a sharded service ranks exactly as a w
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -26,8 +27,11 @@ from dataset.layout import Location
 from dataset.relevance import heading_diff
 from features.extract import query_features
 from features.orb import OrbFeatures
-from indexer.kinds import PQIndex
+from indexer.kinds import PQIndex, vectors_of
 from indexer.store import ImageRecord, LoadedIndex
+from model.verify import Evidence
+from retrieval.prior import Prior, fuse, fuse_verified
+from retrieval.spatial import Places
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,14 @@ class Backend(Protocol):
         """Verification inliers of the query's keypoints with each of the map images `ids`."""
         ...
 
+    def distances(self, embedding: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """(len(ids),) Euclidean distances of the (1, dim) embedding to the map images `ids`."""
+        ...
+
+    def evidence(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> list[Evidence]:
+        """The inlier matches and transform behind inliers() of each map image `ids`."""
+        ...
+
     def on_demand_files(self) -> list[Path]:
         """The files whose rows a query reads from disk in this process."""
         ...
@@ -131,6 +143,15 @@ class LocalCandidates:
         return out
 
 
+def embedding_distances(embedding: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Euclidean distances of one (1, dim) embedding to each row of `vectors`, in float32 as FAISS's
+    flat index computes them (equal to its distances to float rounding)."""
+    x = np.asarray(embedding, np.float32).reshape(1, -1)
+    d2 = ((np.asarray(vectors, np.float32) - x) ** 2).sum(axis=1, dtype=np.float32)
+    out: np.ndarray = np.sqrt(np.maximum(d2, 0.0)).astype(np.float64)
+    return out
+
+
 NO_CANDIDATES = LocalCandidates(np.zeros(0, np.int64), np.zeros(0), np.zeros(0), {})
 
 
@@ -159,6 +180,13 @@ class LocalBackend:
         assert self.verifier is not None
         return self.verifier.inliers(q, q_words, ids)
 
+    def distances(self, embedding: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return embedding_distances(embedding, vectors_of(self.index, ids))
+
+    def evidence(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> list[Evidence]:
+        assert self.verifier is not None
+        return self.verifier.evidence(q, q_words, ids)
+
     def on_demand_files(self) -> list[Path]:
         """A pq-fastscan index's float vectors (the exact re-rank) and the verification keypoints."""
         files = self.index.on_demand_files() if isinstance(self.index, PQIndex) else []
@@ -166,7 +194,13 @@ class LocalBackend:
 
 
 class Searcher:
-    def __init__(self, loaded: LoadedIndex, applied: Applied | None = None, shards: ShardClient | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedIndex,
+        applied: Applied | None = None,
+        shards: ShardClient | None = None,
+        places: Places | None = None,
+    ) -> None:
         self.loaded = loaded
         # Kept for the searchers made from this one (retrieval/replay.py) and for the service, which
         # gives a head (waiting on its shards) no search slot.
@@ -187,6 +221,24 @@ class Searcher:
         # [a, b] of P(best hit shows the place) = sigmoid(a * logit(score) + b), fitted at index time
         # (retrieval/heads.py); None: the best score itself.
         self.location_head: list[float] | None = loaded.manifest.get("location_head")
+        # With a position prior: the fusion heads (retrieval/prior.py) and the location head of fused
+        # scores; and [a, c, b] of P(heading right) (retrieval/locate.py). None: not fitted.
+        prior_heads = loaded.manifest.get("prior_heads") or {}
+        self.prior_first_head: list[float] | None = prior_heads.get("first")
+        self.prior_verified_head: list[float] | None = prior_heads.get("verified")
+        self.prior_location_head: list[float] | None = prior_heads.get("location")
+        self.heading_head: list[float] | None = loaded.manifest.get("heading_head")
+        self._places = places
+
+    @cached_property
+    def places(self) -> Places:
+        """Where every map image stands (a prior search's candidates): sorted on first use, or the
+        searcher this one was changed from gave its own with the changes applied."""
+        return self._places if self._places is not None else Places.of(self.images)
+
+    def places_if_built(self) -> Places | None:
+        """The spatial index if a prior search already built it (a changed searcher then extends it)."""
+        return self.__dict__.get("places")
 
     def on_demand_files(self) -> list[Path]:
         """The files whose rows a query reads from disk (for the read-ahead before a version serves)."""
@@ -261,6 +313,59 @@ class Searcher:
         """Verification inliers of the query with the map images `ids` (here or on their shards)."""
         assert self.verifier is not None and query.verify_features is not None and query.verify_words is not None
         return self.backend.inliers(query.verify_features, query.verify_words, ids)
+
+    def evidence(self, query: Query, ids: list[int]) -> list[Evidence]:
+        """The inlier matches and transform of the query with each map image `ids` (what verified it)."""
+        if self.verifier is None or query.verify_features is None or query.verify_words is None or not ids:
+            return []
+        return self.backend.evidence(query.verify_features, query.verify_words, ids)
+
+    def rank_near(
+        self, query: Query, prior: Prior, k: int, timings: dict[str, float] | None = None
+    ) -> tuple[list[Hit], int]:
+        """The top k of the map images within the prior's radius, and how many stood there. Every one
+        is scored by the first stage (its embedding distance, wherever it ranks globally) fused with
+        its distance to the fix; the best `verify.n` by that are verified and ranked, ahead of the
+        rest, by their embedding distance, inliers and distance to the fix, as the verified prior
+        head weighs them (retrieval/prior.py: fuse_verified)."""
+        clock = StageClock(timings)
+        ids, fix_m = self.places.within(prior.easting, prior.northing, prior.radius_m)
+        if len(ids) == 0:
+            clock.lap("search")
+            return [], 0
+        dist = self.backend.distances(query.embedding, ids)
+        penalty = prior.penalty(fix_m)
+        first = fuse(self.encoder.score(dist), penalty, self.prior_first_head)
+        order = np.lexsort((ids, -first))  # best fused first; ties by id, as the first stage ranks
+        clock.lap("search")
+        if self.verifier is None or query.verify_features is None:
+            top = order[:k].tolist()
+            return self._hits(ids[top], first[top], dist[top]), len(ids)
+        n = self.verifier.conf.n
+        head, rest = order[:n], order[n : n + max(0, k - min(n, len(order)))]
+        inliers = self.inliers(query, ids[head].tolist())
+        visual = self.verifier.score(dist[head], inliers)
+        verified = fuse_verified(dist[head], inliers, penalty[head], self.prior_verified_head, visual)
+        by = np.lexsort((ids[head], -verified))
+        hits = self._hits(ids[head][by], verified[by], dist[head][by], inliers[by])
+        hits += self._hits(ids[rest], first[rest], dist[rest], start=len(hits) + 1)
+        clock.lap("verify")
+        return hits[:k], len(ids)
+
+    def _hits(
+        self,
+        ids: np.ndarray,
+        scores: np.ndarray,
+        dist: np.ndarray,
+        inliers: np.ndarray | None = None,
+        start: int = 1,
+    ) -> list[Hit]:
+        inl = [None] * len(ids) if inliers is None else [int(v) for v in inliers.tolist()]
+        out = []
+        for r, (i, s, d, n) in enumerate(zip(ids.tolist(), scores.tolist(), dist.tolist(), inl, strict=True), start):
+            rec = self.images[i]
+            out.append(Hit(r, rec.id, rec.path, s, d, rec.loc, n))
+        return out
 
     def score_all(self, query: Query) -> np.ndarray:
         """Embedding-based relevance of the query to every map image, indexed by id."""

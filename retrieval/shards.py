@@ -22,11 +22,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from features.orb import OrbFeatures
 from indexer.store import LoadedIndex, Part, shard_of
+from model.verify import Evidence
 from retrieval.live import LiveIndex, NotReadyError
 from retrieval.searcher import Hit, Searcher, ShardClient
 
@@ -66,13 +68,25 @@ class ShardServer:
         return self.at(version).search_embedding(embedding, k)
 
     def inliers(self, version: str, q: OrbFeatures, words: np.ndarray, ids: list[int]) -> np.ndarray:
-        searcher = self.at(version)
-        if searcher.verifier is None:
-            raise ValueError(f"index version {version} does not verify")
+        return self._verifying(version, ids).backend.inliers(q, words, ids)
+
+    def evidence(self, version: str, q: OrbFeatures, words: np.ndarray, ids: list[int]) -> list[Evidence]:
+        return self._verifying(version, ids).backend.evidence(q, words, ids)
+
+    def distances(self, version: str, embedding: np.ndarray, ids: list[int]) -> np.ndarray:
+        return self._owning(version, ids).backend.distances(embedding, np.asarray(ids, np.int64))
+
+    def _owning(self, version: str, ids: list[int]) -> Searcher:
         foreign = [i for i in ids if shard_of(i, self.shards) != self.shard]
         if foreign:
             raise ValueError(f"shard {self.shard} of {self.shards} does not own images {foreign[:5]}")
-        return searcher.verifier.inliers(q, words, ids)
+        return self.at(version)
+
+    def _verifying(self, version: str, ids: list[int]) -> Searcher:
+        searcher = self._owning(version, ids)
+        if searcher.verifier is None:
+            raise ValueError(f"index version {version} does not verify")
+        return searcher
 
     def status(self) -> dict[str, object]:
         s = self.live.sync()
@@ -101,14 +115,16 @@ def by_owner(ids: list[int], shards: int) -> dict[int, list[int]]:
 Answer = Callable[[], np.ndarray]  # waits for a shard's answer
 
 
-def gather_inliers(ids: list[int], shards: int, ask: Callable[[int, list[int]], Answer]) -> np.ndarray:
-    """Inliers for `ids`: `ask(shard, its ids)` starts a call and returns a way to wait for its answer,
-    so that all shards work at once."""
+def gather(ids: list[int], shards: int, ask: Callable[[int, list[int]], Answer]) -> list[Any]:
+    """One answer per id of `ids`, from the shards that own them: `ask(shard, its ids)` starts a call
+    and returns a way to wait for its answer (a sequence, one item per id asked), so that all shards
+    work at once."""
     groups = by_owner(ids, shards)
     pending = {s: ask(s, [ids[p] for p in pos]) for s, pos in groups.items()}
-    out = np.zeros(len(ids), np.int64)
+    out: list[Any] = [None] * len(ids)
     for s, pos in groups.items():
-        out[pos] = np.asarray(pending[s](), np.int64)
+        for p, v in zip(pos, pending[s](), strict=True):
+            out[p] = v
     return out
 
 
@@ -134,8 +150,27 @@ class ShardCalls(ABC):
         """The k nearest map images over all shards, ranked by distance (merge_hits)."""
 
     @abstractmethod
+    def call(self, shard: int, method: str, *args: Any) -> Answer:
+        """Start ShardServer.`method`(*args) on the shard; returns a way to wait for its answer."""
+
     def inliers(self, version: str, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
         """Verification inliers of the query with each of `ids`, asked of the shards that own them."""
+        found = gather(ids, self.count, lambda s, part: self.call(s, "inliers", version, q, q_words, part))
+        return np.array(found, np.int64)
+
+    def evidence(self, version: str, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> list[Evidence]:
+        """The inlier matches behind inliers(), asked of the shards that own the images."""
+        return gather(ids, self.count, lambda s, part: self.call(s, "evidence", version, q, q_words, part))
+
+    def distances(self, version: str, embedding: np.ndarray, ids: list[int]) -> np.ndarray:
+        """Embedding distances to each of `ids`, asked of the shards that own them."""
+        found = gather(ids, self.count, lambda s, part: self.call(s, "distances", version, embedding, part))
+        return np.array(found, np.float64)
+
+    @property
+    @abstractmethod
+    def count(self) -> int:
+        """How many shards."""
 
     def backend(self, head: LoadedIndex) -> ShardedBackend:
         return ShardedBackend(self, head)
@@ -161,6 +196,12 @@ class ShardedBackend:
     def inliers(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
         return self.shards.inliers(self.version, q, q_words, ids)
 
+    def distances(self, embedding: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return self.shards.distances(self.version, embedding, [int(i) for i in ids])
+
+    def evidence(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> list[Evidence]:
+        return self.shards.evidence(self.version, q, q_words, ids)
+
     def on_demand_files(self) -> list[Path]:
         return []  # the shards read rows of their files; the head reads none
 
@@ -171,15 +212,16 @@ class LocalShards(ShardCalls):
     def __init__(self, servers: list[ShardServer]) -> None:
         self.servers = servers
 
+    @property
+    def count(self) -> int:
+        return len(self.servers)
+
     def search(self, version: str, embedding: np.ndarray, k: int) -> list[Hit]:
         return merge_hits([s.search(version, embedding, k) for s in self.servers], k)
 
-    def inliers(self, version: str, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> np.ndarray:
-        def ask(shard: int, part: list[int]) -> Answer:
-            answer = self.servers[shard].inliers(version, q, q_words, part)
-            return lambda: answer
-
-        return gather_inliers(ids, len(self.servers), ask)
+    def call(self, shard: int, method: str, *args: Any) -> Answer:
+        answer = getattr(self.servers[shard], method)(*args)
+        return lambda: answer
 
 
 def head_index(family: Path, shards: int, client: ShardClient) -> LiveIndex:

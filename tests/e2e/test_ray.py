@@ -31,6 +31,7 @@ import ray
 from common.pipeline import DEFAULT_PRESET
 from dataset.layout import load_dataset
 from indexer import store
+from retrieval.locate import to_latlon
 from tests.conftest import ADMIN_KEY, ROOT
 
 PRESET = DEFAULT_PRESET
@@ -156,6 +157,22 @@ def test_ray_serve_answers_as_the_embedded_service(services: dict, london_subset
             (h["id"], h["inliers"], h["location"]) for h in w["results"]
         ]
         assert np.allclose([h["score"] for h in g["results"]], [h["score"] for h in w["results"]], atol=1e-9)
+    # A search with a position prior and its evidence: the same answer through the shards.
+    ds = load_dataset(london_subset)
+    for q in range(4):
+        lat, lon = to_latlon(float(ds.queries.loc[q, 0]) + 20.0, float(ds.queries.loc[q, 1]) - 10.0, 32630)
+        params = {"k": 10, "lat": lat, "lon": lon, "radius_m": 100, "explain": True}
+        data = ds.image_path(ds.queries.paths[q]).read_bytes()
+        w, g = (
+            httpx.post(s.url + "/search", files={"file": ("q.jpg", data)}, params=params, timeout=60)
+            for s in (services["embedded"], services["ray"])
+        )
+        assert w.status_code == g.status_code == 200, g.text
+        w, g = w.json(), g.json()
+        assert g["prior"] == w["prior"] and g["query_location"] == w["query_location"]
+        assert [(h["id"], h["inliers"], h.get("matches")) for h in g["results"]] == [
+            (h["id"], h["inliers"], h.get("matches")) for h in w["results"]
+        ]
     # The same error contract: a bad upload is a 4xx with the API's error body, on the Ray path too.
     bad, ref = _search(services["ray"].url, b"not an image"), _search(services["embedded"].url, b"not an image")
     assert 400 <= bad.status_code < 500 and bad.status_code == ref.status_code

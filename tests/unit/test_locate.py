@@ -55,3 +55,27 @@ def test_the_location_head_recalibrates_the_best_score() -> None:
     assert location_confidence(0.3, [1.0, 0.0]) == pytest.approx(0.3)
     assert location_confidence(0.3, [3.0, 0.0]) < 0.3 < 0.7 < location_confidence(0.7, [3.0, 0.0])
     assert location_confidence(0.0, [1.0, 0.0]) == pytest.approx(0.0, abs=1e-6)  # no log(0)
+
+
+def test_heading_confidence_grows_with_the_location_confidence_and_the_hits_agreement() -> None:
+    from retrieval.locate import heading_confidence, vote
+
+    alike = [hit(1, 0.9, 0.0, 0.0, 80.0), hit(2, 0.8, 5.0, 0.0, 100.0)]
+    split = [hit(1, 0.9, 0.0, 0.0, 0.0), hit(2, 0.8, 5.0, 0.0, 150.0)]
+    va, vs = vote(alike), vote(split)
+    assert va.agreement == pytest.approx(
+        np.hypot(
+            0.9 * np.sin(np.deg2rad(80)) + 0.8 * np.sin(np.deg2rad(100)),
+            0.9 * np.cos(np.deg2rad(80)) + 0.8 * np.cos(np.deg2rad(100)),
+        )
+        / 1.7
+    )
+    assert vs.agreement < va.agreement < 1.0
+    head = [1.0, 3.0, -2.0]
+    assert heading_confidence(vs, head) < heading_confidence(va, head)
+    weaker = vote([hit(1, 0.6, 0.0, 0.0, 80.0), hit(2, 0.5, 5.0, 0.0, 100.0)])
+    assert heading_confidence(weaker, head) < heading_confidence(va, head)
+    assert heading_confidence(va, None) is None
+    est = estimate_location(alike, utm_epsg=32630, heading_head=head)
+    assert est.heading == pytest.approx(va.heading) and est.heading_confidence == heading_confidence(va, head)
+    assert estimate_location(alike, utm_epsg=32630).heading_confidence is None

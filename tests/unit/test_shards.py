@@ -15,6 +15,7 @@ from indexer import store
 from indexer.store import Part
 from model.verify import MapFeatures
 from retrieval.live import LiveIndex, NotReadyError
+from retrieval.prior import Prior
 from retrieval.query import search_image
 from retrieval.searcher import LocalBackend, Searcher
 from retrieval.shards import LocalShards, ShardedBackend, ShardServer, by_owner, head_index, merge_hits
@@ -118,14 +119,43 @@ def test_the_head_over_its_shards_ranks_as_the_whole_index(family: Path, tiny_da
         assert np.allclose([h.score for h in got], [h.score for h in want], atol=1e-9)
 
 
+def test_prior_searches_and_their_evidence_through_the_shards_equal_the_whole_index(
+    family: Path, tiny_data: Path
+) -> None:
+    whole = Searcher(store.load(store.current_version(family)))
+    head = head_index(family, 3, LocalShards(_servers(family))).load_now()
+    ds = load_dataset(tiny_data)
+    for q in range(4):
+        data = ds.image_path(ds.queries.paths[q]).read_bytes()
+        e, n, _ = ds.queries.loc[q]
+        prior = Prior(float(e) + 10.0, float(n) - 5.0, 150.0, 40.0)
+        qw, qh = whole.analyze(data), head.analyze(data)
+        (want, n_want), (got, n_got) = whole.rank_near(qw, prior, 20), head.rank_near(qh, prior, 20)
+        assert n_got == n_want > 0 and len(got) == min(20, n_want)
+        assert [(h.id, h.inliers) for h in got] == [(h.id, h.inliers) for h in want]
+        assert np.allclose([h.score for h in got], [h.score for h in want], atol=1e-6)
+        verified = [h for h in want if h.inliers]
+        ids = [h.id for h in verified]
+        for h, a, b in zip(verified, whole.evidence(qw, ids), head.evidence(qh, ids), strict=True):
+            assert np.array_equal(a.query_xy, b.query_xy) and np.array_equal(a.map_xy, b.map_xy)
+            assert len(a.query_xy) == h.inliers  # the evidence is what verification counted
+
+
 def test_an_add_through_the_head_reaches_the_owning_shard(family: Path, tiny_data: Path) -> None:
     servers = _servers(family)
     head = head_index(family, 3, LocalShards(servers))
     head.load_now()
     ds = load_dataset(tiny_data)
     data = ds.image_path(ds.queries.paths[0]).read_bytes()
+    near_it = Prior(1.0, 2.0, 10.0, 5.0)  # nothing of the synthetic map stands there
+
+    def near(searcher: Searcher) -> list[int]:
+        return [h.id for h in searcher.rank_near(searcher.analyze(data), near_it, 5)[0]]
+
+    assert near(head.sync()) == []  # and the spatial index is built: the add below extends it
     rec, added = head.add(data, Location(1.0, 2.0, 30.0))
     assert added
+    assert near(head.sync()) == [rec.id]  # in the spatial index at once
     owner = rec.id % 3
     try:
         assert rec.id in servers[owner].live.sync().images
@@ -139,6 +169,7 @@ def test_an_add_through_the_head_reaches_the_owning_shard(family: Path, tiny_dat
         head.delete(rec.id)
     assert rec.id not in servers[owner].live.sync().images
     assert rec.id not in [h.id for h in search_image(head.sync(), data, 5).hits]
+    assert near(head.sync()) == []
 
 
 def test_a_shard_refuses_a_version_it_no_longer_holds(family: Path) -> None:

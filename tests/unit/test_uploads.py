@@ -141,3 +141,23 @@ def test_single_colour_has_no_keypoints_with_dense_features_too() -> None:
     for data in tiny_and_blank().values():
         with pytest.raises(NoKeypointsError):
             extract_orb(decode_image(data, conf.max_side), conf)
+
+
+def test_oriented_and_decoded_sizes_are_what_decoding_makes() -> None:
+    import io
+
+    from PIL import Image
+
+    from features.decode import decode_image, decoded_size, oriented_size
+
+    img = Image.new("L", (600, 200), 80)
+    img.paste(200, (0, 0, 300, 100))
+    for orientation, want in ((1, (600, 200)), (6, (200, 600)), (3, (600, 200)), (8, (200, 600))):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", exif=exif)
+        assert oriented_size(buf.getvalue()) == want
+        gray = decode_image(buf.getvalue(), 341)
+        assert (gray.shape[1], gray.shape[0]) == decoded_size(*want, 341)
+    assert decoded_size(300, 100, 341) == (300, 100) and decoded_size(682, 100, 341) == (341, 50)

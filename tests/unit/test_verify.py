@@ -199,3 +199,25 @@ def test_the_listwise_head_ranks_what_logistic_regression_gets_wrong() -> None:
     assert listwise_head(same, [np.ones(5), np.zeros(5), np.zeros(5)]) == monotone_head(
         np.concatenate(same), np.concatenate([np.ones(5), np.zeros(5), np.zeros(5)])
     )
+
+
+def test_the_evidence_is_the_inliers_verification_counted_and_their_transform() -> None:
+    from model.verify import Verifier
+
+    conf = get_pipeline("vlad-verify")
+    assert conf.verify is not None
+    base = scene(1)
+    feats = [extract_orb(base, conf.verify_features), extract_orb(scene(2), conf.verify_features)]
+    words = [np.zeros(len(f.descriptors), np.int64) for f in feats]
+    verifier = Verifier(conf.verify, None, MapFeatures.build([10, 20], feats, words), 1, [0.0, 1.0, 0.0])
+    # The photo: the first scene shifted by (9, 6) pixels.
+    q = extract_orb(np.roll(base, (6, 9), axis=(0, 1)), conf.verify_features)
+    q_words = np.zeros(len(q.descriptors), np.int64)
+    inliers = verifier.inliers(q, q_words, [10, 20, 10])
+    ev = verifier.evidence(q, q_words, [10, 20, 10])
+    assert [len(e.query_xy) for e in ev] == inliers.tolist() and inliers[0] > 30
+    t = ev[0].transform
+    assert t is not None and np.allclose(t[:, :2], np.eye(2), atol=0.02)
+    assert np.allclose(t[:, 2], [-9, -6], atol=1.0)  # query pixels -> map pixels
+    assert np.allclose(np.median(ev[0].query_xy - ev[0].map_xy, axis=0), [9, 6], atol=1.0)
+    assert np.array_equal(ev[0].query_xy, ev[2].query_xy)  # the same pair gives the same evidence

@@ -1,23 +1,30 @@
-"""The browser page (static files, no build step) and the map images' thumbnails it shows."""
+"""The browser page (static files, no build step), the map images' thumbnails it shows and their
+positions for its map."""
 
 from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter
+import numpy as np
+from fastapi import APIRouter, Query
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 from PIL import Image, ImageOps
 
 from app.api.deps import SearcherDep, StateDep
 from app.errors import ApiError, documented
+from app.schemas import MapPoints
 from features.decode import ImageDecodeError, probe_image
 from indexer.store import image_file
 from retrieval.live import UnknownImageError
+from retrieval.locate import wgs84_transformer
+from retrieval.searcher import Searcher
 
 router = APIRouter(tags=["web"])
 
@@ -102,3 +109,69 @@ def thumbnail(
     except (OSError, ImageDecodeError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ApiError("image_unavailable", f"the file of map image {image_id} cannot be read") from e
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+
+
+MAP_POINTS_MAX = 200_000
+# The last few answers of /map/points (JSON bytes) by what they depend on: a page load asks for the
+# same one each time, and a large index takes a while to convert.
+_points_cache: OrderedDict[tuple[str, int, int, int, int], bytes] = OrderedDict()
+_points_lock = threading.Lock()
+_POINTS_KEEP = 2
+
+
+def map_points_json(searcher: Searcher, utm_epsg: int, limit: int) -> bytes:
+    """The body of /map/points: the map images sorted by id, every ceil(n/limit)-th of them when
+    there are more than `limit` (the same ones each time), in WGS84."""
+    images = searcher.images
+    key = (searcher.version, searcher.applied.seq, len(images), limit, utm_epsg)
+    with _points_lock:
+        cached = _points_cache.get(key)
+    if cached is not None:
+        return cached
+    ids = sorted(images)
+    total = len(ids)
+    ids = ids[:: max(1, math.ceil(total / limit))]
+    locs = np.array([images[i].loc.as_list() for i in ids], dtype=np.float64).reshape(-1, 3)
+    lat: list[float] = []
+    lon: list[float] = []
+    if ids:
+        lons, lats = wgs84_transformer(utm_epsg).transform(locs[:, 0], locs[:, 1])
+        lat, lon = np.round(lats, 6).tolist(), np.round(lons, 6).tolist()
+    body = MapPoints(
+        total=total,
+        shown=len(ids),
+        ids=ids,
+        latitude=lat,
+        longitude=lon,
+        heading=np.round(locs[:, 2], 1).tolist(),
+    ).model_dump_json()
+    data = body.encode()
+    with _points_lock:
+        _points_cache[key] = data
+        while len(_points_cache) > _POINTS_KEEP:
+            _points_cache.popitem(last=False)
+    return data
+
+
+@router.get(
+    "/map/points",
+    response_model=MapPoints,
+    responses=documented(
+        "invalid_request",
+        "not_ready",
+        example={"invalid_request": "query.limit: Input should be greater than or equal to 1"},
+    ),
+)
+def map_points(
+    searcher: SearcherDep,
+    state: StateDep,
+    limit: Annotated[
+        int,
+        Query(ge=1, le=MAP_POINTS_MAX, description="At most this many points; more images are thinned evenly"),
+    ] = 20_000,
+) -> Response:
+    """Every map image's position (WGS84) and heading, for the page's map. Beyond `limit` images, an
+    evenly thinned subset: every ceil(total/limit)-th image by id, the same ones on every call."""
+    data = map_points_json(searcher, state.settings.utm_epsg, limit)
+    # Built and validated above; returned as bytes, so not validated a second time.
+    return Response(data, media_type="application/json", headers={"Cache-Control": "no-cache"})
