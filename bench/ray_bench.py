@@ -4,8 +4,8 @@
    local cluster whose head has no CPUs and whose worker nodes have one each, with 1 and then 2 worker
    nodes; and the embedded engine's per-image work in 1 and 2 processes on the same images.
 2. Serving: the London index of --preset, published in 2 shards into --out-artifacts, served by
-   `imgsearch serve --engine ray` (2 ingress replicas, a replica per shard, on a head node and a worker
-   node) and by the embedded `imgsearch serve` (3 workers): /search p50 and requests/s at 1 and 8
+   `imgsearch serve --engine ray` (2 ingress replicas, two replicas per shard, on a head node and a
+   worker node) and by the embedded `imgsearch serve` (3 workers): /search p50 and requests/s at 1 and 8
    connections (wrk, as bench/run.py), and whether both return the same hits.
 
 Everything stays on loopback: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set before Ray is imported.
@@ -198,7 +198,10 @@ def markdown(r: dict[str, Any]) -> str:
         "| service | ready s | p50 ms, 1 conn | req/s, 1 conn | p50 ms, 8 conn | req/s, 8 conn | errors | same hits |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    names = {"ray": "Ray Serve: 2 ingress replicas, 2 shards, 2 nodes", "embedded": "embedded: 3 uvicorn workers"}
+    names = {
+        "ray": "Ray Serve: 2 ingress replicas, 2 shards of 2 replicas, 2 nodes",
+        "embedded": "embedded: 3 uvicorn workers",
+    }
     for k, label in names.items():
         x = sv[k]
         lines.append(

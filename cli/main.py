@@ -251,7 +251,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         from cluster import serving
 
-        serving.run(_settings(args), args.address, args.replicas, ready=lambda m: print(m, flush=True))
+        shard_replicas = serving.SHARD_REPLICAS if args.shard_replicas is None else args.shard_replicas
+        serving.run(
+            _settings(args), args.address, args.replicas, lambda m: print(m, flush=True), shard_replicas=shard_replicas
+        )
         return 0
     from app.core.server import Deadlines
 
@@ -411,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--replicas", type=int, default=None, help="ray: ingress replicas (default: autoscaled from 1 to 4)"
     )
+    sp.add_argument(
+        "--shard-replicas",
+        type=int,
+        default=None,
+        help="ray: replicas of each index shard (default 2): a lost one costs no failed search",
+    )
     sp.set_defaults(func=cmd_serve)
     return p
 
@@ -423,14 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO)
-    for flag in ("jobs", "workers", "shards", "actors", "replicas"):
+    for flag in ("jobs", "workers", "shards", "actors", "replicas", "shard_replicas"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
-            print(f"imgsearch: error: --{flag} must be >= 1", file=sys.stderr)
+            print(f"imgsearch: error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     engine = getattr(args, "engine", "embedded")
-    for flag, only in (("address", "ray"), ("actors", "ray"), ("replicas", "ray"), ("workers", "embedded")):
+    ray_only = ("address", "actors", "replicas", "shard_replicas")
+    for flag, only in (*((f, "ray") for f in ray_only), ("workers", "embedded")):
         if getattr(args, flag, None) is not None and engine != only:
-            print(f"imgsearch: error: --{flag} is for --engine {only}", file=sys.stderr)
+            print(f"imgsearch: error: --{flag.replace('_', '-')} is for --engine {only}", file=sys.stderr)
             return 2
     try:
         command: Callable[[argparse.Namespace], int] = args.func  # the sub-command's cmd_* function

@@ -5,7 +5,8 @@ included, is fitted from the other folds (Fitter.fit), and each held-out query i
 Searcher.rank_near with a simulated fix: its true position plus Gaussian noise of `sigma_m` per axis
 (seeded by the seed and the query's row, so every method sees the same fix), a radius of `radius_m`
 and the accuracy sigma_m. The baseline is the fix alone: the map images within the radius ranked by
-their distance to it, the fix itself as the location. Saved as cvprior-<preset>-<hash>.json.
+their distance to it, the fix itself as the location. Saved as cvprior-<preset>-<hash>-....json (the
+figures) and .npz (each query's top hit and errors, for paired comparisons).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from common.clock import utc_timestamp
+from common.files import atomic_write, npz_bytes
 from common.pipeline import Pipeline
 from common.retrieval_metrics import cluster_bootstrap
 from common.threads import single_threaded
@@ -144,9 +146,14 @@ def main(
         "computed_at": utc_timestamp(),
         "results": {},
     }
+    answers: dict[str, np.ndarray] = {"rows": pool[keep], "cell": cell[keep]}
     for name, r in runs.items():
         ranked = [r["ranked"][i] for i in np.flatnonzero(keep)]
         out["results"][name] = figures(ranked, sim_all[pool][keep], r["loc"][keep], r["head"][keep], cell[keep])
+        top = np.array([rows[0] if rows else -1 for rows in ranked], np.int64)
+        answers |= {f"{name}/top1": top, f"{name}/loc_error": r["loc"][keep], f"{name}/heading_error": r["head"][keep]}
+    # Per query, for paired comparisons of two fusions over the same fixes.
+    atomic_write(path.with_suffix(".npz"), npz_bytes(**answers))
     path.write_text(json.dumps(out, indent=1), encoding="utf-8")
     return path
 

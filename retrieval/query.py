@@ -76,21 +76,23 @@ def search_image(
     timings = {} if timings is None else timings
     query = searcher.analyze(data, timings)
     prior, candidates = None, None
-    if position is None:
-        hits = searcher.rank(query, k, timings)
-        head = searcher.location_head
-    else:
-        e, n = to_utm(position.latitude, position.longitude, utm_epsg)
-        accuracy = position.radius_m / 3.0 if position.accuracy_m is None else position.accuracy_m
-        prior = Prior(e, n, position.radius_m, accuracy)
-        hits, candidates = searcher.rank_near(query, prior, k, timings)
-        head = searcher.prior_location_head
-    location = estimate_location(hits, utm_epsg, head=head, heading_head=searcher.heading_head)
-    result = QueryResult(hits, location, searcher.preset, searcher.version, timings, query, prior, candidates)
-    if not explain:
-        return result
-    size = oriented_size(data)
-    explained = explain_hits(searcher, query, hits, size, map_size or (lambda _i: None))
+    # A sharded index's shard calls of this search share one deadline.
+    with searcher.shards.deadline() if searcher.shards is not None else contextlib.nullcontext():
+        if position is None:
+            hits = searcher.rank(query, k, timings)
+            head = searcher.location_head
+        else:
+            e, n = to_utm(position.latitude, position.longitude, utm_epsg)
+            accuracy = position.radius_m / 3.0 if position.accuracy_m is None else position.accuracy_m
+            prior = Prior(e, n, position.radius_m, accuracy)
+            hits, candidates = searcher.rank_near(query, prior, k, timings)
+            head = searcher.prior_location_head
+        location = estimate_location(hits, utm_epsg, head=head, heading_head=searcher.heading_head)
+        result = QueryResult(hits, location, searcher.preset, searcher.version, timings, query, prior, candidates)
+        if not explain:
+            return result
+        size = oriented_size(data)
+        explained = explain_hits(searcher, query, hits, size, map_size or (lambda _i: None))
     return dataclasses.replace(result, query_size=size, explained=explained)
 
 

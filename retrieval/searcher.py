@@ -13,6 +13,7 @@ around them is the same code for both, so a sharded service ranks exactly as a w
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -120,6 +121,10 @@ class ShardClient(Protocol):
 
     def backend(self, head: LoadedIndex) -> Backend:
         """The shards as the backend of the head's searcher of `head` (they answer from its version)."""
+        ...
+
+    def deadline(self) -> AbstractContextManager[None]:
+        """One search's time for all its shard calls, retries included: entered around a search."""
         ...
 
 

@@ -16,10 +16,12 @@ one it is still loading.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -112,7 +114,7 @@ def by_owner(ids: list[int], shards: int) -> dict[int, list[int]]:
     return out
 
 
-Answer = Callable[[], np.ndarray]  # waits for a shard's answer
+Answer = Callable[[], Any]  # waits for a shard's answer
 
 
 def gather(ids: list[int], shards: int, ask: Callable[[int, list[int]], Answer]) -> list[Any]:
@@ -174,6 +176,10 @@ class ShardCalls(ABC):
 
     def backend(self, head: LoadedIndex) -> ShardedBackend:
         return ShardedBackend(self, head)
+
+    def deadline(self) -> AbstractContextManager[None]:
+        """One search's time for its shard calls (none in this process: they cannot hang)."""
+        return contextlib.nullcontext()
 
 
 class ShardedBackend:

@@ -107,7 +107,7 @@ def test_ray_indexing_writes_the_embedded_engines_vectors_in_shards(built: dict)
 
 @pytest.fixture(scope="module")
 def services(built: dict, start_server) -> Iterator[dict]:
-    """The Ray service (2 ingress replicas, one replica per shard) and the embedded one, same index."""
+    """The Ray service (2 ingress replicas, 2 replicas of each shard) and the embedded one, same index."""
     ray_srv = start_server(
         built["env"] | {"RAY_DEDUP_LOGS": "0"},
         wait_path="/readyz",
@@ -178,6 +178,25 @@ def test_ray_serve_answers_as_the_embedded_service(services: dict, london_subset
     assert 400 <= bad.status_code < 500 and bad.status_code == ref.status_code
     assert bad.json() == ref.json() and bad.json()["code"] == "invalid_image"
     assert httpx.get(services["ray"].url + "/metrics/precision", timeout=10).status_code == 401
+
+
+def test_metrics_sum_every_ingress_replica(services: dict, london_subset: Path) -> None:
+    from tests.service.test_observability import scrape, value
+
+    srv = services["ray"]
+    labels = {"handler": "/search", "method": "POST", "status": "200"}
+    before = value(scrape(srv.url), "http_requests_total", **labels)
+    ids = []
+    for data in _queries(london_subset, 6) * 2:
+        r = _search(srv.url, data)
+        assert r.status_code == 200, r.text
+        ids.append(r.headers["x-request-id"])
+    time.sleep(2)  # the access lines reach the driver's output
+    served_by = {_replica_of_requests(srv.output()).get(i) for i in ids}
+    assert len(served_by - {None}) == 2, served_by  # both ingress replicas answered some
+    # Whichever replica answers a scrape, it counts the searches of both.
+    for _ in range(6):
+        assert value(scrape(srv.url), "http_requests_total", **labels) == before + 12
 
 
 def _replica_of_requests(log_text: str) -> dict[str, str]:
@@ -255,31 +274,58 @@ def _shard_status(address: str, shard: int) -> dict:
     return serve.get_deployment_handle(f"Shard{shard}", app_name="imgsearch").status.remote().result(timeout_s=30)
 
 
-def test_a_killed_shard_replica_is_replaced_and_costs_only_clean_503s(
+def _shard_pids(address: str, shard: int, replicas: int = 2, asks: int = 60) -> list[int]:
+    """The processes of shard `shard`'s replicas that answer: its status asked until `replicas` of them
+    have answered (Serve spreads the calls) or `asks` calls were made."""
+    seen: set[int] = set()
+    for _ in range(asks):
+        try:
+            seen.add(int(_shard_status(address, shard)["pid"]))
+        except Exception:  # any handle error: a replica is being replaced
+            time.sleep(0.2)
+        if len(seen) >= replicas:
+            break
+    return sorted(seen)
+
+
+def _replaced(address: str, shard: int, killed: set[int], replicas: int = 2, timeout: float = 120) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = _shard_pids(address, shard)
+        if len(pids) == replicas and not killed & set(pids):
+            return pids
+        time.sleep(1)
+    pytest.fail(f"shard {shard}'s replicas were not replaced within {timeout} s")
+
+
+def test_a_killed_shard_replica_costs_no_search_and_a_lost_shard_only_clean_503s(
     services: dict, london_subset: Path, built: dict
 ) -> None:
-    srv = services["ray"]
-    before = _shard_status(built["address"], 1)
+    srv, address = services["ray"], built["address"]
+    pids = {s: _shard_pids(address, s) for s in (0, 1)}
+    assert all(len(p) == 2 for p in pids.values()), pids  # two replicas of each shard
+    # One replica of each shard killed in turn, under 3 searching clients: the other answers.
     with Load(srv.url, _queries(london_subset, 8)) as load:
-        time.sleep(3)
-        os.kill(int(before["pid"]), signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        for shard in (0, 1):
             time.sleep(2)
-            try:
-                after = _shard_status(built["address"], 1)
-            except Exception:  # any handle error: the replica is still being replaced
-                continue
-            if after["pid"] != before["pid"]:
-                break
-        else:
-            pytest.fail("shard 1's replica was not replaced within 120 s")
-        time.sleep(3)  # searches on the new replica
-    print(f"shard replica killed under load: {dict(load.codes)}")  # for the record (pytest -s)
-    assert set(load.codes) <= {200, 503}, load.codes
-    assert load.codes[200] > 0
+            os.kill(pids[shard][0], signal.SIGKILL)
+            _replaced(address, shard, {pids[shard][0]})
+        time.sleep(2)
+    print(f"one replica of each shard killed under load: {dict(load.codes)}")  # for the record (pytest -s)
+    assert set(load.codes) == {200}, (load.codes, load.bodies[:3])
+    # Every replica of shard 1 lost: clean 503s only, until Serve has replaced them.
+    lost = _shard_pids(address, 1)
+    with Load(srv.url, _queries(london_subset, 8)) as load:
+        time.sleep(2)
+        for pid in lost:
+            os.kill(pid, signal.SIGKILL)
+        _replaced(address, 1, set(lost))
+        time.sleep(3)  # searches on the new replicas
+    print(f"every replica of a shard killed under load: {dict(load.codes)}")  # for the record (pytest -s)
+    assert set(load.codes) <= {200, 503} and load.codes[200] > 0, load.codes
     assert all(b["code"] == "not_ready" for b in load.bodies), load.bodies[:3]
-    assert after["version"] == before["version"] and after["size"] == before["size"]
+    after = _shard_status(address, 1)
+    assert after["version"] == httpx.get(srv.url + "/readyz", timeout=10).json()["index_version"]
     assert _search(srv.url, _queries(london_subset, 1)[0]).status_code == 200
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -141,6 +142,26 @@ def test_evaluate_compares_presets_by_cross_validation(tiny_data: Path, tmp_path
     assert "| **total** |" in (out_dir / "failures-bow.md").read_text()
 
 
+def test_evaluate_cross_validates_prior_searches_against_the_fix_alone(tiny_data: Path, tmp_path: Path) -> None:
+    args = ["--data", str(tiny_data), "--artifacts", str(tmp_path / "a"), "--preset", "bow"]
+    out = run("evaluate", *args, "--prior", "20:60", "--json", timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    body = json.loads(out.stdout)
+    assert body["preset"] == "bow" and body["folds"] == 5 and body["seed"] == 0
+    fused, alone = body["results"]["sigma20-r60/fused"], body["results"]["sigma20-r60/fix-alone"]
+    assert fused["n_queries"] == alone["n_queries"] > 0
+    for fig in (fused, alone):
+        assert 0 <= fig["recall@1"] <= fig["recall@10"] <= 1
+        lo, hi = fig["recall@1_interval"]
+        assert lo <= fig["recall@1"] <= hi
+    # The fix alone answers the fix as the location: every query is answered.
+    assert alone["localisation_answered"] == 1.0 and alone["heading_median_deg"] is None
+    answers = list((tmp_path / "a").glob("*/cvprior-bow-*.npz"))
+    assert len(answers) == 1
+    with np.load(answers[0]) as z:
+        assert len(z["rows"]) == fused["n_queries"] == len(z["sigma20-r60/fused/top1"])
+
+
 @pytest.mark.parametrize("key", ["secret", "aaaaaaaaaaaaaaaaaaaaaaaa"])
 def test_serve_refuses_a_weak_admin_key(key: str) -> None:
     out = run("serve", env={"IMGSEARCH_ADMIN_KEY": key})
@@ -201,6 +222,10 @@ def test_index_refuses_a_count_below_one(flag: str) -> None:
         (["serve", "--replicas", "2"], "--replicas is for --engine ray"),
         (["index", "--address", "127.0.0.1:6379"], "--address is for --engine ray"),
         (["serve", "--engine", "ray", "--workers", "2"], "--workers is for --engine embedded"),
+        (["serve", "--shard-replicas", "2"], "--shard-replicas is for --engine ray"),
+        (["serve", "--engine", "ray", "--shard-replicas", "0"], "--shard-replicas must be >= 1"),
+        (["evaluate", "--prior", "30:0"], "RADIUS in (0, 5000]"),
+        (["evaluate", "--prior", "thirty"], "expected SIGMA:RADIUS"),
     ],
 )
 def test_engine_flags_are_refused_with_the_other_engine(args: list[str], message: str) -> None:

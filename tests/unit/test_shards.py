@@ -201,7 +201,71 @@ def test_the_serve_application_has_one_deployment_per_shard(family: Path, tiny_d
     assert settings["preset"] == PRESET and Path(settings["artifacts"]).is_absolute()
     assert [s._bound_deployment.name for s in shards] == ["Shard0", "Shard1", "Shard2"]
     assert [s._bound_deployment.init_args[1:] for s in shards] == [(0, 3), (1, 3), (2, 3)]
-    scaled = app_builder({"data": str(tiny_data), "artifacts": str(artifacts), "preset": PRESET})
+    assert [s._bound_deployment.num_replicas for s in shards] == [2, 2, 2]  # a lost replica costs no search
+    # Every ingress replica keeps its metrics in one folder of the artifacts, so /metrics sums them.
+    env = ingress.ray_actor_options["runtime_env"]["env_vars"]
+    assert Path(env["PROMETHEUS_MULTIPROC_DIR"]).is_dir() and Path(env["PROMETHEUS_MULTIPROC_DIR"]).is_relative_to(
+        artifacts
+    )
+    scaled = app_builder({"data": str(tiny_data), "artifacts": str(artifacts), "preset": PRESET, "shard_replicas": 3})
+    assert [s._bound_deployment.num_replicas for s in scaled._bound_deployment.init_args[2]] == [3, 3, 3]
     assert scaled._bound_deployment._deployment_config.autoscaling_config.max_replicas == 4
     with pytest.raises(ValidationError, match="unknown preset"):
         app_builder({"data": str(tiny_data), "artifacts": str(artifacts), "preset": "nope"})
+
+
+class _Replica:
+    """A shard replica as a Serve handle's response sees it: dead, slow or answering."""
+
+    def __init__(self, kind: str, value: object = None, delay: float = 0.0) -> None:
+        self.kind, self.value, self.delay = kind, value, delay
+
+    def result(self, timeout_s: float) -> object:
+        import time
+
+        from ray.exceptions import RayActorError
+
+        if self.kind == "dead":
+            raise RayActorError()
+        if self.delay > timeout_s:
+            time.sleep(timeout_s)
+            raise TimeoutError
+        time.sleep(self.delay)
+        return self.value
+
+
+class _Handle:
+    """A deployment handle whose calls go, in turn, to the given replicas (Serve picks one per call)."""
+
+    def __init__(self, *replicas: _Replica) -> None:
+        self.replicas, self.sent = list(replicas), 0
+        self.inliers = self
+
+    def remote(self, *_args: object) -> _Replica:
+        replica = self.replicas[min(self.sent, len(self.replicas) - 1)]
+        self.sent += 1
+        return replica
+
+
+def test_a_failed_or_slow_shard_call_goes_again_and_a_search_has_one_deadline() -> None:
+    import time
+
+    from cluster.serving import RayShards
+
+    empty = OrbFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8))
+    words = np.zeros(0, np.int64)
+    # Shard 0's first replica is dead, shard 1's is slow: both answer through another replica.
+    h0 = _Handle(_Replica("dead"), _Replica("ok", [7]))
+    h1 = _Handle(_Replica("ok", [9], delay=5.0), _Replica("ok", [3]))
+    shards = RayShards([h0, h1], deadline_s=3.0, attempt_s=0.3)
+    with shards.deadline():
+        assert shards.inliers("v", empty, words, [4, 5]).tolist() == [7, 3]
+    assert (h0.sent, h1.sent) == (2, 2)
+    # No replica answers: a clean NotReadyError once the search's one deadline has passed, however
+    # many calls it made (here two shards, each retried).
+    gone = RayShards([_Handle(_Replica("dead")), _Handle(_Replica("ok", [1], delay=60.0))], 1.0, 0.2)
+    t0 = time.monotonic()
+    with gone.deadline(), pytest.raises(NotReadyError, match="did not answer in time"):
+        gone.inliers("v", empty, words, [0, 1])
+        gone.inliers("v", empty, words, [0, 1])
+    assert time.monotonic() - t0 < 1.6
