@@ -24,6 +24,8 @@ class ServiceState:
     # Thumbnails made by this worker (a map image's ~10 KB JPEG), and how many it may make a second.
     thumbnails: ByteLRU = field(init=False, default_factory=lambda: ByteLRU(16 << 20), repr=False)
     thumbnail_rate: TokenBucket = field(init=False, repr=False)
+    # The last answers of /map/points (a page load asks for the same one; a large index takes a while).
+    map_points: ByteLRU = field(init=False, default_factory=lambda: ByteLRU(32 << 20), repr=False)
 
     def __post_init__(self) -> None:
         if self.settings.search_slots:

@@ -28,6 +28,7 @@ from common.threads import single_threaded
 from dataset.layout import Dataset
 from dataset.relevance import heading_diff
 from evaluation.cv import Fitter, cv_name, discard, fold_splits
+from evaluation.cv import per_query as cv_per_query
 from retrieval.locate import DEFAULT_UTM_EPSG, estimate_location
 from retrieval.prior import Prior, simulated_prior
 from retrieval.searcher import Searcher
@@ -57,20 +58,15 @@ def fix_of(dataset: Dataset, q: int, scenario: Scenario, seed: int) -> Prior:
 def per_query(
     ranked: list[list[int]], sim: np.ndarray, loc_err: np.ndarray, head_err: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """(n,) values whose means are the figures (NaN: the query does not count for it)."""
-    n = len(ranked)
-    r1, r10, p10 = np.zeros(n), np.zeros(n), np.zeros(n)
+    """(n,) values whose means are the figures (NaN: the query does not count for it): the area-fold
+    cross-validation's (evaluation/cv.py per_query) of the top K, and the heading's."""
+    padded = np.full((len(ranked), K), -1, np.int64)
     for i, rows in enumerate(ranked):
-        hit = sim[i, rows[:K]] if rows else np.zeros(0, bool)
-        r1[i] = bool(len(hit)) and bool(hit[0])
-        r10[i] = bool(hit.any())
-        p10[i] = hit.sum() / K
-    return {
-        "recall@1": r1,
-        "recall@10": r10,
-        "precision@10": p10,
-        "localised_within_25m": (np.nan_to_num(loc_err, nan=np.inf) < 25.0).astype(np.float64),
-        "heading_within_30deg": np.where(np.isnan(head_err), np.nan, head_err <= 30.0),
+        padded[i, : len(rows[:K])] = rows[:K]
+    values = cv_per_query(padded, sim, loc_err)
+    keys = ("recall@1", "recall@10", "precision@10", "localised_within_25m")
+    return {k: values[k] for k in keys} | {
+        "heading_within_30deg": np.where(np.isnan(head_err), np.nan, head_err <= 30.0)
     }
 
 

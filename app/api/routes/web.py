@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import math
-import threading
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +16,7 @@ from fastapi.responses import FileResponse, Response
 from PIL import Image, ImageOps
 
 from app.api.deps import SearcherDep, StateDep
+from app.core.cache import ByteLRU
 from app.errors import ApiError, documented
 from app.schemas import MapPoints
 from features.decode import ImageDecodeError, probe_image
@@ -112,20 +111,14 @@ def thumbnail(
 
 
 MAP_POINTS_MAX = 200_000
-# The last few answers of /map/points (JSON bytes) by what they depend on: a page load asks for the
-# same one each time, and a large index takes a while to convert.
-_points_cache: OrderedDict[tuple[str, int, int, int, int], bytes] = OrderedDict()
-_points_lock = threading.Lock()
-_POINTS_KEEP = 2
 
 
-def map_points_json(searcher: Searcher, utm_epsg: int, limit: int) -> bytes:
+def map_points_json(searcher: Searcher, utm_epsg: int, limit: int, cache: ByteLRU) -> bytes:
     """The body of /map/points: the map images sorted by id, every ceil(n/limit)-th of them when
     there are more than `limit` (the same ones each time), in WGS84."""
     images = searcher.images
     key = (searcher.version, searcher.applied.seq, len(images), limit, utm_epsg)
-    with _points_lock:
-        cached = _points_cache.get(key)
+    cached = cache.get(key)
     if cached is not None:
         return cached
     ids = sorted(images)
@@ -146,10 +139,7 @@ def map_points_json(searcher: Searcher, utm_epsg: int, limit: int) -> bytes:
         heading=np.round(locs[:, 2], 1).tolist(),
     ).model_dump_json()
     data = body.encode()
-    with _points_lock:
-        _points_cache[key] = data
-        while len(_points_cache) > _POINTS_KEEP:
-            _points_cache.popitem(last=False)
+    cache.put(key, data)
     return data
 
 
@@ -172,6 +162,6 @@ def map_points(
 ) -> Response:
     """Every map image's position (WGS84) and heading, for the page's map. Beyond `limit` images, an
     evenly thinned subset: every ceil(total/limit)-th image by id, the same ones on every call."""
-    data = map_points_json(searcher, state.settings.utm_epsg, limit)
+    data = map_points_json(searcher, state.settings.utm_epsg, limit, state.map_points)
     # Built and validated above; returned as bytes, so not validated a second time.
     return Response(data, media_type="application/json", headers={"Cache-Control": "no-cache"})
