@@ -115,10 +115,11 @@ def write_data_folder(folder: Path, london: Path, records: list[store.ImageRecor
 
 
 def build_collection(
-    args: argparse.Namespace, london: store.LoadedIndex
+    args: argparse.Namespace, london: store.LoadedIndex, shards: int = 1
 ) -> tuple[Path, Path, np.ndarray, np.ndarray, dict[str, Any]]:
-    """Data folder and published version of the collection; returns (data folder, version, vectors,
-    generated queries, build figures)."""
+    """Data folder and published version of the collection, in `shards` shards (store.publish splits
+    the index by id, each shard of the kind its own size calls for); returns (data folder, version,
+    vectors, generated queries, build figures)."""
     t0 = time.perf_counter()
     xb, gen = collection(london, args.size, args.per_place, args.spread, args.seed)
     generate_s = time.perf_counter() - t0
@@ -138,7 +139,7 @@ def build_collection(
     manifest |= {"data": str(data), "generated": {"size": args.size, "keypoints": args.keypoints, "seed": args.seed}}
     t0 = time.perf_counter()
     family = store.index_family(args.work / "artifacts", data, conf.name)
-    version = store.publish(family, index, records, files, manifest)
+    version = store.publish(family, index, records, files, manifest, shards)
     publish_s = time.perf_counter() - t0
     (args.work / "verify.npz").unlink(missing_ok=True)
     figures = {"generate_s": round(generate_s, 1), "index_build_s": round(index_s, 1), "publish_s": round(publish_s, 1)}

@@ -137,17 +137,15 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(store.rollback(family)[1] if args.rollback else compact(family))
         return 0
     if args.engine == "ray":
-        import functools
-
         import ray
 
         from cluster import connect
-        from cluster.indexing import embed_map_images
+        from cluster.indexing import RayEngine
 
         dataset = _dataset(s)  # refused before connecting to a cluster when the data folder is wrong
         connect(args.address)
-        engine = functools.partial(embed_map_images, actors=args.actors)
         try:
+            engine = RayEngine(args.actors)
             print(run_index(s.preset, dataset, s.artifacts, args.jobs, args.force, args.shards or 2, engine))
         finally:
             ray.shutdown()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from common.clock import utc_timestamp
-from common.files import sha256_bytes
+from common.files import atomic_write_text, sha256_bytes
 from common.pipeline import FeaturesConf, Pipeline
 from common.threads import single_threaded
 from dataset.layout import Dataset
@@ -61,6 +61,9 @@ class StagedIndex:
     staged: list[Path] = field(default_factory=list)  # files written only to be copied in, removed after
     t0: float = field(default_factory=time.time)
     shards: int = 1  # published split into this many shards by image id (indexer/store.py)
+    # The staging folder (store.staging) holding the version's files, when others wrote its shards
+    # (stage_written); None: the index is in memory, written at publish.
+    directory: Path | None = None
 
     def set_verify_head(self, head: list[float]) -> None:
         assert self.loaded.verifier is not None
@@ -89,6 +92,16 @@ class MapArrays:
     embeddings: np.ndarray  # (n, dim) float32
     ok: np.ndarray  # (n,) bool: False for an image without features (it gets the zero vector's embedding)
     keypoints: MapFeatures | None  # verification keypoints, for presets that verify
+
+
+@dataclass
+class WrittenShards:
+    """What the writers of a version's shards (cluster/indexing.py) tell its publisher: no vectors or
+    keypoints, only which images had features and what each shard's files are."""
+
+    ok: np.ndarray  # (n,) bool, in database.json order: False for an image without features
+    kinds: list[str]  # each shard's index kind
+    checksums: dict[str, str]  # every shard file's sha256
 
 
 def image_vector(data: bytes, conf: Pipeline, vectorizer: Vectorizer) -> np.ndarray | None:
@@ -123,6 +136,20 @@ def embed_map_images(
     return MapArrays(encoder.embed(xd), ok, keypoints)
 
 
+def _manifest(conf: Pipeline, dataset: Dataset, model_dir: Path, ok: np.ndarray) -> dict[str, Any]:
+    model_manifest = (model_dir / "manifest.json").read_text(encoding="utf-8")
+    return {
+        "preset": conf.name,
+        "conf": conf.to_json(),
+        "data": str(dataset.root),
+        "model": model_dir.name,
+        # The model's files and their hashes, as its own manifest lists them.
+        "model_files": json.loads(model_manifest)["files"],
+        "model_manifest_sha256": sha256_bytes(model_manifest.encode()),
+        "images_without_features": int((~ok).sum()),
+    }
+
+
 def build(
     conf: Pipeline,
     dataset: Dataset,
@@ -152,17 +179,7 @@ def build(
         "encoder.npz": model_dir / "encoder.npz",
         "split.json": model_dir / "split.json",
     }
-    model_manifest = (model_dir / "manifest.json").read_text(encoding="utf-8")
-    manifest: dict[str, Any] = {
-        "preset": conf.name,
-        "conf": conf.to_json(),
-        "data": str(dataset.root),
-        "model": model_dir.name,
-        # The model's files and their hashes, as its own manifest lists them.
-        "model_files": json.loads(model_manifest)["files"],
-        "model_manifest_sha256": sha256_bytes(model_manifest.encode()),
-        "images_without_features": int((~arrays.ok).sum()),
-    }
+    manifest = _manifest(conf, dataset, model_dir, arrays.ok)
     verifier, staged = None, []
     if conf.verify is not None:
         if arrays.keypoints is None:
@@ -178,6 +195,41 @@ def build(
     return StagedIndex(loaded, family, files, staged, t0, shards)
 
 
+def stage_written(
+    conf: Pipeline,
+    dataset: Dataset,
+    vectors_path: Path,
+    model_dir: Path,
+    directory: Path,
+    written: WrittenShards,
+    shards: int,
+) -> StagedIndex:
+    """The head of a version whose `shards` were written into the staging folder `directory` by others
+    (cluster/indexing.py): the id map and models are added, with a manifest that makes the folder
+    loadable (heads not fitted yet), and the head is loaded, to be searched through the shards."""
+    t0 = time.time()
+    if len(written.ok) != len(dataset.database) or len(written.kinds) != shards:
+        raise ValueError(f"{len(written.ok)} images in {len(written.kinds)} shards written, not {shards}")
+    encoder = NumpyEncoder.load(model_dir / "encoder.npz")
+    images = [
+        store.ImageRecord(i, dataset.database.paths[i], dataset.database.location(i))
+        for i in range(len(dataset.database))
+    ]
+    files = {"vectorizer.npz": vectorizer_path(vectors_path), "encoder.npz": model_dir / "encoder.npz"}
+    files["split.json"] = model_dir / "split.json"
+    manifest = _manifest(conf, dataset, model_dir, written.ok) | {"dim": encoder.dim, "index_kinds": written.kinds}
+    if conf.verify is not None:
+        manifest["verify_head"] = PRIOR_VERIFY_HEAD
+    checksums = written.checksums | store.write_head(directory, images, files)
+    manifest = store.staged_manifest(dict(manifest, checksums=checksums), images, shards)
+    atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=1))
+    try:
+        head = store.load(directory, store.Part(None, shards))
+    except store.IndexLoadError as e:
+        raise ValueError(f"the written shards do not make a version: {e}") from e
+    return StagedIndex(head, directory.parent, {}, [], t0, shards, directory)
+
+
 def publish(staged: StagedIndex, metrics: dict[str, Any] | None = None) -> Path:
     """Publish a staged index as the family's new current version (with its held-out `metrics`,
     if measured); returns the version folder."""
@@ -185,6 +237,11 @@ def publish(staged: StagedIndex, metrics: dict[str, Any] | None = None) -> Path:
     if metrics is not None:
         manifest["metrics"] = metrics
     images = [staged.loaded.images[i] for i in sorted(staged.loaded.images)]
+    if staged.directory is not None:
+        family, checksums = staged.family, manifest["checksums"]
+        out = store.publish_staged(family, staged.directory, images, manifest, staged.shards, checksums)
+        log.info("published index %s (%d images, shards written by others)", out, len(images))
+        return out
     try:
         out = store.publish(staged.family, staged.loaded.index, images, staged.files, manifest, staged.shards)
     finally:

@@ -47,7 +47,6 @@ from common.files import (
     confined_file,
     file_mode,
     fsync_directory,
-    fsync_files,
     json_digest,
     make_dirs,
     sha256_file,
@@ -274,24 +273,120 @@ def publish(
     The files are written and fsync'd without the family's lock, so a rollback need not wait for a
     build; the lock is held only to name the version, rename it in, move CURRENT and prune. Raises
     StorageError (StorageFullError) when the disk refuses; nothing is published then."""
+    with staging(family) as tmp:
+        parts = [index] if shards == 1 else split_index(index, shards, Pipeline.from_json(manifest["conf"]).index)
+        kinds = []
+        for i, part in enumerate(parts):
+            write_index(part, tmp, i, shards)
+            kinds.append(part.kind if isinstance(part, PQIndex) else EXACT)
+        head = dict(files)
+        if "verify.npz" in files and shards > 1:
+            kp = MapFeatures.load(head.pop("verify.npz"))
+            for i in range(shards):
+                kp.subset(kp.ids % shards == i).save(tmp / shard_file("verify.npz", i, shards))
+        checksums = seal_files(tmp, [f.name for f in tmp.iterdir() if f.name != OWNER])
+        checksums |= write_head(tmp, images, head)
+        manifest = dict(manifest, index_kinds=kinds, dim=int(index.d))
+        return publish_staged(family, tmp, images, manifest, shards, checksums)
+
+
+@contextlib.contextmanager
+def staging(family: Path) -> Iterator[Path]:
+    """A new version's temporary folder in `family`, for its shards' files (written by this process
+    or by others: cluster/indexing.py) until publish_staged renames it in; removed if that does not
+    happen. Dot-named, so never listed as a version; the owner's lock tells a live publisher's folder
+    from one a killed publisher left (sweep_publishers)."""
     with storage_errors(f"publishing a version of {family}"):
         make_dirs(family)
-        # Dot-named, so never listed as a version; the owner's lock tells a live publisher's folder
-        # from one a killed publisher left (sweep_publishers).
         tmp = family / f".v-{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
         tmp.mkdir()
         owner = open(tmp / OWNER, "w")  # noqa: SIM115 - held until the folder is renamed in or removed
         try:
             fcntl.flock(owner, fcntl.LOCK_EX)
-            kinds, checksums = _write_contents(tmp, index, images, files, manifest, shards)
-            manifest = dict(manifest, index_kinds=kinds, checksums=checksums)  # per shard: what read_index reads
-            with publish_lock(family):
-                return _rename_in(family, tmp, index, images, manifest, shards)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            yield tmp
         finally:
             owner.close()
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed in
+
+
+def seal_files(directory: Path, names: list[str]) -> dict[str, str]:
+    """The files' checksums, after giving them the artifacts' mode (FAISS and numpy write with their
+    own) and fsyncing them: what a shard's writer returns to the publisher."""
+    mode = file_mode()
+    checksums = {}
+    for name in sorted(names):
+        f = directory / name
+        f.chmod(mode)
+        checksums[name] = sha256_file(f)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return checksums
+
+
+def write_shard(
+    directory: Path, index: AnyIndex, keypoints: MapFeatures | None, shard: int, shards: int
+) -> tuple[str, dict[str, str]]:
+    """One shard's files (its index, and its verification keypoints if any) in a staging folder;
+    returns the index kind and the files' checksums, for publish_staged."""
+    write_index(index, directory, shard, shards)
+    names = [shard_file("index.faiss", shard, shards)]
+    if isinstance(index, PQIndex):
+        names.append(shard_file(VECTORS_FILE, shard, shards))
+    if keypoints is not None:
+        names.append(keypoints.save(directory / shard_file("verify.npz", shard, shards)).name)
+    return (index.kind if isinstance(index, PQIndex) else EXACT), seal_files(directory, names)
+
+
+def staged_manifest(manifest: dict[str, Any], images: list[ImageRecord], shards: int) -> dict[str, Any]:
+    """`manifest` with what every version's holds (MANIFEST_KEYS) but its name, for a staged version;
+    `manifest` brings conf, dim, index_kinds and the shard files' checksums."""
+    ids = [r.id for r in images]
+    return (
+        {"version": "staged", "seq": 0, "previous": None}
+        | manifest
+        | dict(
+            count=len(images),
+            shards=shards,
+            changes_seq=int(manifest.get("changes_seq", 0)),
+            # Ids are never given out twice, even after the images holding them were deleted.
+            max_id=max([int(manifest.get("max_id", -1)), *ids], default=-1),
+        )
+    )
+
+
+def write_head(directory: Path, images: list[ImageRecord], files: dict[str, Path]) -> dict[str, str]:
+    """The files every process of a version reads (id map, models) in its staging folder; returns
+    their checksums."""
+    (directory / "images.json").write_text(json.dumps([r.to_json() for r in images]), encoding="utf-8")
+    for name, src in files.items():
+        shutil.copyfile(src, directory / name)
+    return seal_files(directory, ["images.json", *files])
+
+
+def publish_staged(
+    family: Path,
+    tmp: Path,
+    images: list[ImageRecord],
+    manifest: dict[str, Any],
+    shards: int,
+    checksums: dict[str, str],
+) -> Path:
+    """Publish the staging folder `tmp` (staging()) whose files are all written (write_shard for each
+    shard, write_head), with their `checksums` and `manifest["index_kinds"]`: with the publish lock
+    held, the version is named, its manifest written, the folder renamed in, CURRENT moved and old
+    versions pruned."""
+    with storage_errors(f"publishing a version of {family}"):
+        unlisted = {OWNER, CHECKED, "manifest.json"}
+        missing = sorted(f.name for f in tmp.iterdir() if f.name not in checksums and f.name not in unlisted)
+        if missing:
+            raise ValueError(f"{tmp}: files without a checksum: {missing}")
+        fsync_directory(tmp)
+        manifest = staged_manifest(dict(manifest, checksums=checksums), images, shards)
+        with publish_lock(family):
+            return _rename_in(family, tmp, manifest)
 
 
 OWNER = ".owner"  # in a version's temporary folder: its publisher holds an exclusive flock on it
@@ -322,36 +417,7 @@ def publish_lock(family: Path) -> Iterator[None]:
         yield
 
 
-def _write_contents(
-    tmp: Path, index: AnyIndex, images: list[ImageRecord], files: dict[str, Path], manifest: dict[str, Any], shards: int
-) -> tuple[list[str], dict[str, str]]:
-    """The version's data files in `tmp`, fsync'd; returns each shard's index kind and the files'
-    checksums."""
-    parts = [index] if shards == 1 else split_index(index, shards, Pipeline.from_json(manifest["conf"]).index)
-    for i, part in enumerate(parts):
-        write_index(part, tmp, i, shards)
-    (tmp / "images.json").write_text(json.dumps([r.to_json() for r in images]), encoding="utf-8")
-    for name, src in files.items():
-        if name == "verify.npz" and shards > 1:
-            kp = MapFeatures.load(src)
-            for i in range(shards):
-                kp.subset(kp.ids % shards == i).save(tmp / shard_file(name, i, shards))
-        else:
-            shutil.copyfile(src, tmp / name)
-    mode = file_mode()
-    checksums = {}
-    for f in sorted(tmp.iterdir()):
-        if f.name == OWNER:
-            continue
-        f.chmod(mode)  # FAISS and numpy write with their own modes
-        checksums[f.name] = sha256_file(f)
-    fsync_files(tmp)  # before the lock: at a million map images this is gigabytes
-    return [p.kind if isinstance(p, PQIndex) else EXACT for p in parts], checksums
-
-
-def _rename_in(
-    family: Path, tmp: Path, index: AnyIndex, images: list[ImageRecord], manifest: dict[str, Any], shards: int
-) -> Path:
+def _rename_in(family: Path, tmp: Path, manifest: dict[str, Any]) -> Path:
     """With the publish lock held: name the version, write its manifest, rename it in, point CURRENT
     at it, and prune."""
     try:
@@ -361,19 +427,12 @@ def _rename_in(
     seq = 1 + max((version_seq(v.name) for v in versions(family)), default=0)
     version = f"v{seq:0{SEQ_WIDTH}d}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     previous = read_pointer(family)
-    ids = [r.id for r in images]
     manifest = dict(
         manifest,
         version=version,
         seq=seq,
         # The version served before this one: what a rollback returns to and pruning keeps.
         previous=previous if previous is not None and _is_version(family, previous) else None,
-        count=int(index.ntotal),
-        dim=int(index.d),
-        shards=shards,
-        changes_seq=int(manifest.get("changes_seq", 0)),
-        # Ids are never given out twice, even after the images holding them were deleted.
-        max_id=max([int(manifest.get("max_id", -1)), *ids], default=-1),
     )
     atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
     _record_checked(tmp, _hashed(tmp, manifest["checksums"]))

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from features.orb import OrbFeatures
-from indexer.store import LoadedIndex, Part, shard_of
+from indexer.store import LoadedIndex, Part, load, shard_of
 from model.verify import Evidence
 from retrieval.live import LiveIndex, NotReadyError
 from retrieval.searcher import Hit, Searcher, ShardClient
@@ -98,6 +98,24 @@ class ShardServer:
             "version": None if s is None else s.version,
             "size": 0 if s is None else s.size,
         }
+
+
+class StagedShardServer(ShardServer):
+    """One shard of a version still in its staging folder (indexer/store.py: staging), for the build
+    that fits the version's heads through its shards before publishing it: one fixed searcher, which
+    answers whatever version name the head gives (the staged one has none yet)."""
+
+    def __init__(self, directory: Path, shard: int, shards: int) -> None:
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard {shard} of {shards} does not exist")
+        self.shard, self.shards = shard, shards
+        self.searcher = Searcher(load(directory, Part(shard, shards)))
+
+    def at(self, version: str, wait: float = VERSION_WAIT_S) -> Searcher:
+        return self.searcher
+
+    def status(self) -> dict[str, object]:
+        return {"shard": self.shard, "pid": os.getpid(), "version": "staged", "size": self.searcher.size}
 
 
 def merge_hits(parts: Sequence[list[Hit]], k: int) -> list[Hit]:

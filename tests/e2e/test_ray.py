@@ -11,17 +11,16 @@ drivers and Serve's HTTP proxies on 127.0.0.1; the cluster fixture checks it bef
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import numpy as np
@@ -67,6 +66,16 @@ def _cli(env: dict[str, str], *args: str) -> Path:
     )
     assert out.returncode == 0, out.stderr[-4000:]
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def ray_faults() -> ModuleType:
+    """bench/ray_faults.py: the replica kills that bench/ray_bench.py measures, asserted on here."""
+    spec = importlib.util.spec_from_file_location("ray_faults", ROOT / "bench" / "ray_faults.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")
@@ -228,113 +237,27 @@ def test_an_add_on_one_ingress_replica_is_found_through_another(services: dict, 
     assert all(h["id"] != new_id for h in _search(srv.url, data, k=3).json()["results"])
 
 
-class Load:
-    """Clients searching in a loop until stopped; every status code is kept."""
-
-    def __init__(self, url: str, queries: list[bytes], clients: int = 3) -> None:
-        self.url, self.queries = url, queries
-        self.codes: Counter[int] = Counter()
-        self.bodies: list[dict] = []
-        self.versions: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def _run(self, i: int) -> None:
-        n = i
-        while not self._stop.is_set():
-            try:
-                r = _search(self.url, self.queries[n % len(self.queries)], timeout=30)
-            except httpx.TransportError:
-                self.codes[-1] += 1
-                continue
-            self.codes[r.status_code] += 1
-            body = r.json()
-            if r.status_code == 200:
-                self.versions.append(body["index_version"])
-            else:
-                self.bodies.append(body)
-            n += 1
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
-
-
-def _shard_status(address: str, shard: int) -> dict:
-    from ray import serve
-
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level="WARNING")
-    return serve.get_deployment_handle(f"Shard{shard}", app_name="imgsearch").status.remote().result(timeout_s=30)
-
-
-def _shard_pids(address: str, shard: int, replicas: int = 2, asks: int = 60) -> list[int]:
-    """The processes of shard `shard`'s replicas that answer: its status asked until `replicas` of them
-    have answered (Serve spreads the calls) or `asks` calls were made."""
-    seen: set[int] = set()
-    for _ in range(asks):
-        try:
-            seen.add(int(_shard_status(address, shard)["pid"]))
-        except Exception:  # any handle error: a replica is being replaced
-            time.sleep(0.2)
-        if len(seen) >= replicas:
-            break
-    return sorted(seen)
-
-
-def _replaced(address: str, shard: int, killed: set[int], replicas: int = 2, timeout: float = 120) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = _shard_pids(address, shard)
-        if len(pids) == replicas and not killed & set(pids):
-            return pids
-        time.sleep(1)
-    pytest.fail(f"shard {shard}'s replicas were not replaced within {timeout} s")
-
-
 def test_a_killed_shard_replica_costs_no_search_and_a_lost_shard_only_clean_503s(
-    services: dict, london_subset: Path, built: dict
+    services: dict, london_subset: Path, built: dict, ray_faults: ModuleType
 ) -> None:
-    srv, address = services["ray"], built["address"]
-    pids = {s: _shard_pids(address, s) for s in (0, 1)}
-    assert all(len(p) == 2 for p in pids.values()), pids  # two replicas of each shard
+    srv = services["ray"]
+    faults = ray_faults.replica_kills(srv.url, built["address"], _queries(london_subset, 8))
+    print(f"replicas killed under load: {faults}")  # for the record (pytest -s)
     # One replica of each shard killed in turn, under 3 searching clients: the other answers.
-    with Load(srv.url, _queries(london_subset, 8)) as load:
-        for shard in (0, 1):
-            time.sleep(2)
-            os.kill(pids[shard][0], signal.SIGKILL)
-            _replaced(address, shard, {pids[shard][0]})
-        time.sleep(2)
-    print(f"one replica of each shard killed under load: {dict(load.codes)}")  # for the record (pytest -s)
-    assert set(load.codes) == {200}, (load.codes, load.bodies[:3])
-    # Every replica of shard 1 lost: clean 503s only, until Serve has replaced them.
-    lost = _shard_pids(address, 1)
-    with Load(srv.url, _queries(london_subset, 8)) as load:
-        time.sleep(2)
-        for pid in lost:
-            os.kill(pid, signal.SIGKILL)
-        _replaced(address, 1, set(lost))
-        time.sleep(3)  # searches on the new replicas
-    print(f"every replica of a shard killed under load: {dict(load.codes)}")  # for the record (pytest -s)
-    assert set(load.codes) <= {200, 503} and load.codes[200] > 0, load.codes
-    assert all(b["code"] == "not_ready" for b in load.bodies), load.bodies[:3]
-    after = _shard_status(address, 1)
-    assert after["version"] == httpx.get(srv.url + "/readyz", timeout=10).json()["index_version"]
-    assert _search(srv.url, _queries(london_subset, 1)[0]).status_code == 200
+    assert faults["replica_kill_non200"] == 0 and faults["replica_kill_codes"].get("200", 0) > 0, faults
+    # Every replica of a shard lost: clean 503s only, until Serve has replaced them.
+    assert set(faults["shard_loss_statuses"]) <= {"200", "503"} and faults["shard_loss_statuses"]["200"] > 0
+    assert faults["shard_loss_error_codes"] in ([], ["not_ready"]), faults
+    assert faults["shard_loss_recovered"]
+    assert faults["shard_version_after"] == httpx.get(srv.url + "/readyz", timeout=10).json()["index_version"]
 
 
 def test_a_new_version_reaches_every_replica_without_a_failed_request(
-    services: dict, london_subset: Path, built: dict
+    services: dict, london_subset: Path, built: dict, ray_faults: ModuleType
 ) -> None:
     srv = services["ray"]
     old = httpx.get(srv.url + "/readyz", timeout=10).json()["index_version"]
-    with Load(srv.url, _queries(london_subset, 8)) as load:
+    with ray_faults.Load(srv.url, _queries(london_subset, 8)) as load:
         time.sleep(2)
         new = _cli(built["env"], "index", "--compact")  # publishes a new version of the same shards
         deadline = time.monotonic() + 60
@@ -346,4 +269,4 @@ def test_a_new_version_reaches_every_replica_without_a_failed_request(
     assert set(load.codes) == {200}, (load.codes, load.bodies[:3])
     tail = load.versions[-6:]
     assert tail and set(tail) == {new.name}, load.versions[-12:]
-    assert _shard_status(built["address"], 0)["version"] == new.name
+    assert ray_faults.shard_status(built["address"], 0)["version"] == new.name

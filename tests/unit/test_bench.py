@@ -506,3 +506,19 @@ def test_slow_clients_says_to_build_a_missing_index(tmp_path: Path, capsys: pyte
     assert sc.main(["--data", str(data), "--artifacts", str(tmp_path / "art"), "--preset", "paper"]) == 2
     err = capsys.readouterr().err
     assert "no index of preset paper" in err and f"IMGSEARCH_DATA={data}" in err and "make build" in err
+
+
+def test_a_driver_probe_collection_past_the_map_images_repeats_them_with_ground_truth_padded() -> None:
+    from dataset.layout import Dataset, ImageSet
+
+    ray_bench = _module("ray_bench")
+    db = ImageSet(["a.jpg", "b.jpg", "c.jpg"], np.arange(9, dtype=np.float64).reshape(3, 3))
+    sim = np.array([[True, False, True], [False, True, False]])
+    ds = Dataset(Path("/x"), db, ImageSet(["q1.jpg", "q2.jpg"], np.zeros((2, 3))), sim, sim.astype(np.float32))
+    cut = ray_bench.first_map_images(ds, 2)
+    assert cut.database.paths == ["a.jpg", "b.jpg"] and cut.sim.shape == (2, 2) and np.shares_memory(cut.sim, sim)
+    big = ray_bench.first_map_images(ds, 7)
+    assert big.database.paths == ["a.jpg", "b.jpg", "c.jpg"] * 2 + ["a.jpg"]
+    assert np.array_equal(big.database.loc[6], db.loc[0])
+    assert big.sim.shape == big.fov.shape == (2, 7) and big.fov.dtype == np.float32
+    assert np.array_equal(big.sim[:, :3], sim) and not big.sim[:, 3:].any() and not big.fov[:, 3:].any()

@@ -3,7 +3,9 @@ whole index, online changes included (the Ray engine puts the same ShardServers 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,15 @@ from retrieval.live import LiveIndex, NotReadyError
 from retrieval.prior import Prior
 from retrieval.query import search_image
 from retrieval.searcher import LocalBackend, Searcher
-from retrieval.shards import LocalShards, ShardedBackend, ShardServer, by_owner, head_index, merge_hits
+from retrieval.shards import (
+    LocalShards,
+    ShardedBackend,
+    ShardServer,
+    StagedShardServer,
+    by_owner,
+    head_index,
+    merge_hits,
+)
 
 PRESET = "dense-rvlad-verify"  # verifies, and needs no Keras training: quick on the tiny data
 
@@ -269,3 +279,76 @@ def test_a_failed_or_slow_shard_call_goes_again_and_a_search_has_one_deadline() 
         gone.inliers("v", empty, words, [0, 1])
         gone.inliers("v", empty, words, [0, 1])
     assert time.monotonic() - t0 < 1.6
+
+
+class LocalEngine:
+    """The Ray engine's shard writers and staged shard servers (cluster/indexing.py), in this process:
+    the same part files, shard tasks and publishing, without a cluster. `lose` drops one part file."""
+
+    def __init__(self, lose: bool = False) -> None:
+        self.lose = lose
+
+    def write(self, conf, dataset, vectorizer_file: Path, encoder_file: Path, directory: Path, shards: int):
+        from cluster.indexing import PARTS, PartWriter, write_shard
+        from indexer.build import WrittenShards
+
+        parts = directory / PARTS
+        parts.mkdir()
+        writer = PartWriter(conf, str(vectorizer_file), str(encoder_file), str(parts), shards)
+        n = len(dataset.database)
+        paths = np.array([str(dataset.image_path(p)) for p in dataset.database.paths])
+        ok = np.zeros(n, bool)
+        for start in range(0, n, 7):  # batches that do not line up with the shards
+            ids = np.arange(start, min(n, start + 7))
+            out = writer({"id": ids, "path": paths[ids]})
+            ok[out["id"]] = out["ok"]
+        if self.lose:
+            next(parts.glob("s1-*.emb.npz")).unlink()
+        written = [write_shard(conf, str(parts), str(directory), s, shards, n) for s in range(shards)]
+        shutil.rmtree(parts)
+        return WrittenShards(ok, [k for k, _ in written], {k: v for _, sums in written for k, v in sums.items()})
+
+    @contextlib.contextmanager
+    def serve(self, directory: Path, shards: int):
+        yield LocalShards([StagedShardServer(directory, s, shards) for s in range(shards)])
+
+
+def test_shards_written_by_workers_publish_the_version_the_embedded_build_does(
+    family: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver gets no vectors: the writers' part files become each shard's files, the heads are
+    fitted through the staged shards, and the version equals the one built in memory."""
+    import cluster.indexing
+    from cli.stages import run_index
+
+    monkeypatch.setattr(cluster.indexing, "single_threaded_kernels", lambda: None)  # this process's threads
+    artifacts = family.parent.parent
+    ds = load_dataset(tiny_data)
+    before = store.versions(family)[-1]
+    written = run_index(PRESET, ds, artifacts, jobs=1, force=True, shards=3, engine=LocalEngine())
+    assert written.parent == family and written.name > before.name
+    assert not [p for p in family.iterdir() if p.name.startswith(".v-")]  # the staging folder was renamed in
+    a, b = store.load(before), store.load(written)
+    assert a.images == b.images and a.manifest["index_kinds"] == b.manifest["index_kinds"]
+    ids_a, xa = store.index_contents(a.index)
+    ids_b, xb = store.index_contents(b.index)
+    assert np.array_equal(np.sort(ids_a), np.sort(ids_b))
+    assert np.allclose(xa[np.argsort(ids_a)], xb[np.argsort(ids_b)], rtol=0, atol=1e-5)
+    for i in range(3):
+        pa, pb = (MapFeatures.load(v / f"verify.s{i}.npz") for v in (before, written))
+        for field in ("ids", "offsets", "xy", "descriptors", "words", "angles"):
+            assert np.array_equal(getattr(pa, field), getattr(pb, field), equal_nan=True), field
+    assert np.allclose(a.manifest["verify_head"], b.manifest["verify_head"], atol=1e-4)
+    assert a.manifest["location_head"] == pytest.approx(b.manifest["location_head"], abs=1e-4)
+
+
+def test_a_lost_part_publishes_nothing(family: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cluster.indexing
+    from cli.stages import run_index
+
+    monkeypatch.setattr(cluster.indexing, "single_threaded_kernels", lambda: None)
+    current = store.current_version(family)
+    with pytest.raises(RuntimeError, match="shard 1: the parts hold"):
+        run_index(PRESET, load_dataset(tiny_data), family.parent.parent, 1, True, 3, LocalEngine(lose=True))
+    assert store.current_version(family) == current
+    assert not [p for p in family.iterdir() if p.name.startswith(".v-")]
