@@ -19,17 +19,10 @@ for (indexer/kinds.py: fast-scan PQ codes with an exact re-rank at 500,000 entri
 3. Ray stopped, the embedded `imgsearch serve --workers N` on the same version, alike.
 
 What Ray's answers must equal (`million_same_top10`): the in-process head over the same shard files,
-which runs the very code and files each Ray replica runs, so any difference from it is Ray's. Not the
-embedded service: it loads a sharded version whole by merging the parts (indexer/store.py:
-merge_indexes), which builds one index of the kind the total size calls for, at a million PQ codes
-trained anew on all the vectors (the index a one-shard version has), not the shards' codes. Its first
-stage is another approximation (one shortlist of 800 and re-rank of 30, where two shards have one
-each, merged): at a million, 0 of 100 London queries had the same top 10 either way, the 200-deep pools
-of 8 of them shared 30-46 ids, and the first stage's recall@10 against exact search was 0.205 merged and
-0.248 sharded, in the generated entries that crowd each query's neighbourhood. The agreement with the
-embedded service is reported too (`million_same_top10_embedded_service`); with flat shards (below
-exact_below entries a shard) all three agree. Each embedded worker's merge also costs minutes and ~8 GB
-at a million: --workers defaults to 1.
+which runs the very code and files each Ray replica runs, so any difference from it is Ray's. The
+embedded service, which loads the sharded version whole, searches each shard with its own codes and
+merges the answers alike (indexer/kinds.py: PartsIndex); its agreement is reported too
+(`million_same_top10_embedded_service`, `embedded_service_same_top10_as_in_process`).
 
 Reports: the build's times (generate_s, index_build_s: the whole collection's index, which publish
 splits; publish_s: the split, each shard's own index, and the writes), the shards' index kinds and
@@ -74,7 +67,7 @@ from retrieval.shards import LocalShards, ShardServer, head_index
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
-READY_TIMEOUT_S = 900  # a million entries: each embedded worker merges the shards' vectors at start
+READY_TIMEOUT_S = 900  # a million entries: generous for a cold page cache
 # Ray's default object store is 30% of RAM a node; nothing large travels through it here.
 OBJECT_STORE_BYTES = 512 * 2**20
 
@@ -348,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--queries", type=int, default=100, help="test-split queries sent (default 100)")
     p.add_argument("--replicas", type=int, default=1, help="Ray ingress replicas (default 1)")
-    p.add_argument("--workers", type=int, default=1, help="embedded workers (default 1: each merges the shards)")
+    p.add_argument("--workers", type=int, default=1, help="embedded workers (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "bench-ray-1m", help="the collection's folder")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards")

@@ -12,7 +12,10 @@
   only PQ layout the service writes and reads; bench/ann.py compares alternatives, bench/million.py
   serves a million vectors this way (`served_1m`).
 
-A PQIndex answers the calls the service makes of a FAISS index (search, add_with_ids, remove_ids,
+A version split into shards (indexer/store.py) and loaded whole by one process is a PartsIndex over
+its shards' indexes when they hold PQ codes: each searched with its own codes, answers merged.
+
+A PQIndex (and a PartsIndex) answers the calls the service makes of a FAISS index (search, add_with_ids, remove_ids,
 ntotal, d), so the searcher and the living index do not care which kind they hold. An online add is
 encoded into the codes at once and its float vector kept in memory until the next version is
 published; a delete marks its code dead. Changes go to a copy (`copy_for_change`): the codes are
@@ -353,7 +356,75 @@ class PQIndex:
         return cls(codes, fine, ids, z["vectors"], rerank, shortlist, refine=refine, mapped=True)
 
 
-AnyIndex = faiss.Index | PQIndex
+class PartsIndex:
+    """The shards of a version served by one process (the embedded engine loading a sharded version
+    whole), each searched with its own codes and the answers merged by distance, ties by id: what the
+    sharded engines' heads get from the same shards (retrieval/shards.py: merge_hits). Merging PQ
+    shards into one index would train new codes at every start: other answers, and minutes and
+    gigabytes at a million. Image i is in part i % len(parts), as in the shards (indexer/store.py)."""
+
+    kind = "parts"
+
+    def __init__(self, parts: list[AnyIndex]) -> None:
+        if len(parts) < 2 or len({p.d for p in parts}) != 1:
+            raise ValueError(f"{len(parts)} parts of dimensions {sorted({p.d for p in parts})}")
+        self.parts = parts
+
+    @property
+    def d(self) -> int:
+        return int(self.parts[0].d)
+
+    @property
+    def ntotal(self) -> int:
+        return sum(int(p.ntotal) for p in self.parts)
+
+    def _owners(self, ids: np.ndarray) -> list[np.ndarray]:
+        """For each part, the positions in `ids` of the ids it holds."""
+        owner = np.asarray(ids, np.int64) % len(self.parts)
+        return [np.flatnonzero(owner == i) for i in range(len(self.parts))]
+
+    def ids(self) -> np.ndarray:
+        return np.concatenate([index_ids(p) for p in self.parts])
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        out = np.empty((len(ids), self.d), np.float32)
+        for part, pos in zip(self.parts, self._owners(ids), strict=True):
+            if len(pos):
+                out[pos] = vectors_of(part, ids[pos])
+        return out
+
+    def on_demand_files(self) -> list[Path]:
+        return [f for p in self.parts if isinstance(p, PQIndex) for f in p.on_demand_files()]
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(x, np.float32)
+        answers = [p.search(x, k) for p in self.parts]
+        d2 = np.concatenate([a[0] for a in answers], axis=1)
+        found = np.concatenate([a[1] for a in answers], axis=1)
+        out_d2 = np.full((len(x), max(k, 0)), np.inf, np.float32)
+        out_ids = np.full((len(x), max(k, 0)), -1, np.int64)
+        for r in range(len(x)):
+            keep = np.flatnonzero(found[r] >= 0)
+            top = keep[np.lexsort((found[r][keep], d2[r][keep]))][:k]
+            out_d2[r, : len(top)], out_ids[r, : len(top)] = d2[r][top], found[r][top]
+        return out_d2, out_ids
+
+    def add_with_ids(self, x: np.ndarray, ids: np.ndarray) -> None:
+        x, ids = np.ascontiguousarray(x, np.float32), np.asarray(ids, np.int64)
+        for part, pos in zip(self.parts, self._owners(ids), strict=True):
+            if len(pos):
+                part.add_with_ids(x[pos], ids[pos])
+
+    def remove_ids(self, ids: np.ndarray) -> int:
+        ids = np.asarray(ids, np.int64)
+        return sum(int(part.remove_ids(ids[pos])) for part, pos in zip(self.parts, self._owners(ids), strict=True))
+
+    def copy(self) -> PartsIndex:
+        return PartsIndex([copy_for_change(p) for p in self.parts])
+
+
+AnyIndex = faiss.Index | PQIndex | PartsIndex
 
 
 def build_index(conf: IndexConf, xb: np.ndarray, ids: np.ndarray) -> AnyIndex:
@@ -368,7 +439,7 @@ def build_index(conf: IndexConf, xb: np.ndarray, ids: np.ndarray) -> AnyIndex:
 
 def index_ids(index: AnyIndex) -> np.ndarray:
     """The ids held, in storage order."""
-    if isinstance(index, PQIndex):
+    if isinstance(index, PQIndex | PartsIndex):
         return index.ids()
     if index.ntotal == 0:
         return np.zeros(0, np.int64)
@@ -378,7 +449,7 @@ def index_ids(index: AnyIndex) -> np.ndarray:
 def index_contents(index: AnyIndex) -> tuple[np.ndarray, np.ndarray]:
     """(ids, float vectors) held, in storage order."""
     ids = index_ids(index)
-    if isinstance(index, PQIndex):
+    if isinstance(index, PQIndex | PartsIndex):
         return ids, index.vectors_of(ids)
     if index.ntotal == 0:
         return ids, np.zeros((0, index.d), np.float32)
@@ -389,7 +460,7 @@ def copy_for_change(index: AnyIndex) -> AnyIndex:
     """A copy to apply online changes to while `index` keeps serving. FAISS indexes are not safe to
     change while another thread searches them, and a flat index memory-mapped from its file cannot be
     changed at all: the flat copy owns its vectors."""
-    if isinstance(index, PQIndex):
+    if isinstance(index, PQIndex | PartsIndex):
         return index.copy()
     out = new_flat_index(index.d)
     ids, xb = index_contents(index)
@@ -401,7 +472,7 @@ def copy_for_change(index: AnyIndex) -> AnyIndex:
 def vectors_of(index: AnyIndex, ids: np.ndarray) -> np.ndarray:
     """The float vectors of these served ids, (len(ids), d); KeyError for an id that is not served."""
     ids = np.asarray(ids, np.int64)
-    if isinstance(index, PQIndex):
+    if isinstance(index, PQIndex | PartsIndex):
         return index.vectors_of(ids)
     if len(ids) == 0:
         return np.zeros((0, index.d), np.float32)

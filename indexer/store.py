@@ -61,6 +61,7 @@ from indexer.kinds import (
     REBUILD,
     VECTORS_FILE,
     AnyIndex,
+    PartsIndex,
     PQIndex,
     build_index,
     index_contents,
@@ -191,6 +192,8 @@ def write_index(index: AnyIndex, directory: Path, shard: int, shards: int) -> No
     """index.faiss (the codes, for a pq-fastscan index, with its float vectors in vectors.npz). A
     write FAISS could not make (its RuntimeError "write error in <file>: 65491 != 512000 (No space left
     on device)") is raised as the OSError it was: a full disk, not a bug."""
+    if isinstance(index, PartsIndex):
+        raise TypeError("the parts of a sharded version are written one shard each (split_index)")
     path = directory / shard_file("index.faiss", shard, shards)
     try:
         if isinstance(index, PQIndex):
@@ -274,7 +277,8 @@ def publish(
     build; the lock is held only to name the version, rename it in, move CURRENT and prune. Raises
     StorageError (StorageFullError) when the disk refuses; nothing is published then."""
     with staging(family) as tmp:
-        parts = [index] if shards == 1 else split_index(index, shards, Pipeline.from_json(manifest["conf"]).index)
+        whole = shards == 1 and not isinstance(index, PartsIndex)
+        parts = [index] if whole else split_index(index, shards, Pipeline.from_json(manifest["conf"]).index)
         kinds = []
         for i, part in enumerate(parts):
             write_index(part, tmp, i, shards)
@@ -720,7 +724,12 @@ def load(directory: Path, part: Part = WHOLE) -> LoadedIndex:
         raise IndexLoadError(f"{directory}: an index file does not load ({e})") from e
     if any(p.d != dim for p in parts):
         raise IndexLoadError(f"{directory}: an index file's dimension differs from the manifest's {dim}")
-    index = parts[0] if len(parts) == 1 else merge_indexes(parts, max(dim, 1), pipeline.index)
+    if len(parts) == 1:
+        index = parts[0]
+    elif any(isinstance(p, PQIndex) for p in parts):
+        index = PartsIndex(parts)  # each shard's own codes, as the sharded engines search them
+    else:
+        index = merge_indexes(parts, max(dim, 1), pipeline.index)  # exact: one index answers alike
     raw = json.loads((directory / "images.json").read_text(encoding="utf-8"))
     images = {int(r["id"]): ImageRecord.from_json(r) for r in raw}
     encoder = NumpyEncoder.load(directory / "encoder.npz")

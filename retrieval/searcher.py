@@ -28,7 +28,7 @@ from dataset.layout import Location
 from dataset.relevance import heading_diff
 from features.extract import query_features
 from features.orb import OrbFeatures
-from indexer.kinds import PQIndex, vectors_of
+from indexer.kinds import PartsIndex, PQIndex, vectors_of
 from indexer.store import ImageRecord, LoadedIndex
 from model.verify import Evidence
 from retrieval.prior import Prior, fuse, fuse_verified
@@ -194,7 +194,7 @@ class LocalBackend:
 
     def on_demand_files(self) -> list[Path]:
         """A pq-fastscan index's float vectors (the exact re-rank) and the verification keypoints."""
-        files = self.index.on_demand_files() if isinstance(self.index, PQIndex) else []
+        files = self.index.on_demand_files() if isinstance(self.index, PQIndex | PartsIndex) else []
         return files + (self.verifier.store.on_demand_files() if self.verifier is not None else [])
 
 

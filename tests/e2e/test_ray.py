@@ -1,8 +1,9 @@
 """The Ray engine on a real two-node Ray cluster on loopback, with London map images: `imgsearch index
---engine ray` writes the vectors the embedded engine writes; `imgsearch serve --engine ray` (Ray Serve)
-answers as the embedded service does; a killed shard replica is replaced and costs at most clean 503s;
-an add through one ingress replica is found through another; a new version reaches every replica
-without a failed request.
+--engine ray`, whose workers write the shards, publishes the vectors, keypoints and heads the embedded
+engine does; `imgsearch serve --engine ray` (Ray Serve) answers as the embedded service does; a killed
+shard replica costs no search, and a shard with every replica killed at most clean 503s
+(bench/ray_faults.py); an add through one ingress replica is found through another; a new version
+reaches every replica without a failed request.
 
 Ray's nodes bind the machine's network address unless told otherwise: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 (set in tests/conftest.py, before Ray is imported) and ray.cluster_utils.Cluster keep both nodes, the

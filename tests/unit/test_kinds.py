@@ -311,3 +311,38 @@ def test_the_living_index_serves_online_changes_of_a_pq_version(
     while live.sync().version != out.name and time.monotonic() < deadline:
         time.sleep(0.05)
     assert live.sync().version == out.name and asked[-1][0] == (out / "vectors.npz").resolve()
+
+
+def test_a_sharded_pq_version_loaded_whole_searches_each_shard_with_its_own_codes(tmp_path: Path) -> None:
+    """The embedded engine serves a sharded PQ version as the sharded engines do: each shard's codes,
+    merged by distance (not new codes trained on the merge), and its online changes go to the owner."""
+    from indexer.kinds import PartsIndex
+    from retrieval.shards import merge_hits
+
+    family, xb = publish_pq(tmp_path, shards=2)
+    version = store.current_version(family)
+    whole = store.load(version).index
+    assert isinstance(whole, PartsIndex) and whole.ntotal == 1500 and whole.d == 4
+    shards = [Searcher(store.load(version, store.Part(s, 2))) for s in (0, 1)]
+    rng = np.random.default_rng(3)
+    queries = xb[rng.choice(1500, 20, replace=False)] + rng.normal(0, 0.05, (20, 4)).astype(np.float32)
+    for q in queries:
+        d2, ids = whole.search(q[None, :], 30)
+        merged = merge_hits([s.search_embedding(q[None, :], 30) for s in shards], 30)
+        assert ids[0].tolist() == [h.id for h in merged]
+        assert np.allclose(np.sqrt(d2[0]), [h.distance for h in merged], atol=1e-5)
+        assert np.all(np.diff(d2[0]) >= 0)
+    assert np.array_equal(np.sort(whole.ids()), np.arange(1500))
+    assert np.array_equal(whole.vectors_of(np.array([7, 8, 1499])), xb[[7, 8, 1499]])
+    # A change goes to a copy, into the part that owns each id; the served one is untouched.
+    changed = whole.copy()
+    new = np.array([[9.0, 9.0, 9.0, 9.0], [-9.0, -9.0, -9.0, -9.0]], np.float32)
+    changed.add_with_ids(new, np.array([1500, 1501]))
+    assert changed.remove_ids(np.array([3, 4, 99999])) == 2
+    assert changed.ntotal == 1500 and whole.ntotal == 1500
+    assert changed.search(new[:1], 1)[1][0, 0] == 1500 and 1501 in changed.parts[1].ids()
+    assert not {3, 4} & set(changed.ids().tolist()) and {3, 4} <= set(whole.ids().tolist())
+    # What a republish reads of it (index_contents) holds the changes.
+    ids, vectors = store.index_contents(changed)
+    assert set(ids.tolist()) == (set(range(1500)) - {3, 4}) | {1500, 1501}
+    assert np.array_equal(vectors[ids == 1501][0], new[1])
