@@ -373,7 +373,9 @@ def million_lines(m: dict[str, Any]) -> list[str]:
     ms = m["million_search_ms"]
     kinds = ", ".join(sorted(set(m["index_kinds"])))
     shards = range(m["shards"])
+    rerun = [f"Measured apart, at commit {m['commit']}: `{m['command']}`.", ""] if "command" in m else []
     return [
+        *rerun,
         f"{m['n']:,} map entries ({m['real_map_images']:,} London map images, the rest generated: bench/million.py) "
         f"in {m['shards']} shards of {kinds}, {m['per_shard_entries'][0]:,} entries each, served through Ray "
         f"(1 ingress replica, 1 replica a shard) and answering {m['queries']} London test queries:",
