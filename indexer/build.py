@@ -136,6 +136,15 @@ def embed_map_images(
     return MapArrays(encoder.embed(xd), ok, keypoints)
 
 
+def _head_files(vectors_path: Path, model_dir: Path) -> dict[str, Path]:
+    """The model files every version holds: version file name -> where it is now."""
+    return {
+        "vectorizer.npz": vectorizer_path(vectors_path),
+        "encoder.npz": model_dir / "encoder.npz",
+        "split.json": model_dir / "split.json",
+    }
+
+
 def _manifest(conf: Pipeline, dataset: Dataset, model_dir: Path, ok: np.ndarray) -> dict[str, Any]:
     model_manifest = (model_dir / "manifest.json").read_text(encoding="utf-8")
     return {
@@ -174,11 +183,7 @@ def build(
     ids = np.arange(len(dataset.database), dtype=np.int64)
     index = build_index(conf.index, arrays.embeddings, ids)
     images = {i: store.ImageRecord(i, dataset.database.paths[i], dataset.database.location(i)) for i in ids.tolist()}
-    files = {
-        "vectorizer.npz": vectorizer_path(vectors_path),
-        "encoder.npz": model_dir / "encoder.npz",
-        "split.json": model_dir / "split.json",
-    }
+    files = _head_files(vectors_path, model_dir)
     manifest = _manifest(conf, dataset, model_dir, arrays.ok)
     verifier, staged = None, []
     if conf.verify is not None:
@@ -215,8 +220,7 @@ def stage_written(
         store.ImageRecord(i, dataset.database.paths[i], dataset.database.location(i))
         for i in range(len(dataset.database))
     ]
-    files = {"vectorizer.npz": vectorizer_path(vectors_path), "encoder.npz": model_dir / "encoder.npz"}
-    files["split.json"] = model_dir / "split.json"
+    files = _head_files(vectors_path, model_dir)
     manifest = _manifest(conf, dataset, model_dir, written.ok) | {"dim": encoder.dim, "index_kinds": written.kinds}
     if conf.verify is not None:
         manifest["verify_head"] = PRIOR_VERIFY_HEAD

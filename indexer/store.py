@@ -279,16 +279,16 @@ def publish(
     with staging(family) as tmp:
         whole = shards == 1 and not isinstance(index, PartsIndex)
         parts = [index] if whole else split_index(index, shards, Pipeline.from_json(manifest["conf"]).index)
-        kinds = []
-        for i, part in enumerate(parts):
-            write_index(part, tmp, i, shards)
-            kinds.append(part.kind if isinstance(part, PQIndex) else EXACT)
         head = dict(files)
-        if "verify.npz" in files and shards > 1:
-            kp = MapFeatures.load(head.pop("verify.npz"))
-            for i in range(shards):
-                kp.subset(kp.ids % shards == i).save(tmp / shard_file("verify.npz", i, shards))
-        checksums = seal_files(tmp, [f.name for f in tmp.iterdir() if f.name != OWNER])
+        # One part's keypoints are copied as they are (write_head): a million map images' take gigabytes.
+        kp = MapFeatures.load(head.pop("verify.npz")) if "verify.npz" in files and len(parts) > 1 else None
+        kinds: list[str] = []
+        checksums: dict[str, str] = {}
+        for i, part in enumerate(parts):
+            own = None if kp is None else kp.subset(kp.ids % shards == i)
+            kind, sums = write_shard(tmp, part, own, i, shards)
+            kinds.append(kind)
+            checksums |= sums
         checksums |= write_head(tmp, images, head)
         manifest = dict(manifest, index_kinds=kinds, dim=int(index.d))
         return publish_staged(family, tmp, images, manifest, shards, checksums)
