@@ -139,6 +139,9 @@ class VerifyConf(StageConf):
     ransac_iters: int = 200
     # Tentative matches whose keypoint orientations differ by more are dropped before RANSAC (None: off).
     max_angle_deg: float | None = None
+    # Each query keypoint is compared within this many of its nearest visual words (a map keypoint keeps
+    # one): a true match whose two descriptors fall on either side of a word boundary is still found.
+    query_words: int = Field(default=1, ge=1, le=4)
     # How the head over (distance, inliers) is fitted (retrieval/heads.py): `logistic` regression of
     # each candidate's relevance, or `listwise`: the trade-off that ranks a relevant candidate first in
     # each query's shortlist, then calibrated by logistic regression.
@@ -219,8 +222,17 @@ class Pipeline(StageConf):
             raise ValueError(f"invalid pipeline conf: {e.errors()[0]['msg']}") from e
 
 
+# Fields added to a stage after artifacts were first named by its digest, with the default that
+# behaves as before: left out of the digest at that default, so an unchanged conf keeps its name
+# (and its cached features, models and cross-validation).
+_LATE_FIELDS: dict[str, object] = {"query_words": 1}
+
+
 def _dump(conf: StageConf | None) -> object:
-    return None if conf is None else conf.model_dump(mode="json")
+    if conf is None:
+        return None
+    out = conf.model_dump(mode="json")
+    return {k: v for k, v in out.items() if not (k in _LATE_FIELDS and v == _LATE_FIELDS[k])}
 
 
 def features_digest(features: FeaturesConf) -> str:
@@ -276,6 +288,12 @@ VERIFIERS: dict[str, VerifyConf] = {
     "angle": VerifyConf(max_angle_deg=30.0),
     # The same, its head fitted to rank: which of a shortlist comes first is what a user sees.
     "angle-rank": VerifyConf(max_angle_deg=30.0, head="listwise"),
+    # More keypoints (1,500 on the image enlarged 1.5 times, where small corners of distant facades are
+    # found), each query keypoint compared within its 2 nearest words: more true matches across
+    # viewpoint change.
+    "angle-ma2": VerifyConf(max_angle_deg=30.0, nfeatures=1500, upsample=1.5, query_words=2),
+    # The same with 2,000 keypoints on the image enlarged twice: no more accurate, slower.
+    "angle-2k-ma2": VerifyConf(max_angle_deg=30.0, nfeatures=2000, upsample=2.0, query_words=2),
 }
 
 EXPANSIONS: dict[str, ExpandConf] = {"place": ExpandConf()}
@@ -304,7 +322,7 @@ def _pick(
 
 # What a user sees.
 PRESETS: dict[str, dict[str, str | None]] = {
-    "default": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle", "place"),
+    "default": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle-ma2", "place"),
     "fast": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64"),  # the default without verification
     "paper": _pick("orb", "concat10", "siamese-mlp"),  # the published design
     "paper-sim": _pick("orb", "concat10", "siamese-mlp-sim"),
@@ -319,10 +337,15 @@ ABLATIONS: dict[str, dict[str, str | None]] = {
     "dense-rvlad-verify": _pick("dense", "vlad-r3", "pca", "ransac"),
     "teblid-rvlad-lw": _pick("dense-teblid", "vlad-r3", "lw"),
     "r5vlad": _pick("dense-teblid", "vlad-r5", "pca-blocks"),
-    # The default without the model learned from labels: what the learned whitening adds.
+    # `default-1k` without the model learned from labels: what the learned whitening adds.
     "r5vlad-verify-angle-expand": _pick("dense-teblid", "vlad-r5", "pca-blocks", "angle", "place"),
-    # The default with its verification head fitted to rank.
+    # `default-1k` with its verification head fitted to rank.
     "default-rank": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle-rank", "place"),
+    # The default verifying with 1,000 keypoints at the map's size, one word per query keypoint: what
+    # the denser verification adds.
+    "default-1k": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle", "place"),
+    # The default verifying on 2,000 keypoints of the image enlarged twice.
+    "default-2k": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle-2k-ma2", "place"),
 }
 
 DEFAULT_PRESET = "default"

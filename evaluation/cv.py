@@ -157,7 +157,8 @@ class Fitter:
             feats = image_to_features(data, self.conf.verify_features)
         except (ImageDecodeError, NoKeypointsError):
             return None
-        return feats, self.vectorizer.words(feats.descriptors)
+        assert self.conf.verify is not None  # keypoints are extracted only for a verifying pipeline
+        return feats, self.vectorizer.words(feats.descriptors, self.conf.verify.query_words)
 
     def evaluate(self, staged: StagedIndex, rows: np.ndarray, name: str) -> Evaluation:
         """The queries at `rows` ranked as POST /search ranks them (analysed once for all fits)."""

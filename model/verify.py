@@ -154,7 +154,8 @@ def match_by_word(
 
     Each map keypoint is compared with every query keypoint of the same word; the nearest is kept if
     its Hamming distance is <= max_hamming and < ratio x the second nearest; each query keypoint then
-    keeps its best map keypoint per image. Returns (candidate position, query index, map index).
+    keeps its best map keypoint per image. `q_words` is (n,), or (n, k) to compare each query keypoint
+    within k words. Returns (candidate position, query index, map index).
     The map keypoints of all candidates are gathered once and grouped by word; each word's Hamming
     distances (query x map keypoints) come from FAISS's popcount kernel (faiss.hammings) in one call,
     the nearest and second nearest from the matrix by two minima along its columns. A query makes
@@ -166,6 +167,11 @@ def match_by_word(
     midx, mlen = _ranges(store.offsets[rows], store.offsets[rows + 1])
     if len(midx) == 0 or len(q_words) == 0:
         return empty, empty, empty
+    # Several words per query keypoint ((n, k) words): the keypoint enters each of its words' groups,
+    # and its matches are told apart by source below, the nearest one kept per image.
+    source = np.repeat(np.arange(len(q_words)), 1 if q_words.ndim == 1 else q_words.shape[1])
+    if q_words.ndim == 2:
+        q_desc, q_words = q_desc[source], q_words.ravel()
     cpos_all = np.repeat(np.arange(len(rows)), mlen)
     q_order = np.argsort(q_words, kind="stable")
     q_start = np.searchsorted(q_words[q_order], np.arange(n_words + 1))
@@ -179,11 +185,14 @@ def match_by_word(
         raise ValueError(f"query descriptors of {nbytes} bytes against map descriptors of {m_desc.shape[1]}")
     # Per map keypoint: the smallest key (Hamming distance << lane_bits | the query keypoint's place
     # in its word), which gives the nearest and, on ties, the lowest query index in one min; and the
-    # second smallest distance. A (query x map) matrix reduced along axis 0 is numpy's fast direction.
+    # second smallest distance, from the same matrix with the nearest's entry alone set aside (a tie
+    # then gives second == nearest, which fails the ratio test). A (query x map) matrix reduced along
+    # axis 0 is numpy's fast direction; argmin along it is not.
     lanes = np.arange(int(np.diff(q_start).max()), dtype=np.int32)[:, None]
     lane_bits = max(1, (len(lanes) - 1).bit_length())
     if (8 * nbytes + 1) << lane_bits >= 1 << 31:
         raise ValueError(f"{len(lanes)} query keypoints of one word: too many to match in one key")
+    lane_mask = (1 << lane_bits) - 1
     big = np.iinfo(np.int32).max
     nearest = np.full(len(m_rows), big, np.int32)
     second = np.full(len(m_rows), big, np.int32)
@@ -198,14 +207,14 @@ def match_by_word(
         best = key.min(axis=0)
         nearest[ma:mb] = best
         if qb - qa > 1:  # with one query keypoint in the word there is no second nearest: the ratio test passes
-            key[key == best] = big  # keys are unique within a column: this drops the nearest alone
+            key[best & lane_mask, np.arange(mb - ma)] = big
             second[ma:mb] = key.min(axis=0) >> lane_bits
     dist = nearest >> lane_bits
     sel = np.flatnonzero((nearest < big) & (dist <= max_hamming) & (dist < ratio * second.astype(np.float64)))
     if len(sel) == 0:
         return empty, empty, empty
     q_first = q_start[store.words[m_rows[sel]]]  # where each selected keypoint's word starts among the query's
-    cpos, qi = cpos_all[m_order[sel]], q_order[q_first + (nearest[sel] & ((1 << lane_bits) - 1))]
+    cpos, qi = cpos_all[m_order[sel]], source[q_order[q_first + (nearest[sel] & lane_mask)]]
     mi, hb = m_rows[sel], dist[sel]
     o = np.lexsort((hb, qi, cpos))
     cpos, qi, mi = cpos[o], qi[o], mi[o]

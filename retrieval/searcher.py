@@ -268,7 +268,9 @@ class Searcher:
         clock = StageClock(timings)
         qf = query_features(data, self.pipeline.features, self._verify_features, clock)
         embedding = self.encoder.embed(self.vectorizer(qf.features)[None, :])
-        words = None if qf.verify is None else self.vectorizer.words(qf.verify.descriptors)
+        words = None
+        if qf.verify is not None and self.verifier is not None:
+            words = self.vectorizer.words(qf.verify.descriptors, self.verifier.conf.query_words)
         clock.lap("encode")
         return Query(qf.features, embedding, qf.verify, words)
 

@@ -145,7 +145,7 @@ def test_rollback_works_with_no_index_loaded(serve, tiny_data: Path, artifacts: 
     r = httpx.get(srv.url + "/readyz")
     assert r.status_code == 503 and "checksum" in r.json()["reason"]
     away.rename(first / "index.faiss")  # the operator mends the old version, then rolls back to it
-    r = httpx.post(srv.url + "/index/rollback", headers=ADMIN)
+    r = httpx.post(srv.url + "/index/rollback", headers=ADMIN, timeout=60)  # it loads the version
     assert r.status_code == 200, r.text
     assert r.json() == {"index_version": first.name, "previous": bad}
     ready = httpx.get(srv.url + "/readyz").json()

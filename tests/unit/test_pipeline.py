@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 import common.pipeline
+from common.files import json_digest
 from common.pipeline import (
     ABLATIONS,
     ALL_PRESETS,
@@ -129,6 +130,14 @@ def test_a_digest_changes_with_its_stages_and_no_others() -> None:
         others = [s for s in stages if s != stage]
         assert q.digest(*others) == p.digest(*others), stage
         assert (q.digest(*MODEL_STAGES) != p.digest(*MODEL_STAGES)) == (stage in MODEL_STAGES), stage
+    # A field added to a stage later keeps the name of a conf at its default (the same behaviour) and
+    # changes it otherwise.
+    one_k = get_pipeline("default-1k")
+    assert _with(one_k, "verify", query_words=1).digest("verify") == one_k.digest("verify")
+    assert _with(one_k, "verify", query_words=2).digest("verify") != one_k.digest("verify")
+    dumped = json.loads(json.dumps({"schema": SCHEMA, "verify": one_k.verify.model_dump(mode="json")}))
+    del dumped["verify"]["query_words"]  # as named before the field existed
+    assert one_k.digest("verify") == json_digest(dumped, 8)
     # The name of the pipeline is no stage: renaming a preset keeps its artifacts.
     assert p.model_copy(update={"name": "renamed"}).digest(*stages) == p.digest(*stages)
     # Verification's keypoints are the pipeline's features with its changes: a features change reaches them.
@@ -158,8 +167,8 @@ def test_default_and_fast_share_their_model() -> None:
     assert model_name(get_pipeline("paper")) != model_name(get_pipeline("paper-sim"))
 
 
-def test_the_default_is_the_old_default_preset() -> None:
-    """orb-dense-teblid-r5vlad-wb96-lw-axes64-verify-angle-expand of common/presets.py, written out."""
+def test_the_default_written_out() -> None:
+    """Every field of the default's stage confs: a change of the default is a change of this test."""
     p = get_pipeline(DEFAULT_PRESET)
     halves = ((0.0, 0.5), (0.5, 1.0))
     assert p.features == FeaturesConf(
@@ -197,19 +206,27 @@ def test_the_default_is_the_old_default_preset() -> None:
     )
     assert p.verify == VerifyConf(
         n=50,
-        nfeatures=1000,
-        upsample=1.0,
+        nfeatures=1500,
+        upsample=1.5,
         detector="fast",
         max_hamming=64,
         ratio=0.9,
         ransac_px=8.0,
         ransac_iters=200,
         max_angle_deg=30.0,
+        query_words=2,
     )
     assert p.expand == ExpandConf(min_inliers=16, radius_m=25.0, heading_deg=40.0, pool=200)
     assert p.split == SplitConf(train=0.8, val=0.1, test=0.1, cell_m=250.0, seed=0)
-    # Verification keypoints: TEBLID on 1,000 FAST corners of the image at its decoded size.
-    assert p.verify_features == p.features.model_copy(update={"nfeatures": 1000, "upsample": 1.0, "detector": "fast"})
+    # Verification keypoints: TEBLID on 1,500 FAST corners of the image enlarged 1.5 times.
+    assert p.verify_features == p.features.model_copy(update={"nfeatures": 1500, "upsample": 1.5, "detector": "fast"})
+    # `default-1k` is the same verifying with 1,000 corners at the decoded size, one word per keypoint.
+    one_k = get_pipeline("default-1k")
+    assert one_k.verify == p.verify.model_copy(update={"nfeatures": 1000, "upsample": 1.0, "query_words": 1})
+    assert one_k.model_copy(update={"name": p.name, "verify": p.verify}) == p
+    two_k = get_pipeline("default-2k")
+    assert two_k.verify == p.verify.model_copy(update={"nfeatures": 2000, "upsample": 2.0})
+    assert two_k.model_copy(update={"name": p.name, "verify": p.verify}) == p
     # `fast` is the same without verification and expansion.
     fast = get_pipeline("fast")
     assert fast.model_copy(update={"name": p.name, "verify": p.verify, "expand": p.expand}) == p

@@ -186,3 +186,13 @@ def test_words_are_the_nearest_centroids_in_every_chunk(monkeypatch: pytest.Monk
     # Equal up to exact ties of the float distances.
     assert np.allclose(d2[np.arange(300), got], d2[np.arange(300), want])
     assert len(v.words(desc[:0])) == 0
+    # k nearest words, nearest first: the first column is the nearest word, the k distances ascend and
+    # no word outside them is nearer than the k-th.
+    top3 = v.words(desc, 3)
+    assert top3.shape == (300, 3) and np.array_equal(top3[:, 0], got)
+    d3 = np.take_along_axis(d2, top3, 1)
+    assert (np.diff(d3, axis=1) >= -1e-6).all() and (np.sort(d2, 1)[:, 2] >= d3[:, 2] - 1e-6).all()
+    assert (top3[:, 0] != top3[:, 1]).all() and (top3[:, 1] != top3[:, 2]).all()
+    assert v.words(desc[:0], 3).shape == (0, 3)
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.16"):
+        v.words(desc, 17)
