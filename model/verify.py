@@ -39,6 +39,7 @@ class MapFeatures:
     def build(cls, ids: list[int], features: list[OrbFeatures], words: list[np.ndarray]) -> MapFeatures:
         xy, desc, ws, angles, counts = [], [], [], [], []
         for f, w in zip(features, words, strict=True):
+            w = nearest_words(w)
             order = np.argsort(w, kind="stable")
             xy.append(f.xy[order])
             desc.append(f.descriptors[order])
@@ -118,10 +119,17 @@ class MapFeatures:
         return cls(z["ids"], z["offsets"], z["xy"], z["descriptors"], z["words"], angles)
 
 
+def nearest_words(words: np.ndarray) -> np.ndarray:
+    """The word each keypoint of a map image is stored under: its nearest. An image added online is
+    analysed as a query, whose keypoints may come with their k nearest words, (n, k)."""
+    words = np.asarray(words)
+    return words[:, 0] if words.ndim == 2 else words
+
+
 def keypoint_arrays(features: OrbFeatures, words: np.ndarray) -> dict[str, np.ndarray]:
-    """An image's verification keypoints and their words as named arrays, to store with a change or
+    """A map image's verification keypoints and their words as named arrays, to store with a change or
     send to another process; orientations only where known (keypoints_of_arrays reads them back)."""
-    out = {"xy": features.xy, "descriptors": features.descriptors, "words": np.asarray(words)}
+    out = {"xy": features.xy, "descriptors": features.descriptors, "words": nearest_words(words)}
     if features.angles is not None:
         out["angles"] = np.asarray(features.angles, np.float32)
     return out

@@ -274,3 +274,28 @@ def test_the_evidence_is_the_inliers_verification_counted_and_their_transform() 
     assert np.allclose(t[:, 2], [-9, -6], atol=1.0)  # query pixels -> map pixels
     assert np.allclose(np.median(ev[0].query_xy - ev[0].map_xy, axis=0), [9, 6], atol=1.0)
     assert np.array_equal(ev[0].query_xy, ev[2].query_xy)  # the same pair gives the same evidence
+
+
+def test_an_image_added_with_its_query_words_is_stored_under_its_nearest_word(tmp_path: Path) -> None:
+    """An image added online is analysed as a query: its keypoints come with their k nearest words. As
+    a map image it is stored under the nearest, and verifies as the same image stored by the index."""
+    from model.verify import Verifier, keypoint_arrays, keypoints_of_arrays
+
+    conf = get_pipeline("default")
+    assert conf.verify is not None and conf.verify.query_words == 2
+    fconf = conf.verify_features
+    base, other = extract_orb(scene(1), fconf), extract_orb(scene(2), fconf)
+    rng = np.random.default_rng(0)
+    nearest = rng.integers(0, 3, len(base.xy))
+    two = np.stack([nearest, (nearest + 1) % 3], 1)  # what analysing it as a query gives
+    q = extract_orb(np.roll(scene(1), (6, 9), axis=(0, 1)), fconf)
+    q_words = np.stack([np.zeros(len(q.xy), np.int64), np.ones(len(q.xy), np.int64)], 1)
+    stored = MapFeatures.build([10], [base], [nearest])
+    as_stored = Verifier(conf.verify, None, stored, 3, [0.0, 1.0, 0.0]).inliers(q, q_words, [10])
+    # Added online (the change's arrays written and read back), beside an unrelated stored image.
+    arrays = keypoint_arrays(base, two)
+    assert arrays["words"].shape == (len(base.xy),)
+    added = Verifier(conf.verify, None, MapFeatures.build([20], [other], [np.zeros(len(other.xy), np.int64)]), 3,
+                     [0.0, 1.0, 0.0], extra={10: keypoints_of_arrays(arrays), 11: (base, two)})  # fmt: skip
+    assert added.inliers(q, q_words, [10, 11]).tolist() == [as_stored[0]] * 2 and as_stored[0] > 30
+    assert np.array_equal(added.features([11]).words, stored.words)
