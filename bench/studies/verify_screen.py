@@ -7,7 +7,8 @@
 For every query of a cross-validation's out-of-fold answers (`cv-*.npz`: each query's top 50, which
 the preset's verification re-ranked), the 50 candidates are verified again under each variant (the
 verification keypoints' count and enlargement, and the words per query keypoint), and the candidate
-with the most inliers is taken as the top 1 (ties to the shortlist's order). The share of queries
+with the most inliers (by the preset's own Verifier, with the variant's keypoints) is taken as the
+top 1 (ties to the shortlist's order). The share of queries
 whose top 1 is relevant measures the verification alone: no head, no distance. It screens variants
 before a full cross-validation (`imgsearch evaluate`), which alone decides; paired differences to the
 first variant with a 95% interval from a bootstrap over the cross-validation's cells. One JSON line
@@ -17,7 +18,6 @@ per variant.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from multiprocessing import Pool
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.pipeline import get_pipeline
+from common.pipeline import VerifyConf, get_pipeline
 from common.retrieval_metrics import cluster_bootstrap
 from common.threads import single_threaded
 from dataset.layout import data_tag, load_dataset
@@ -34,19 +34,13 @@ from features.extract import image_to_features
 from features.orb import NoKeypointsError, OrbFeatures
 from indexer import store
 from model.vectorize import Vectorizer
-from model.verify import MapFeatures, match_by_word, ransac_inliers, same_turn
+from model.verify import MapFeatures, Verifier
 
-# (name, keypoints, enlargement, words per query keypoint)
-VARIANTS = [
-    ("1k-1w", 1000, 1.0, 1),
-    ("1k-2w", 1000, 1.0, 2),
-    ("1500-1w", 1500, 1.5, 1),
-    ("1500-2w", 1500, 1.5, 2),
-    ("2k-1w", 2000, 2.0, 1),
-    ("2k-2w", 2000, 2.0, 2),
-]
+# (keypoints, enlargement): the verification keypoints, each screened with 1 and 2 words a query keypoint
+KEYPOINTS = [(1000, 1.0), (1500, 1.5), (2000, 2.0)]
+QUERY_WORDS = (1, 2)
 
-_state: dict[str, object] = {}
+_state: dict[str, object] = {}  # set before each pool is forked, read by its workers
 
 
 def _features(path: str) -> tuple[OrbFeatures, np.ndarray] | None:
@@ -56,26 +50,22 @@ def _features(path: str) -> tuple[OrbFeatures, np.ndarray] | None:
         f = image_to_features(Path(path).read_bytes(), conf)  # type: ignore[arg-type]
     except (ImageDecodeError, NoKeypointsError):
         return None
-    return f, vectorizer.words(f.descriptors, 2)
+    return f, vectorizer.words(f.descriptors, max(QUERY_WORDS))
 
 
 def _top1(args: tuple[int, np.ndarray]) -> int:
-    """The shortlist position with the most inliers (-1: no query features)."""
+    """The shortlist position with the most inliers, by the index's own verifier (-1: no features)."""
     q, cands = args
-    feats, words, k = _state["feats"], _state["words"], _state["k"]
-    assert isinstance(feats, dict) and isinstance(words, dict)
-    query = feats.get(("q", q))
-    good = [int(c) for c in cands if c >= 0 and ("d", int(c)) in feats]
-    if query is None or not good:
+    found, verify, k = _state["found"], _state["verify"], _state["k"]
+    assert isinstance(found, dict) and isinstance(verify, VerifyConf) and isinstance(k, int)
+    good = [int(c) for c in cands if c >= 0 and ("d", int(c)) in found]
+    if ("q", q) not in found or not good:
         return -1
-    m = MapFeatures.build(good, [feats["d", c] for c in good], [words["d", c][:, 0] for c in good])
-    qw = words["q", q] if k == 2 else words["q", q][:, 0]
-    cpos, qi, mi = match_by_word(query.descriptors, qw, m, np.arange(len(good)), 128, 64, 0.9)
-    keep = same_turn(query.angles[qi] if query.angles is not None else None, m.angles[mi], 30.0)
-    cpos, qi, mi = cpos[keep], qi[keep], mi[keep]
-    bounds = np.searchsorted(cpos, np.arange(len(good) + 1))
-    inl = [ransac_inliers(query.xy[qi[a:b]], m.xy[mi[a:b]], 8.0, 200) for a, b in itertools.pairwise(bounds)]
-    return int(np.flatnonzero(cands == good[int(np.argmax(inl))])[0])
+    store = MapFeatures.build(good, [found["d", c][0] for c in good], [found["d", c][1] for c in good])
+    query, words = found["q", q]
+    verifier = Verifier(verify, None, store, int(_state["n_words"]), [0.0, 1.0, 0.0])  # type: ignore[call-overload]
+    inliers = verifier.inliers(query, words[:, :k], good)
+    return int(np.flatnonzero(cands == good[int(np.argmax(inliers))])[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,33 +86,35 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = get_pipeline(args.index_preset)
     version = store.current_version(store.index_family(args.artifacts, args.data, args.index_preset))
     vectorizer = Vectorizer.load(version / "vectorizer.npz", pipeline.vector)
-    n = args.queries or len(cv["rows"])
-    rows, cells, ranked = cv["rows"][:n], cv["cell"][:n], cv["ranked"][:n]
+    n_q = args.queries or len(cv["rows"])
+    rows, cells, ranked = cv["rows"][:n_q], cv["cell"][:n_q], cv["ranked"][:n_q]
     relevant = np.take_along_axis(ds.sim[rows], np.maximum(ranked, 0), 1) & (ranked >= 0)
     needed = sorted({int(c) for c in ranked.ravel() if c >= 0})
+    paths = [str(ds.image_path(ds.queries.paths[q])) for q in rows] + [
+        str(ds.image_path(ds.database.paths[d])) for d in needed
+    ]
+    keys = [("q", int(q)) for q in rows] + [("d", d) for d in needed]
+    assert pipeline.verify is not None
     base = None
-    for name, n, up, k in VARIANTS:
-        conf = pipeline.verify_features.model_copy(update={"nfeatures": n, "upsample": up})
-        _state.update(conf=conf, vectorizer=vectorizer, k=k)  # read by the forked workers
-        paths = [str(ds.image_path(ds.queries.paths[q])) for q in rows] + [
-            str(ds.image_path(ds.database.paths[d])) for d in needed
-        ]
-        keys = [("q", int(q)) for q in rows] + [("d", d) for d in needed]
-        with single_threaded(), Pool(args.jobs) as pool:
+    for nfeatures, up in KEYPOINTS:
+        conf = pipeline.verify_features.model_copy(update={"nfeatures": nfeatures, "upsample": up})
+        _state.update(conf=conf, vectorizer=vectorizer, n_words=vectorizer.n_words)
+        with single_threaded(), Pool(args.jobs) as pool:  # extracted once, screened with each word count
             got = pool.map(_features, paths, chunksize=32)
-        _state["feats"] = {key: g[0] for key, g in zip(keys, got, strict=True) if g is not None}
-        _state["words"] = {key: g[1] for key, g in zip(keys, got, strict=True) if g is not None}
-        with single_threaded(), Pool(args.jobs) as pool:
-            top = np.array(pool.map(_top1, list(zip(rows.tolist(), ranked, strict=True)), chunksize=8))
-        hit = np.where(top >= 0, relevant[np.arange(len(rows)), np.maximum(top, 0)], False).astype(float)
-        out = {"variant": name, "nfeatures": n, "upsample": up, "query_words": k, "r1_by_inliers": round(hit.mean(), 4)}
-        if base is None:
-            base = hit
-        else:
-            lo_hi = cluster_bootstrap(hit - base, cells)
-            out["delta"] = round(float((hit - base).mean()), 4)
-            out["delta_interval"] = None if lo_hi is None else [round(v, 4) for v in lo_hi]
-        print(json.dumps(out), flush=True)
+        _state["found"] = {key: g for key, g in zip(keys, got, strict=True) if g is not None}
+        for k in QUERY_WORDS:
+            _state.update(k=k, verify=pipeline.verify.model_copy(update={"nfeatures": nfeatures, "upsample": up}))
+            with single_threaded(), Pool(args.jobs) as pool:
+                top = np.array(pool.map(_top1, list(zip(rows.tolist(), ranked, strict=True)), chunksize=8))
+            hit = np.where(top >= 0, relevant[np.arange(len(rows)), np.maximum(top, 0)], False).astype(float)
+            out = {"nfeatures": nfeatures, "upsample": up, "query_words": k, "r1_by_inliers": round(hit.mean(), 4)}
+            if base is None:
+                base = hit
+            else:
+                lo_hi = cluster_bootstrap(hit - base, cells)
+                out["delta"] = round(float((hit - base).mean()), 4)
+                out["delta_interval"] = None if lo_hi is None else [round(v, 4) for v in lo_hi]
+            print(json.dumps(out), flush=True)
     return 0
 
 
