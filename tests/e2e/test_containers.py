@@ -105,10 +105,26 @@ def engine() -> None:
         assert out.returncode == 0, out.stdout + out.stderr
 
 
+def image_id(tag: str) -> str:
+    out = run(["docker", "image", "inspect", "-f", "{{.Id}}", tag], timeout=60)
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def build(*services: str, env: dict[str, str] | None = None) -> None:
+    """`docker-compose build`, then the images it replaced removed: a rebuild leaves the previous image
+    untagged, and every run would otherwise leave GBs of them on the engine's disk."""
+    before = {tag: image_id(tag) for tag in (SERVE_IMAGE, INDEXER_IMAGE)}
+    env = os.environ | (env or {}) | {"BASE_IMAGE": BASE_IMAGE}
+    out = run([compose_bin(), "build", *services], env=env, timeout=2400)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    for tag, old in before.items():
+        if old and image_id(tag) != old:
+            run(["docker", "image", "rm", old], timeout=120)  # refused (and kept) while a container uses it
+
+
 @pytest.fixture(scope="module")
 def images(engine: None) -> None:
-    out = run([compose_bin(), "build"], env=os.environ | {"BASE_IMAGE": BASE_IMAGE}, timeout=2400)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    build()
 
 
 def test_serving_image_is_lean(images: None) -> None:
@@ -240,8 +256,7 @@ def test_compose_up_serves_london_read_only(stack) -> None:
     london = london_or_fail()
     # The README's commands for `paper`, which trains with Keras: an indexer built with TensorFlow first.
     env = {"DATA_DIR": str(london), "IMGSEARCH_PRESET": "paper", "INDEXER_EXTRAS": "train"}
-    built = run([compose_bin(), "build", "indexer"], env=os.environ | env | {"BASE_IMAGE": BASE_IMAGE}, timeout=2400)
-    assert built.returncode == 0, (built.stdout + built.stderr)[-5000:]
+    build("indexer", env=env)
     probe = "import importlib.util as u; print(bool(u.find_spec('tensorflow')))"
     assert run(["docker", "run", "--rm", INDEXER_IMAGE, ".venv/bin/python", "-c", probe]).stdout.strip() == "True"
     s = stack(["docker-compose.yml", "docker-compose.data.yml"], env, timeout=2400)
