@@ -110,7 +110,7 @@ def features(hits: list[list[float]], loc: np.ndarray, fix: list[float] | None, 
     support = (near & (inl >= 15)[None, :]).sum(1)
     return np.stack(
         [logit(h[:, 1]), h[:, 2], li, inl >= 0, pen, li - li.max(), np.log1p(support), np.arange(len(h))], axis=1
-    ).astype(np.float64)
+    )
 
 
 def fit_listwise(xs: list[np.ndarray], ys: list[np.ndarray], iters: int = 300, lr: float = 0.5) -> np.ndarray:
@@ -148,13 +148,9 @@ def rerank(data: dict[str, Any], ds: Dataset, key: str, sigma: float) -> None:
             for i in np.flatnonzero(fold == f):
                 if (q := rows[i]) in y:
                     top1[i] = y[q][int(np.argmax(x[q][:, cols] @ w[:-1]))]
-        iv = cluster_bootstrap(top1 - served, cell)
-        print(
-            f"| {key} | {name} | {100 * served.mean():.1f} | {100 * top1.mean():.1f} | "
-            f"{100 * (top1 - served).mean():+.1f} ({100 * iv[0]:+.1f} to {100 * iv[1]:+.1f}) |"
-            if iv
-            else f"| {key} | {name} | {100 * served.mean():.1f} | {100 * top1.mean():.1f} | – |"
-        )
+        diff, iv = top1 - served, cluster_bootstrap(top1 - served, cell)
+        paired = f"{100 * diff.mean():+.1f}" + (f" ({100 * iv[0]:+.1f} to {100 * iv[1]:+.1f})" if iv else "")
+        print(f"| {key} | {name} | {100 * served.mean():.1f} | {100 * top1.mean():.1f} | {paired} |")
 
 
 def position(

@@ -28,7 +28,7 @@ import numpy as np
 from common.pipeline import VerifyConf, get_pipeline
 from common.retrieval_metrics import cluster_bootstrap
 from common.threads import single_threaded
-from dataset.layout import data_tag, load_dataset
+from dataset.layout import load_dataset
 from features.decode import ImageDecodeError
 from features.extract import image_to_features
 from features.orb import NoKeypointsError, OrbFeatures
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=0, help="the first N queries only (default: all)")
     args = p.parse_args(argv)
     ds = load_dataset(args.data)
-    root = args.artifacts / data_tag(args.data)
+    root = store.data_dir(args.artifacts, ds.root)
     cv = dict(np.load(root / args.cv))
     if ds.sim is None:
         print("verify_screen: the data has no ground truth", file=sys.stderr)
