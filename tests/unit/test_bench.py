@@ -13,7 +13,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from common.pipeline import IndexConf
+from common.pipeline import IndexConf, get_pipeline
 from tests.conftest import ROOT
 
 BENCH = ROOT / "bench"
@@ -522,3 +522,37 @@ def test_a_driver_probe_collection_past_the_map_images_repeats_them_with_ground_
     assert np.array_equal(big.database.loc[6], db.loc[0])
     assert big.sim.shape == big.fov.shape == (2, 7) and big.fov.dtype == np.float32
     assert np.array_equal(big.sim[:, :3], sim) and not big.sim[:, 3:].any() and not big.fov[:, 3:].any()
+
+
+def test_diffusion_follows_the_graph_and_keeps_the_tail() -> None:
+    diffusion = _module("studies/diffusion")
+    # Map images along two streets; the query stands next to the first image of street A, and nearer
+    # (in L2) to one image of street B than to the far end of A.
+    a = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])
+    b = np.array([[0.0, 2.2], [1.0, 2.2], [2.0, 2.2], [3.0, 2.2]])
+    xd = np.concatenate([a, b, [[9.0, 9.0]]])
+    q = np.array([[0.0, 0.4]])
+    dq, dm = diffusion.squared_l2(q, xd), diffusion.squared_l2(xd, xd)
+    np.fill_diagonal(dm, np.inf)
+    dq[:, 8] = np.inf  # the last map image has no features
+    dm[:, 8] = dm[8, :] = np.inf
+    l2 = np.argsort(dq, axis=1)[0]
+    assert l2[:3].tolist() == [0, 1, 4]
+    whole = diffusion.diffuse(dq, dm, diffusion.Variant(k=2, seeds=1, alpha=0.99, gamma=1.0))[0]
+    assert set(whole[:4].tolist()) == {0, 1, 2, 3}  # the whole street the seed lies on comes first
+    assert whole[-1] == 8  # an image without features stays last
+    top = diffusion.diffuse(dq, dm, diffusion.Variant(k=2, seeds=1, alpha=0.99, gamma=1.0, blend=0.5, pool=3))[0]
+    assert sorted(top[:3].tolist()) == sorted(l2[:3].tolist())  # re-ranks the first stage's top 3 only
+    assert top[3:].tolist() == l2[3:].tolist()
+
+
+def test_verify_depth_checks_its_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    verify_depth = _module("studies/verify_depth")
+    with pytest.raises(SystemExit) as e:
+        verify_depth.main(["--data", str(ROOT / "nowhere"), "--artifacts", str(ROOT / "nowhere"), "--n", "0"])
+    assert e.value.code == 2 and "--n must be within 1..1000" in capsys.readouterr().err
+    deeper = verify_depth.deeper(get_pipeline("default"), 80)
+    assert deeper.verify is not None and deeper.verify.n == 80 and deeper.name == "default-n80"
+    assert deeper.features == get_pipeline("default").features
+    with pytest.raises(ValueError, match="does not verify"):
+        verify_depth.deeper(get_pipeline("fast"), 80)
