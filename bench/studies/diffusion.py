@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from common.pipeline import get_pipeline
+from common.pipeline import Pipeline, get_pipeline
 from common.retrieval_metrics import cluster_bootstrap
 from dataset.layout import Dataset, load_dataset
 from evaluation.cv import cv_name, fold_splits
@@ -70,21 +70,29 @@ def collect(preset: str, ds: Dataset, out_root: Path) -> dict[str, np.ndarray]:
     if path.exists():
         with np.load(path) as z:
             return dict(z)
-    assert ds.sim is not None
     vectors_path = vectors.main(conf, ds, out_root, None)
     xq, q_ok = vectors.load_vectors(vectors_path, ds.queries.paths)
     xd, ok = vectors.load_vectors(vectors_path, ds.database.paths)
+    out = embed_folds(conf, ds, xq, xd, out_root) | {"ok": ok, "q_ok": q_ok}
+    tmp_path = path.with_suffix(".tmp.npz")
+    np.savez(tmp_path, **out)
+    tmp_path.replace(path)
+    return out
+
+
+def embed_folds(conf: Pipeline, ds: Dataset, xq: np.ndarray, xd: np.ndarray, out_root: Path) -> dict[str, np.ndarray]:
+    """The cross-validation's query rows (pool), folds and cells, and per fold f the map (d{f}) and
+    the held-out queries (q{f}) embedded by the encoder trained without the fold, from the query and
+    map vectors xq and xd."""
+    assert ds.sim is not None
     pool, fold, cell, splits = fold_splits(ds.queries.loc, conf.split, np.asarray(ds.sim.any(axis=1)))
-    out = {"pool": pool, "fold": fold, "cell": cell, "ok": ok, "q_ok": q_ok}
-    with tempfile.TemporaryDirectory(prefix=".diffusion-", dir=out_root) as tmp:
+    out = {"pool": pool, "fold": fold, "cell": cell}
+    with tempfile.TemporaryDirectory(prefix=".first-stage-", dir=out_root) as tmp:
         for f, split in enumerate(splits):
             model_dir = train.fit(conf, ds, xq, xd, split, Path(tmp) / f"fold-{f}")
             encoder = NumpyEncoder.load(model_dir / "encoder.npz")
             out[f"d{f}"], out[f"q{f}"] = encoder.embed(xd), encoder.embed(xq[pool[fold == f]])
             print(f"fold {f + 1}/{len(splits)} embedded", file=sys.stderr)
-    tmp_path = path.with_suffix(".tmp.npz")
-    np.savez(tmp_path, **out)
-    tmp_path.replace(path)
     return out
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from common.pipeline import IndexConf, get_pipeline
+from features.orb import OrbFeatures
+from model.vectorize import Vectorizer
 from tests.conftest import ROOT
 
 BENCH = ROOT / "bench"
@@ -556,3 +558,25 @@ def test_verify_depth_checks_its_arguments(capsys: pytest.CaptureFixture[str]) -
     assert deeper.features == get_pipeline("default").features
     with pytest.raises(ValueError, match="does not verify"):
         verify_depth.deeper(get_pipeline("fast"), 80)
+
+
+def test_query_assignment_at_ratio_zero_is_the_served_vector() -> None:
+    query_assign = _module("studies/query_assign")
+    conf = get_pipeline("default")
+    rng = np.random.default_rng(0)
+    desc = rng.integers(0, 256, (400, 32), dtype=np.uint8)
+    vectorizer = Vectorizer(conf.vector.model_copy(update={"words": 16})).fit([desc], seed=0)
+    xy = rng.uniform(0, [300, 200], (400, 2)).astype(np.float32)
+    feats = OrbFeatures(xy, desc, height=200.0, width=300.0)
+    single = query_assign.assigned(vectorizer, conf, feats, 0.0)
+    np.testing.assert_allclose(single, vectorizer(feats), atol=1e-6)
+    both = query_assign.assigned(vectorizer, conf, feats, 2.0)  # every descriptor in its two nearest words
+    assert both.shape == single.shape and np.linalg.norm(both) == pytest.approx(1.0, abs=1e-5)
+    assert not np.allclose(both, single)
+
+
+def test_query_assign_checks_its_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    query_assign = _module("studies/query_assign")
+    with pytest.raises(SystemExit) as e:
+        query_assign.main(["--artifacts", str(ROOT / "nowhere"), "--ratios", "0.9"])
+    assert e.value.code == 2 and "each ratio must be within (1, 2]" in capsys.readouterr().err
