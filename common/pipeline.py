@@ -146,6 +146,10 @@ class VerifyConf(StageConf):
     # each candidate's relevance, or `listwise`: the trade-off that ranks a relevant candidate first in
     # each query's shortlist, then calibrated by logistic regression.
     head: Literal["logistic", "listwise"] = "logistic"
+    # Inliers weighed by how distinctive their query keypoint is (model/verify.py: distinct_inliers):
+    # one the shortlisted map images standing more than this many metres away also hold as an inlier
+    # counts less in the score (None: every inlier counts 1).
+    distinct_m: float | None = Field(default=None, gt=0)
 
 
 class ExpandConf(StageConf):
@@ -225,7 +229,7 @@ class Pipeline(StageConf):
 # Fields added to a stage after artifacts were first named by its digest, with the default that
 # behaves as before: left out of the digest at that default, so an unchanged conf keeps its name
 # (and its cached features, models and cross-validation).
-_LATE_FIELDS: dict[str, object] = {"query_words": 1}
+_LATE_FIELDS: dict[str, object] = {"query_words": 1, "distinct_m": None}
 
 
 def _dump(conf: StageConf | None) -> object:
@@ -292,6 +296,9 @@ VERIFIERS: dict[str, VerifyConf] = {
     # found), each query keypoint compared within its 2 nearest words: more true matches across
     # viewpoint change.
     "angle-ma2": VerifyConf(max_angle_deg=30.0, nfeatures=1500, upsample=1.5, query_words=2),
+    # The same, each inlier weighed by how few shortlisted map images of other places hold its query
+    # keypoint too: a corner that matches everywhere (a window grid, a shop sign) does not tell places apart.
+    "angle-ma2-distinct": VerifyConf(max_angle_deg=30.0, nfeatures=1500, upsample=1.5, query_words=2, distinct_m=50.0),
     # The same with 2,000 keypoints on the image enlarged twice: no more accurate, slower.
     "angle-2k-ma2": VerifyConf(max_angle_deg=30.0, nfeatures=2000, upsample=2.0, query_words=2),
 }
@@ -344,6 +351,8 @@ ABLATIONS: dict[str, dict[str, str | None]] = {
     # The default verifying with 1,000 keypoints at the map's size, one word per query keypoint: what
     # the denser verification adds.
     "default-1k": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle", "place"),
+    # The default with each inlier weighed by how distinctive its query keypoint is in the shortlist.
+    "default-distinct": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle-ma2-distinct", "place"),
     # The default verifying on 2,000 keypoints of the image enlarged twice.
     "default-2k": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle-2k-ma2", "place"),
 }

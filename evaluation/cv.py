@@ -66,9 +66,10 @@ class MemoInliers:
     """A backend whose verification inliers are remembered per (query keypoints, map image): a pair
     verifies the same whichever encoder shortlisted it, and most pairs come back fit after fit."""
 
-    def __init__(self, inner: Backend, memo: dict[int, dict[int, int]]) -> None:
+    def __init__(self, inner: Backend, memo: dict[int, dict[int, int]], found: dict[int, dict[int, Evidence]]) -> None:
         self.inner = inner
         self.memo = memo
+        self.found = found  # the same for the inlier matches, where the heads weigh each inlier
 
     @property
     def size(self) -> int:
@@ -88,7 +89,11 @@ class MemoInliers:
         return self.inner.distances(embedding, ids)
 
     def evidence(self, q: OrbFeatures, q_words: np.ndarray, ids: list[int]) -> list[Evidence]:
-        return self.inner.evidence(q, q_words, ids)
+        known = self.found.setdefault(id(q), {})
+        missing = [i for i in ids if i not in known]
+        if missing:
+            known.update(zip(missing, self.inner.evidence(q, q_words, missing), strict=True))
+        return [known[i] for i in ids]
 
     def on_demand_files(self) -> list[Path]:
         return self.inner.on_demand_files()
@@ -111,10 +116,11 @@ class Fitter:
             self.keypoints = index_build.build_map_features(conf, dataset, self.vectorizer, out_root, jobs)
         self._verify: dict[int, tuple[OrbFeatures, np.ndarray] | None] = {}
         self._memo: dict[int, dict[int, int]] = {}
+        self._found: dict[int, dict[int, Evidence]] = {}
 
     def searcher(self, loaded: LoadedIndex) -> Searcher:
         s = Searcher(loaded)
-        s.backend = MemoInliers(s.backend, self._memo)
+        s.backend = MemoInliers(s.backend, self._memo, self._found)
         return s
 
     def fit(self, split: dict[str, np.ndarray], model_dir: Path) -> StagedIndex:

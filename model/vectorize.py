@@ -151,18 +151,27 @@ class Vectorizer:
             tf = np.bincount(words, minlength=k).astype(np.float32)
             v: np.ndarray = np.sqrt(tf) * self.idf  # sqrt: bursts of one repeated pattern should not dominate
         else:
-            # The whole image, then each horizontal band (fractions of the height): where a pattern
-            # sits, sky-line or street level, tells places apart; then each vertical band (fractions
-            # of the width): the facade on the left from the one on the right.
-            y = features.xy[:, 1] / max(features.height, EPS)
-            masks = [np.ones(len(words), bool)] + [(y >= a) & (y < b) for a, b in self.conf.regions]
-            if self.conf.columns:
-                if features.width <= 0:
-                    raise ValueError("vertical bands need the image width of the features")
-                x = features.xy[:, 0] / features.width
-                masks += [(x >= a) & (x < b) for a, b in self.conf.columns]
-            v = np.concatenate(self._block_vlads(words, features.descriptors, masks, k))
+            v = self.regional(words, features.descriptors, features.xy, features.width, features.height)
         return (v / max(float(np.linalg.norm(v)), EPS)).astype(np.float32)
+
+    def regional(
+        self, words: np.ndarray, descriptors: np.ndarray, xy: np.ndarray, width: float, height: float
+    ) -> np.ndarray:
+        """The VLAD blocks of descriptors already assigned to `words`, at positions `xy` in an image of
+        width x height, concatenated (not normalised as a whole): the whole image, then each horizontal
+        band (fractions of the height): where a pattern sits, sky-line or street level, tells places
+        apart; then each vertical band (fractions of the width): the facade on the left from the one
+        on the right."""
+        if self.centroids is None:
+            raise RuntimeError("vectorizer is not fitted")
+        y = xy[:, 1] / max(height, EPS)
+        masks = [np.ones(len(words), bool)] + [(y >= a) & (y < b) for a, b in self.conf.regions]
+        if self.conf.columns:
+            if width <= 0:
+                raise ValueError("vertical bands need the image width of the features")
+            x = xy[:, 0] / width
+            masks += [(x >= a) & (x < b) for a, b in self.conf.columns]
+        return np.concatenate(self._block_vlads(words, descriptors, masks, len(self.centroids)))
 
     def _block_vlads(
         self, words: np.ndarray, descriptors: np.ndarray, masks: list[np.ndarray], k: int

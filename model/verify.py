@@ -12,7 +12,7 @@ one relevance score, and the shortlist is re-ranked by it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -271,9 +271,36 @@ class Evidence:
     query_xy: np.ndarray  # (m, 2)
     map_xy: np.ndarray  # (m, 2)
     transform: np.ndarray | None  # (2, 3)
+    matched: int = 0  # tentative matches RANSAC was given (the inliers are among them)
+    query_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (m,) which query keypoints
 
 
 NO_EVIDENCE = Evidence(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), None)
+
+
+def distinct_inliers(found: list[Evidence], where: np.ndarray, far_m: float) -> np.ndarray:
+    """(n,) inliers of each of n verified map images, each counted 1 / (1 + how many of the others
+    standing more than far_m from it (`where`: (n, 2) positions in metres) hold the same query
+    keypoint as an inlier). A query corner that verifies against many places (a window grid, a
+    chain store's sign) does not say which one it is; one that only this place's images explain
+    does."""
+    n = len(found)
+    owner = np.repeat(np.arange(n), [len(e.query_index) for e in found])
+    out: np.ndarray = np.bincount(owner, minlength=n).astype(np.float64)  # each inlier counting 1
+    if len(owner) == 0:
+        return out
+    _, key, held = np.unique(np.concatenate([e.query_index for e in found]), return_inverse=True, return_counts=True)
+    shared = held[key.ravel()] > 1  # most query keypoints verify against one image alone: they count 1
+    if not shared.any():
+        return out
+    cols, col = np.unique(key.ravel()[shared], return_inverse=True)
+    holds = np.zeros((n, len(cols)))
+    holds[owner[shared], col] = 1.0
+    gap = where[:, None, :] - where[None, :, :]
+    far = ((gap * gap).sum(axis=2) > far_m * far_m).astype(np.float64)
+    others = (far @ holds)[owner[shared], col]  # the far images holding each shared inlier's keypoint
+    out -= np.bincount(owner[shared], weights=others / (1.0 + others), minlength=n)
+    return out
 
 
 class Verifier:
@@ -382,7 +409,7 @@ class Verifier:
                 continue
             m, mask = ransac_fit(pq, pm, c.ransac_px, c.ransac_iters)
             out[p] = int(mask.sum())
-            evidence.append(Evidence(pq[mask], pm[mask], m))
+            evidence.append(Evidence(pq[mask], pm[mask], m, len(pq), qi[a:b][mask]))
         return out
 
     def score(self, distance: np.ndarray, inliers: np.ndarray) -> np.ndarray:

@@ -52,7 +52,7 @@ def fit_verify_head(searcher: Searcher, dataset: Dataset, queries: Analysed) -> 
     for q, query in queries:
         hits = searcher.search_embedding(query.embedding, n)
         ids = [h.id for h in hits]
-        inl = searcher.inliers(query, ids)
+        _, inl = searcher.verified(query, ids)
         feats.append(np.column_stack([[h.distance for h in hits], np.log1p(inl)]))
         labels.append(dataset.sim[q, ids].astype(np.float64))
     if searcher.verifier.conf.head == "listwise":
@@ -262,7 +262,7 @@ def fit_prior_heads(
     for _, query, ids, dist, pen, rel in cands:
         f = fuse(searcher.encoder.score(dist), pen, first)
         head = np.lexsort((ids, -f))[:n]
-        inl = searcher.inliers(query, ids[head].tolist())
+        _, inl = searcher.verified(query, ids[head].tolist())
         feats.append(np.column_stack([-dist[head], np.log1p(inl), -pen[head]]))
         labels.append(rel[head])
     # Distance and inliers weighed afresh: among the map images near a fix, how they trade off is

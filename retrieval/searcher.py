@@ -30,7 +30,7 @@ from features.extract import query_features
 from features.orb import OrbFeatures
 from indexer.kinds import PartsIndex, PQIndex, vectors_of
 from indexer.store import ImageRecord, LoadedIndex
-from model.verify import Evidence
+from model.verify import Evidence, distinct_inliers
 from retrieval.prior import Prior, fuse, fuse_verified
 from retrieval.spatial import Places
 
@@ -295,9 +295,9 @@ class Searcher:
         pool = self.backend.nearest(query.embedding, depth) if depth > 0 else NO_CANDIDATES
         clock.lap("search")
         head = pool.ids[:n].tolist()
-        inliers = self.inliers(query, head)
+        inliers, weight = self.verified(query, head)
         dist = pool.distances
-        scores = self.verifier.score(dist[:n], inliers)
+        scores = self.verifier.score(dist[:n], weight)
         order = np.argsort(-scores, kind="stable")
         verified = []
         for i in order.tolist():
@@ -320,6 +320,19 @@ class Searcher:
         """Verification inliers of the query with the map images `ids` (here or on their shards)."""
         assert self.verifier is not None and query.verify_features is not None and query.verify_words is not None
         return self.backend.inliers(query.verify_features, query.verify_words, ids)
+
+    def verified(self, query: Query, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The inliers of the query with the map images `ids`, and what the heads weigh of them: the
+        same count, or with `verify.distinct_m` each inlier weighed by how distinctive its query
+        keypoint is among these images (model/verify.py: distinct_inliers)."""
+        assert self.verifier is not None and query.verify_features is not None and query.verify_words is not None
+        far_m = self.verifier.conf.distinct_m
+        if far_m is None:
+            inliers = self.inliers(query, ids)
+            return inliers, inliers.astype(np.float64)
+        found = self.backend.evidence(query.verify_features, query.verify_words, ids)
+        where = np.array([[self.images[i].loc.easting, self.images[i].loc.northing] for i in ids]).reshape(-1, 2)
+        return np.array([len(e.query_xy) for e in found], np.int64), distinct_inliers(found, where, far_m)
 
     def evidence(self, query: Query, ids: list[int]) -> list[Evidence]:
         """The inlier matches and transform of the query with each map image `ids` (what verified it)."""
@@ -350,9 +363,9 @@ class Searcher:
             return self._hits(ids[top], first[top], dist[top]), len(ids)
         n = self.verifier.conf.n
         head, rest = order[:n], order[n : n + max(0, k - min(n, len(order)))]
-        inliers = self.inliers(query, ids[head].tolist())
-        visual = self.verifier.score(dist[head], inliers)
-        verified = fuse_verified(dist[head], inliers, penalty[head], self.prior_verified_head, visual)
+        inliers, weight = self.verified(query, ids[head].tolist())
+        visual = self.verifier.score(dist[head], weight)
+        verified = fuse_verified(dist[head], weight, penalty[head], self.prior_verified_head, visual)
         by = np.lexsort((ids[head], -verified))
         hits = self._hits(ids[head][by], verified[by], dist[head][by], inliers[by])
         hits += self._hits(ids[rest], first[rest], dist[rest], start=len(hits) + 1)

@@ -39,7 +39,7 @@ from model.vectorize import EPS, Vectorizer, unpack
 _state: dict[str, object] = {}  # set before the pool is forked, read by its workers
 
 
-def assigned(vectorizer: Vectorizer, conf: Pipeline, feats: OrbFeatures, ratio: float) -> np.ndarray:
+def assigned(vectorizer: Vectorizer, feats: OrbFeatures, ratio: float) -> np.ndarray:
     """The query's regional VLAD with each descriptor also in its second nearest word where that
     word's squared distance is within ratio^2 of the nearest's (ratio 0: single assignment)."""
     assert vectorizer.centroids is not None
@@ -50,11 +50,8 @@ def assigned(vectorizer: Vectorizer, conf: Pipeline, feats: OrbFeatures, ratio: 
     extra = np.flatnonzero(d2 <= ratio**2 * d1) if ratio > 0 else np.zeros(0, np.int64)
     words = np.concatenate([two[:, 0], two[extra, 1]])
     desc = np.concatenate([feats.descriptors, feats.descriptors[extra]])
-    y = np.concatenate([feats.xy[:, 1], feats.xy[extra, 1]]) / max(feats.height, EPS)
-    x = np.concatenate([feats.xy[:, 0], feats.xy[extra, 0]]) / max(feats.width, EPS)
-    masks = [np.ones(len(words), bool)] + [(y >= a) & (y < b) for a, b in conf.vector.regions]
-    masks += [(x >= a) & (x < b) for a, b in conf.vector.columns]
-    v = np.concatenate(vectorizer._block_vlads(words, desc, masks, vectorizer.n_words))
+    xy = np.concatenate([feats.xy, feats.xy[extra]])
+    v = vectorizer.regional(words, desc, xy, feats.width, feats.height)
     return (v / max(float(np.linalg.norm(v)), EPS)).astype(np.float32)
 
 
@@ -65,7 +62,7 @@ def _vectors(q: int) -> list[np.ndarray] | None:
         feats = image_to_features(ds.image_path(ds.queries.paths[q]).read_bytes(), conf.features)
     except (ImageDecodeError, NoKeypointsError):
         return None
-    return [assigned(vectorizer, conf, feats, r) for r in ratios]  # type: ignore[attr-defined]
+    return [assigned(vectorizer, feats, r) for r in ratios]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import pytest
 from common.pipeline import IndexConf, get_pipeline
 from features.orb import OrbFeatures
 from model.vectorize import Vectorizer
+from model.verify import Evidence
 from tests.conftest import ROOT
 
 BENCH = ROOT / "bench"
@@ -568,9 +569,9 @@ def test_query_assignment_at_ratio_zero_is_the_served_vector() -> None:
     vectorizer = Vectorizer(conf.vector.model_copy(update={"words": 16})).fit([desc], seed=0)
     xy = rng.uniform(0, [300, 200], (400, 2)).astype(np.float32)
     feats = OrbFeatures(xy, desc, height=200.0, width=300.0)
-    single = query_assign.assigned(vectorizer, conf, feats, 0.0)
+    single = query_assign.assigned(vectorizer, feats, 0.0)
     np.testing.assert_allclose(single, vectorizer(feats), atol=1e-6)
-    both = query_assign.assigned(vectorizer, conf, feats, 2.0)  # every descriptor in its two nearest words
+    both = query_assign.assigned(vectorizer, feats, 2.0)  # every descriptor in its two nearest words
     assert both.shape == single.shape and np.linalg.norm(both) == pytest.approx(1.0, abs=1e-5)
     assert not np.allclose(both, single)
 
@@ -580,3 +581,39 @@ def test_query_assign_checks_its_arguments(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit) as e:
         query_assign.main(["--artifacts", str(ROOT / "nowhere"), "--ratios", "0.9"])
     assert e.value.code == 2 and "each ratio must be within (1, 2]" in capsys.readouterr().err
+
+
+def test_verify_features_measures_where_the_inliers_lie() -> None:
+    study = _module("studies/verify_features")
+    frame = np.array([[0.0, 0.0], [100.0, 100.0]])
+    # Four corners of a 4 x 4 grid, the far corner on the frame's edge counted in the last cell.
+    corners = np.array([[1.0, 1.0], [99.0, 1.0], [1.0, 99.0], [100.0, 100.0]])
+    assert study.coverage(corners, frame) == pytest.approx(4 / 16)
+    assert study.coverage(np.array([[10.0, 10.0], [12.0, 11.0]]), frame) == pytest.approx(1 / 16)
+    assert study.coverage(np.zeros((0, 2)), frame) == 0.0
+    half = np.array([[[0.5, 0.0, 3.0], [0.0, 0.5, -1.0]]])[0]  # a similarity that halves the size
+    evidence = Evidence(corners, corners / 2, half, matched=9)
+    feats = study.candidate_features(evidence, frame, frame)
+    assert feats[:3] == [4.0, 9.0, pytest.approx(4 / 16)]
+    assert feats[4] == pytest.approx(np.log(2.0))
+
+
+def test_verify_features_finds_the_queries_ranked_below() -> None:
+    study = _module("studies/verify_features")
+    labels = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0], [0, 0, 1]], float)
+    order = np.array([[0, 1, 2], [0, 1, 2], [0, 1, 2], [2, 0, 1]])
+    counted = np.array([True, True, True, False])
+    # Query 0: relevant second; 1: first; 2: none in the list; 3: not counted.
+    assert study.ranked_below(order, labels, counted).tolist() == [True, False, False, False]
+
+
+def test_verify_features_checks_its_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    study = _module("studies/verify_features")
+    with pytest.raises(SystemExit) as e:
+        study.main(["--artifacts", str(ROOT / "nowhere"), "--jobs", "0"])
+    assert e.value.code == 2 and "--jobs must be at least 1" in capsys.readouterr().err
+    assert study.main(["--artifacts", str(ROOT / "nowhere"), "--preset", "fast"]) == 2
+    assert "does not verify" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        study.main(["--artifacts", str(ROOT / "nowhere"), "--preset", "nope"])
+    assert e.value.code == 2 and "unknown preset 'nope'" in capsys.readouterr().err

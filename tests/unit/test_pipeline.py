@@ -135,8 +135,9 @@ def test_a_digest_changes_with_its_stages_and_no_others() -> None:
     one_k = get_pipeline("default-1k")
     assert _with(one_k, "verify", query_words=1).digest("verify") == one_k.digest("verify")
     assert _with(one_k, "verify", query_words=2).digest("verify") != one_k.digest("verify")
+    assert _with(one_k, "verify", distinct_m=50.0).digest("verify") != one_k.digest("verify")
     dumped = json.loads(json.dumps({"schema": SCHEMA, "verify": one_k.verify.model_dump(mode="json")}))
-    del dumped["verify"]["query_words"]  # as named before the field existed
+    del dumped["verify"]["query_words"], dumped["verify"]["distinct_m"]  # as named before the fields existed
     assert one_k.digest("verify") == json_digest(dumped, 8)
     # The name of the pipeline is no stage: renaming a preset keeps its artifacts.
     assert p.model_copy(update={"name": "renamed"}).digest(*stages) == p.digest(*stages)

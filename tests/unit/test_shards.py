@@ -129,6 +129,41 @@ def test_the_head_over_its_shards_ranks_as_the_whole_index(family: Path, tiny_da
         assert np.allclose([h.score for h in got], [h.score for h in want], atol=1e-9)
 
 
+def test_distinct_inliers_rank_through_the_shards_as_the_whole_index(family: Path, tiny_data: Path) -> None:
+    """Weighing each inlier by how distinctive it is takes every shortlisted image's inliers at once,
+    which the head gathers from the shards that own them."""
+    plain = Searcher(store.load(store.current_version(family)))
+    whole = Searcher(store.load(store.current_version(family)))
+    head = head_index(family, 3, LocalShards(_servers(family))).load_now()
+    for s in (whole, head):
+        assert s.verifier is not None
+        s.verifier.conf = s.verifier.conf.model_copy(update={"distinct_m": 30.0})
+    ds = load_dataset(tiny_data)
+    changed = 0
+    for q in range(6):
+        data = ds.image_path(ds.queries.paths[q]).read_bytes()
+        want, got, before = (
+            search_image(whole, data, 20).hits,
+            search_image(head, data, 20).hits,
+            search_image(plain, data, 20).hits,
+        )
+        assert [(h.id, h.inliers) for h in got] == [(h.id, h.inliers) for h in want]
+        assert np.allclose([h.score for h in got], [h.score for h in want], atol=1e-9)
+        # The hits report the inliers counted, whatever the score weighs of them.
+        counted = {h.id: h.inliers for h in before}
+        assert all(counted[h.id] == h.inliers for h in want if h.inliers is not None and h.id in counted)
+        changed += not np.allclose(sorted(h.score for h in want), sorted(h.score for h in before))
+        e, n, _ = ds.queries.loc[q]
+        prior = Prior(float(e) + 10.0, float(n) - 5.0, 150.0, 40.0)
+        (near_want, _), (near_got, _) = (
+            whole.rank_near(whole.analyze(data), prior, 20),
+            head.rank_near(head.analyze(data), prior, 20),
+        )
+        assert [(h.id, h.inliers) for h in near_got] == [(h.id, h.inliers) for h in near_want]
+        assert np.allclose([h.score for h in near_got], [h.score for h in near_want], atol=1e-6)
+    assert changed  # the weighing is in effect: some scores move
+
+
 def test_prior_searches_and_their_evidence_through_the_shards_equal_the_whole_index(
     family: Path, tiny_data: Path
 ) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from common.pipeline import get_pipeline
 from features.orb import OrbFeatures, extract_orb
-from model.verify import MapFeatures, match_by_word, ransac_inliers
+from model.verify import Evidence, MapFeatures, distinct_inliers, match_by_word, ransac_inliers
 
 
 def scene(seed: int) -> np.ndarray:
@@ -274,6 +274,28 @@ def test_the_evidence_is_the_inliers_verification_counted_and_their_transform() 
     assert np.allclose(t[:, 2], [-9, -6], atol=1.0)  # query pixels -> map pixels
     assert np.allclose(np.median(ev[0].query_xy - ev[0].map_xy, axis=0), [9, 6], atol=1.0)
     assert np.array_equal(ev[0].query_xy, ev[2].query_xy)  # the same pair gives the same evidence
+    assert ev[0].matched >= inliers[0] and ev[1].matched >= inliers[1]  # RANSAC kept some of what it was given
+    assert np.array_equal(q.xy[ev[0].query_index], ev[0].query_xy)  # which query keypoints they are
+
+
+def _evidence(points: list[tuple[float, float]]) -> Evidence:
+    """Inliers at these query positions; the query keypoint at (i, i) has index i."""
+    xy = np.array(points, np.float32).reshape(-1, 2)
+    return Evidence(xy, xy + 1.0, None, len(xy), xy[:, 0].astype(np.int64))
+
+
+def test_an_inlier_other_places_explain_too_counts_less() -> None:
+    # Images 0 and 1 stand 10 m apart (one place), image 2 100 m away; query keypoint (1, 1) is an
+    # inlier of all three.
+    found = [_evidence([(1, 1), (2, 2), (3, 3)]), _evidence([(1, 1), (2, 2)]), _evidence([(1, 1), (5, 5)])]
+    where = np.array([[0.0, 0.0], [10.0, 0.0], [100.0, 0.0]])
+    # Image 0: (1, 1) is held by image 2, far from it: 1/2, the two others 1 each; image 1 likewise;
+    # image 2: (1, 1) is held by both others, far from it: 1/3.
+    assert distinct_inliers(found, where, 50.0) == pytest.approx([2.5, 1.5, 1 + 1 / 3])
+    # Within reach of one another, every inlier counts 1: the plain counts.
+    assert distinct_inliers(found, where, 200.0) == pytest.approx([3, 2, 2])
+    assert distinct_inliers([_evidence([]), found[0]], where[:2], 5.0) == pytest.approx([0, 3])
+    assert len(distinct_inliers([], np.zeros((0, 2)), 50.0)) == 0
 
 
 def test_an_image_added_with_its_query_words_is_stored_under_its_nearest_word(tmp_path: Path) -> None:
