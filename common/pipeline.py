@@ -329,7 +329,7 @@ def _pick(
 
 # What a user sees.
 PRESETS: dict[str, dict[str, str | None]] = {
-    "default": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle-ma2", "place"),
+    "default": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle-ma2-distinct", "place"),
     "fast": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64"),  # the default without verification
     "paper": _pick("orb", "concat10", "siamese-mlp"),  # the published design
     "paper-sim": _pick("orb", "concat10", "siamese-mlp-sim"),
@@ -348,12 +348,13 @@ ABLATIONS: dict[str, dict[str, str | None]] = {
     "r5vlad-verify-angle-expand": _pick("dense-teblid", "vlad-r5", "pca-blocks", "angle", "place"),
     # `default-1k` with its verification head fitted to rank.
     "default-rank": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle-rank", "place"),
-    # The default verifying with 1,000 keypoints at the map's size, one word per query keypoint: what
-    # the denser verification adds.
+    # `default-counted` verifying with 1,000 keypoints at the map's size, one word per query keypoint:
+    # what the denser verification adds.
     "default-1k": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle", "place"),
-    # The default with each inlier weighed by how distinctive its query keypoint is in the shortlist.
-    "default-distinct": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle-ma2-distinct", "place"),
-    # The default verifying on 2,000 keypoints of the image enlarged twice.
+    # The default with every inlier counting 1: what weighing them by how distinctive their query
+    # keypoint is in the shortlist adds.
+    "default-counted": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle-ma2", "place"),
+    # `default-counted` verifying on 2,000 keypoints of the image enlarged twice.
     "default-2k": _pick("dense-teblid", "vlad-r5", "lw-wb96-axes64", "angle-2k-ma2", "place"),
 }
 

@@ -13,8 +13,8 @@ that the inliers reach, the fitted transform's |log scale|, and the inliers weig
 shortlisted map images more than 50 m away hold the same query keypoint (model/verify.py:
 distinct_inliers, what `verify.distinct_m` scores). Per fold, a head over a variant's features is
 fitted on the other folds' candidates by logistic regression and re-ranks the fold's shortlists.
-The served head, monotone logistic weights over (distance, log(1 + inliers)), fitted the same way,
-is the baseline.
+The baseline is the head `default-counted` serves, monotone logistic weights over (distance,
+log(1 + inliers)), fitted the same way.
 
 Figures: R@1 and R@10 of the re-ranked shortlist over the queries with a relevant map image (a photo
 the pipeline refuses is a miss), and the paired difference to the baseline with a 95% interval from
@@ -53,8 +53,8 @@ from model.verify import Evidence, Verifier, distinct_inliers
 from retrieval.heads import monotone_head
 
 GRID = 4
-# Columns of the cached features, per candidate.
-COLUMNS = ("distance", "inliers", "matched", "cover_query", "cover_map", "log_scale", "distinct")
+# Columns of the cached features, per candidate (the embedding distance is cached apart).
+COLUMNS = ("inliers", "matched", "cover_query", "cover_map", "log_scale", "distinct")
 DISTINCT_M = 50.0
 _state: dict[str, object] = {}  # set before the pool is forked, read by its workers
 
@@ -124,24 +124,20 @@ def shortlists(z: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray
 class Variant(NamedTuple):
     name: str
     columns: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (distance, features) -> (n, d) head inputs
-    monotone: bool = False  # fitted as the served head (retrieval/heads.py: monotone_head), not standardised
-
-
-def _log(x: np.ndarray) -> np.ndarray:
-    return np.log1p(x)
+    monotone: bool = False  # fitted as the served heads are (retrieval/heads.py: monotone_head), not standardised
 
 
 VARIANTS = [
-    Variant("served: distance, log inliers", lambda d, f: np.column_stack([d, _log(f[:, 0])]), monotone=True),
-    Variant("+ inlier coverage of the query", lambda d, f: np.column_stack([d, _log(f[:, 0]), f[:, 2]])),
-    Variant("+ coverage of query and map", lambda d, f: np.column_stack([d, _log(f[:, 0]), f[:, 2], f[:, 3]])),
-    Variant("+ log tentative matches", lambda d, f: np.column_stack([d, _log(f[:, 0]), _log(f[:, 1])])),
+    Variant("counted: distance, log inliers", lambda d, f: np.column_stack([d, np.log1p(f[:, 0])]), monotone=True),
+    Variant("+ inlier coverage of the query", lambda d, f: np.column_stack([d, np.log1p(f[:, 0]), f[:, 2]])),
+    Variant("+ coverage of query and map", lambda d, f: np.column_stack([d, np.log1p(f[:, 0]), f[:, 2], f[:, 3]])),
+    Variant("+ log tentative matches", lambda d, f: np.column_stack([d, np.log1p(f[:, 0]), np.log1p(f[:, 1])])),
     Variant(
         "+ coverages, tentative, scale",
-        lambda d, f: np.column_stack([d, _log(f[:, 0]), _log(f[:, 1]), f[:, 2], f[:, 3], f[:, 4]]),
+        lambda d, f: np.column_stack([d, np.log1p(f[:, 0]), np.log1p(f[:, 1]), f[:, 2], f[:, 3], f[:, 4]]),
     ),
-    Variant("distinct inliers instead", lambda d, f: np.column_stack([d, _log(f[:, 5])]), monotone=True),
-    Variant("distinct inliers + coverage", lambda d, f: np.column_stack([d, _log(f[:, 5]), f[:, 2]])),
+    Variant("distinct inliers instead", lambda d, f: np.column_stack([d, np.log1p(f[:, 5])]), monotone=True),
+    Variant("distinct inliers + coverage", lambda d, f: np.column_stack([d, np.log1p(f[:, 5]), f[:, 2]])),
 ]
 
 
@@ -197,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         with single_threaded(), Pool(args.jobs) as workers:
             got = workers.map(_verify, list(zip(pool.tolist(), cands, strict=True)), chunksize=8)
         valid = np.array([g is not None for g in got])
-        feats = np.stack([np.zeros((conf.verify.n, len(COLUMNS) - 1)) if g is None else g for g in got])
+        feats = np.stack([np.zeros((conf.verify.n, len(COLUMNS))) if g is None else g for g in got])
         np.savez(cache.with_suffix(".tmp.npz"), cands=cands, dist=dist, feats=feats, valid=valid)
         cache.with_suffix(".tmp.npz").replace(cache)
     labels = ds.sim[pool[:, None], cands].astype(np.float64)
     scored = np.asarray(ds.sim[pool].any(axis=1))
     base: dict[int, np.ndarray] = {}
-    served_order = None
+    counted_order = None
     print(f"{'head':40} {'R@1':>6} {'R@10':>6}  paired R@1 (95%)        paired R@10 (95%)")
     for variant in VARIANTS:
         scores = np.zeros(dist.shape)
@@ -211,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             train = valid & (fold != f)
             scores[fold == f] = rerank(variant, dist, feats, labels, train)[fold == f]
         order = np.argsort(-scores, axis=1, kind="stable")
-        served_order = order if served_order is None else served_order
+        counted_order = order if counted_order is None else counted_order
         ranked_rel = np.take_along_axis(labels, order, 1) > 0
         row = f"{variant.name:40}"
         for k in (1, 10):
@@ -225,14 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             delta = 100 * float((hit - base[k]).mean())
             row += "" if iv is None else f"  {delta:+5.1f} ({100 * iv[0]:+.1f} to {100 * iv[1]:+.1f})"
         print(row, flush=True)
-    assert served_order is not None
-    below = ranked_below(served_order, labels, valid & scored)
-    top = np.take_along_axis(cands, served_order[:, :1], 1)[:, 0]
+    assert counted_order is not None
+    below = ranked_below(counted_order, labels, valid & scored)
+    top = np.take_along_axis(cands, counted_order[:, :1], 1)[:, 0]
     far = np.hypot(*(ds.queries.loc[pool, :2] - ds.database.loc[top, :2]).T) > 300.0
-    top_inl = np.take_along_axis(feats[..., 0], served_order[:, :1], 1)[:, 0]
+    top_inl = np.take_along_axis(feats[..., 0], counted_order[:, :1], 1)[:, 0]
     rel_inl = np.where(labels > 0, feats[..., 0], -1.0).max(axis=1)
     print(
-        f"served head, a relevant candidate ranked below another: {below.sum()} queries; the first hit "
+        f"counted head, a relevant candidate ranked below another: {below.sum()} queries; the first hit "
         f"stands > 300 m from the photo for {100 * far[below].mean():.0f}% of them; median inliers of the "
         f"first hit {np.median(top_inl[below]):.0f}, of the best relevant candidate {np.median(rel_inl[below]):.0f}"
     )

@@ -89,7 +89,7 @@ def test_presets_lists_the_presets_and_with_all_the_ablations() -> None:
     assert {"default", "fast", "paper", "paper-sim", "r5vlad", "bow", "vlad-verify", "teblid-rvlad-lw"} <= set(every)
     # Each line names the preset's stage choices.
     default = next(line.split() for line in run("presets").stdout.splitlines() if line.startswith("default "))
-    assert default[1:] == ["dense-teblid", "vlad-r5", "lw-wb96-axes64", "auto", "angle-ma2", "place"]
+    assert default[1:] == ["dense-teblid", "vlad-r5", "lw-wb96-axes64", "auto", "angle-ma2-distinct", "place"]
 
 
 def test_presets_json_is_the_typed_confs() -> None:

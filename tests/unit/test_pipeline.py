@@ -216,17 +216,23 @@ def test_the_default_written_out() -> None:
         ransac_iters=200,
         max_angle_deg=30.0,
         query_words=2,
+        distinct_m=50.0,
     )
     assert p.expand == ExpandConf(min_inliers=16, radius_m=25.0, heading_deg=40.0, pool=200)
     assert p.split == SplitConf(train=0.8, val=0.1, test=0.1, cell_m=250.0, seed=0)
     # Verification keypoints: TEBLID on 1,500 FAST corners of the image enlarged 1.5 times.
     assert p.verify_features == p.features.model_copy(update={"nfeatures": 1500, "upsample": 1.5, "detector": "fast"})
-    # `default-1k` is the same verifying with 1,000 corners at the decoded size, one word per keypoint.
+    # `default-counted` is the same with every inlier counting 1; `default-1k` that verifying with
+    # 1,000 corners at the decoded size, one word per keypoint; `default-2k` with 2,000 on the image
+    # enlarged twice.
+    counted = get_pipeline("default-counted")
+    assert counted.verify == p.verify.model_copy(update={"distinct_m": None})
+    assert counted.model_copy(update={"name": p.name, "verify": p.verify}) == p
     one_k = get_pipeline("default-1k")
-    assert one_k.verify == p.verify.model_copy(update={"nfeatures": 1000, "upsample": 1.0, "query_words": 1})
+    assert one_k.verify == counted.verify.model_copy(update={"nfeatures": 1000, "upsample": 1.0, "query_words": 1})
     assert one_k.model_copy(update={"name": p.name, "verify": p.verify}) == p
     two_k = get_pipeline("default-2k")
-    assert two_k.verify == p.verify.model_copy(update={"nfeatures": 2000, "upsample": 2.0})
+    assert two_k.verify == counted.verify.model_copy(update={"nfeatures": 2000, "upsample": 2.0})
     assert two_k.model_copy(update={"name": p.name, "verify": p.verify}) == p
     # `fast` is the same without verification and expansion.
     fast = get_pipeline("fast")
