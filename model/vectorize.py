@@ -133,7 +133,7 @@ class Vectorizer:
             bits = unpack(descriptors[start : start + WORDS_CHUNK])
             d = self._sq - 2.0 * (bits @ self.centroids.T)
             # k argmins, each word found set aside for the next: for the few words a query keypoint
-            # takes, a third of the time of a partition and a sort; a tie goes to the lower word.
+            # takes, cheaper than a partition and a sort; a tie goes to the lower word.
             rows = np.arange(len(bits))
             for j in range(k):
                 near = np.argmin(d, axis=1)

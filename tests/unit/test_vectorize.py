@@ -196,3 +196,23 @@ def test_words_are_the_nearest_centroids_in_every_chunk(monkeypatch: pytest.Monk
     assert v.words(desc[:0], 3).shape == (0, 3)
     with pytest.raises(ValueError, match=r"k must be in 1\.\.16"):
         v.words(desc, 17)
+
+
+def test_nearest_words_break_ties_to_the_lower_word() -> None:
+    # Word 0 holds the descriptor's bits, words 1 and 3 are one bit away from it (a tie), word 2 two.
+    desc = np.zeros((1, 32), np.uint8)
+    desc[0, 0] = 0b1000_0000
+    bits = unpack(desc)[0]
+    one_off, two_off = bits.copy(), bits.copy()
+    one_off[1] = 1.0
+    two_off[1:3] = 1.0
+    other = bits.copy()
+    other[5] = 1.0
+    v = Vectorizer(VectorConf(name="vlad", words=4), np.stack([bits, one_off, two_off, other]).astype(np.float32))
+    assert v.words(desc).tolist() == [0]
+    assert v.words(desc, 2).tolist() == [[0, 1]]
+    assert v.words(desc, 3).tolist() == [[0, 1, 3]]
+    assert v.words(desc, 4).tolist() == [[0, 1, 3, 2]]
+    # The same with the tied words swapped in the vocabulary: the lower index still comes first.
+    v = Vectorizer(VectorConf(name="vlad", words=4), np.stack([other, two_off, bits, one_off]).astype(np.float32))
+    assert v.words(desc, 3).tolist() == [[2, 0, 3]]
