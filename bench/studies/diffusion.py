@@ -146,11 +146,19 @@ def hits(z: dict[str, np.ndarray], sim: np.ndarray, variant: Variant | None) -> 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def study_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the studies over out-of-fold embeddings (this one, query_assign.py,
+    verify_features.py): the data, the artifacts they read and cache in, the preset; described by
+    the first line of the study's docstring."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--data", type=Path, default=Path("../shared/datasets/london"))
     p.add_argument("--artifacts", type=Path, required=True)
     p.add_argument("--preset", default="default")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = study_parser(__doc__)
     args = p.parse_args(argv)
     ds = load_dataset(args.data)
     if ds.sim is None:

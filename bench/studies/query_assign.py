@@ -15,7 +15,6 @@ vectors stage made them) with a 95% interval from a bootstrap over the cross-val
 
 from __future__ import annotations
 
-import argparse
 import sys
 from multiprocessing import Pool
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/studies/: the diffusion study's helpers
-from diffusion import KS, embed_folds, hits
+from diffusion import KS, embed_folds, hits, study_parser
 
 from common.pipeline import Pipeline, get_pipeline
 from common.retrieval_metrics import cluster_bootstrap
@@ -66,10 +65,7 @@ def _vectors(q: int) -> list[np.ndarray] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=Path("../shared/datasets/london"))
-    p.add_argument("--artifacts", type=Path, required=True)
-    p.add_argument("--preset", default="default")
+    p = study_parser(__doc__)
     p.add_argument("--ratios", type=float, nargs="+", default=[1.05, 1.15], help="distance ratios (> 1) to try")
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)

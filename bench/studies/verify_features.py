@@ -24,7 +24,6 @@ a bootstrap over the cross-validation's cells. The candidates' features are cach
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from multiprocessing import Pool
@@ -34,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/studies/: the diffusion study's helpers
-from diffusion import collect, squared_l2
+from diffusion import collect, squared_l2, study_parser
 
 from common.pipeline import UnknownPresetError, get_pipeline
 from common.retrieval_metrics import cluster_bootstrap
@@ -156,10 +155,7 @@ def rerank(variant: Variant, dist: np.ndarray, feats: np.ndarray, labels: np.nda
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=Path("../shared/datasets/london"))
-    p.add_argument("--artifacts", type=Path, required=True)
-    p.add_argument("--preset", default="default")
+    p = study_parser(__doc__)
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
     if args.jobs < 1:
